@@ -1,0 +1,26 @@
+"""Flora: optimizer states compressed by seeded, resampled random projections.
+
+Hao, Cao, Mou, "Flora: Low-Rank Adapters Are Secretly Gradient Compressors", ICML 2024.
+"""
+
+from flora.optim import Flora, FloraAdamW
+from flora.plan import Plan, PlanRow
+from flora.policy import Decision, decide
+from flora.projection import down, parameter_key, projection_matrix, transfer, up
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Decision",
+    "Flora",
+    "FloraAdamW",
+    "Plan",
+    "PlanRow",
+    "__version__",
+    "decide",
+    "down",
+    "parameter_key",
+    "projection_matrix",
+    "transfer",
+    "up",
+]

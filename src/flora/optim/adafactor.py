@@ -1,0 +1,263 @@
+r"""``Flora``: Adafactor with compressed momentum — the paper's optimizer.
+
+Math (one parameter :math:`\theta \in \mathbb{R}^{m \times n}`, step :math:`t \ge 1`), with the
+symbols and defaults of :class:`torch.optim.Adafactor`:
+
+.. math::
+    \hat\beta_{2,t} &= 1 - t^{\tau} \qquad (\tau = \texttt{beta2\_decay})\\
+    \rho_t &= \min(\texttt{lr}, 1/\sqrt t),\qquad
+    \alpha_t = \max(\epsilon_2, \operatorname{RMS}(\theta_{t-1}))\,\rho_t\\
+    \theta &\leftarrow \theta\,(1 - \texttt{lr}\cdot\lambda) \qquad\text{(decoupled weight decay)}\\
+    R_t &= \hat\beta_{2,t} R_{t-1}
+        + (1 - \hat\beta_{2,t})\,\operatorname{mean}_{\text{cols}}(G_t^2)\\
+    C_t &= \hat\beta_{2,t} C_{t-1}
+        + (1 - \hat\beta_{2,t})\,\operatorname{mean}_{\text{rows}}(G_t^2)\\
+    \hat V_t &= R_t C_t / \max(\operatorname{mean}(R_t), \epsilon_1)
+    \qquad\text{(vectors: a full EMA of } G_t^2)\\
+    U_t &= G_t / \max(\sqrt{\hat V_t}, \epsilon_1),\qquad
+    \hat U_t = U_t / \max(1, \operatorname{RMS}(U_t)/d)\\
+    D_t &= \text{momentum of } \hat U_t \text{ with } \beta_1
+    \quad\text{(compressed by Algorithm 2, see } \texttt{flora.momentum})\\
+    \theta_t &= \theta - \alpha_t D_t
+
+With ``beta1=0`` there is no momentum and the update is exactly ``torch.optim.Adafactor``
+(bit for bit in float32 on CPU). Parameters the policy does not compress keep a full-size
+momentum ``exp_avg`` (``exp_avg.lerp_(Û, 1 - beta1)``).
+
+Deviations from the paper, stated:
+
+* The base is ``torch.optim.Adafactor`` (relative step size :math:`\rho_t`, parameter-RMS
+  scaling, clipping threshold ``d``), not optax's ``adafactor`` used in the paper.
+* Momentum is taken of the clipped preconditioned update :math:`\hat U_t` and then scaled by
+  :math:`\alpha_t`; optax applies its EMA after the learning rate and parameter scale. Both
+  agree when :math:`\alpha_t` is constant; ours lets a learning-rate schedule act at once.
+* ``momentum_variant="history"`` (default) compresses only the history (newest term exact,
+  as flora-opt's PyTorch code); ``"paper"`` is Algorithm 2 as printed. Same expectation.
+* The projection is resampled every ``kappa`` steps (at steps ``kappa, 2 kappa, ...``) and the
+  momentum transferred to the new basis; the paper's default ``kappa = 1000`` is ours.
+* ``eps[0] = None`` means ``torch.finfo(float32).eps`` for fp16/bf16 parameters, because their
+  state math runs in float32 (torch uses the parameter dtype's eps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flora.momentum import compressed_ema_
+from flora.optim.base import (
+    FloraOptimizerBase,
+    check_real,
+    factored_numel,
+    factored_zeros,
+    state_dtype,
+)
+
+__all__ = ["Flora", "flora_adafactor_update_"]
+
+
+def flora_adafactor_update_(
+    param: Tensor,  # updated in place; float32/float64 (callers upcast fp16/bf16)
+    grad: Tensor,  # same shape and dtype as param
+    state: dict[str, Any],  # step:int, row_var/col_var or variance, optional exp_avg
+    *,
+    lr: float,
+    beta1: float,
+    beta2_decay: float,
+    eps1: float,
+    eps2: float,
+    d: float,
+    weight_decay: float,
+    projections: tuple[Tensor, Tensor, str] | None,  # (P_old, P_new, side) if compressed
+    momentum_variant: str,
+) -> None:
+    """One Flora step for one parameter; mirrors ``torch.optim._adafactor`` op for op."""
+    state["step"] += 1
+    step = float(state["step"])
+    one_minus_beta2_t = step**beta2_decay
+    rho_t = min(lr, 1 / (step**0.5))
+    alpha = max(eps2, param.norm(2).item() / (param.numel() ** 0.5)) * rho_t
+
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+
+    if grad.dim() > 1:
+        row_var, col_var = state["row_var"], state["col_var"]  # (..., m, 1), (..., 1, n)
+        row_mean = torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1))
+        row_var.lerp_(row_mean, one_minus_beta2_t)
+        col_mean = torch.norm(grad, dim=-2, keepdim=True).square_().div_(grad.size(-2))
+        col_var.lerp_(col_mean, one_minus_beta2_t)
+        var_estimate = row_var @ col_var  # (..., m, n)
+        var_estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+    else:
+        variance = state["variance"]
+        variance.lerp_(grad * grad, one_minus_beta2_t)
+        var_estimate = variance.clone()
+
+    update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_()
+    update.mul_(grad)
+    denom = max(1.0, update.norm(2).item() / ((update.numel() ** 0.5) * d))
+    if beta1 == 0:
+        param.add_(update, alpha=-alpha / denom)
+        return
+    update.div_(denom)  # Û_t
+    exp_avg = state["exp_avg"]
+    if projections is None:
+        exp_avg.lerp_(update, 1 - beta1)
+        direction = exp_avg
+    else:
+        proj_old, proj_new, side = projections
+        direction = compressed_ema_(
+            update.reshape(param.shape[0], -1),
+            exp_avg,
+            beta=beta1,
+            proj_old=proj_old,
+            proj_new=proj_new,
+            side=side,
+            variant=momentum_variant,
+        ).view_as(param)
+    param.add_(direction, alpha=-alpha)
+
+
+class Flora(FloraOptimizerBase):
+    r"""Adafactor with momentum compressed by resampled random projections (Flora).
+
+    See the module docstring for the math and every deviation from the paper.
+
+    Args:
+        params: parameters, ``model.named_parameters()`` (preferred: projections are then
+            keyed by name, and ``exclude`` patterns work) or parameter groups. Groups may
+            override every option below.
+        lr: Adafactor's relative step size cap :math:`\rho_t = \min(lr, 1/\sqrt t)`
+            (``torch.optim.Adafactor`` semantics). Default ``1e-2``.
+        beta1: momentum coefficient in ``[0, 1)``; ``0`` disables momentum (then exactly
+            ``torch.optim.Adafactor``). Default ``0.9``.
+        beta2_decay: :math:`\tau` in :math:`\hat\beta_{2,t} = 1 - t^\tau`. Default ``-0.8``.
+        eps: ``(eps1, eps2)``: ``eps1`` floors the second moment (``None``: machine eps of
+            the state dtype), ``eps2`` floors the parameter RMS. Default ``(None, 1e-3)``.
+        d: update clipping threshold (>= 1). Default ``1.0``.
+        weight_decay: decoupled weight decay coefficient. Default ``0``.
+        rank: rank ``r`` of the compressed momentum. Default ``32``.
+        kappa: resample the projection every ``kappa`` steps. Default ``1000`` (paper).
+        seed: user seed of all projections. Default ``0``.
+        compress: ``False`` keeps full-size momentum (naive momentum). Default ``True``.
+        exclude: regex or list of regexes; matching parameter names are not compressed.
+        side: ``"auto"`` (compress the smaller dimension), ``"left"`` or ``"right"``.
+        momentum_variant: ``"history"`` (default) or ``"paper"``; see :mod:`flora.momentum`.
+        distribution: ``"gaussian"`` (paper) or ``"rademacher"`` projection entries.
+        nonfinite: ``"skip"`` (default: a parameter with a NaN/Inf gradient is not updated,
+            a ``RuntimeWarning`` is issued and ``state["nonfinite_skips"]`` counts it) or
+            ``"raise"`` (``FloatingPointError``).
+        cache_projection: keep each parameter's current projection in memory instead of
+            regenerating it every step (faster; memory in ``plan().projection_cache_bytes``).
+        maximize: maximize the objective instead of minimizing.
+
+    Example:
+        >>> import torch, flora
+        >>> model = torch.nn.Linear(64, 48)
+        >>> opt = flora.Flora(model.named_parameters(), rank=8)
+        >>> model(torch.randn(4, 64)).square().mean().backward()
+        >>> opt.step()
+        >>> tuple(opt.state[model.weight]["exp_avg"].shape)  # 48 <= 64: left side, r x n
+        (8, 64)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-2,
+        beta1: float = 0.9,
+        beta2_decay: float = -0.8,
+        eps: tuple[float | None, float] = (None, 1e-3),
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        rank: int = 32,
+        kappa: int = 1000,
+        seed: int = 0,
+        compress: bool = True,
+        exclude: str | Iterable[str] | None = None,
+        side: str = "auto",
+        momentum_variant: str = "history",
+        distribution: str = "gaussian",
+        nonfinite: str = "skip",
+        cache_projection: bool = False,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            beta1=beta1,
+            beta2_decay=beta2_decay,
+            eps=eps,
+            d=d,
+            weight_decay=weight_decay,
+            rank=rank,
+            kappa=kappa,
+            seed=seed,
+            compress=compress,
+            exclude=exclude,
+            side=side,
+            momentum_variant=momentum_variant,
+            distribution=distribution,
+            nonfinite=nonfinite,
+            cache_projection=cache_projection,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_hyperparameters(self, group: dict[str, Any], where: str) -> None:
+        check_real(f"{where}beta1", group["beta1"], 0.0, 1.0, high_open=True)
+        check_real(f"{where}beta2_decay", group["beta2_decay"], -float("inf"), 0.0, high_open=False)
+        check_real(f"{where}d", group["d"], 1.0, float("inf"), high_open=False)
+        eps = group["eps"]
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise TypeError(f"{where}eps must be a tuple (eps1, eps2), got {eps!r}")
+        if eps[0] is not None:
+            check_real(f"{where}eps[0]", eps[0], 0.0, float("inf"), high_open=False)
+        check_real(f"{where}eps[1]", eps[1], 0.0, float("inf"), high_open=False)
+
+    def _uses_momentum(self, group: dict[str, Any]) -> bool:
+        return group["beta1"] > 0
+
+    def _second_moment_numel(self, group: dict[str, Any], shape: tuple[int, ...]) -> int:
+        return factored_numel(shape) if len(shape) >= 2 else math.prod(shape)
+
+    def _update(
+        self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
+    ) -> None:
+        dtype = state_dtype(p)
+        work = p if p.dtype == dtype else p.to(dtype)
+        grad = grad if grad.dtype == dtype else grad.to(dtype)
+        if "step" not in state:
+            state["step"] = 0
+            if grad.dim() > 1:
+                state["row_var"], state["col_var"] = factored_zeros(grad)
+            else:
+                state["variance"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        beta1 = float(group["beta1"])
+        if beta1 > 0 and "exp_avg" not in state:
+            self._init_momentum(p, group, name, state)
+        projections = None
+        if beta1 > 0 and "side" in state:
+            projections = self._momentum_projections(p, group, state, state["step"] + 1)
+        eps1, eps2 = group["eps"]
+        flora_adafactor_update_(
+            work,
+            grad,
+            state,
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2_decay=float(group["beta2_decay"]),
+            eps1=torch.finfo(dtype).eps if eps1 is None else float(eps1),
+            eps2=float(eps2),
+            d=float(group["d"]),
+            weight_decay=float(group["weight_decay"]),
+            projections=projections,
+            momentum_variant=group["momentum_variant"],
+        )
+        if work is not p:
+            p.copy_(work)

@@ -1,0 +1,223 @@
+r"""``FloraAdamW``: AdamW whose first moment is compressed with resampled random projections.
+
+Math (one parameter, step :math:`t \ge 1`, the symbols of :class:`torch.optim.AdamW`):
+
+.. math::
+    \theta &\leftarrow \theta\,(1 - \gamma\lambda) \qquad\text{(decoupled weight decay)}\\
+    \hat m_t &= \text{EMA}_{\beta_1}(g_t)
+        \quad\text{(compressed by Algorithm 2 for matrices, see } \texttt{flora.momentum})\\
+    v_t &= \beta_2 v_{t-1} + (1 - \beta_2) g_t^2
+        \quad\text{(or Adafactor's factored } R_t C_t / \operatorname{mean}(R_t)
+        \text{ with } \texttt{factor\_second\_moment=True})\\
+    \theta_t &= \theta - \frac{\gamma}{1 - \beta_1^t}\,
+        \frac{\hat m_t}{\sqrt{v_t}/\sqrt{1 - \beta_2^t} + \epsilon}
+
+With compression off (``compress=False``, or for vectors) the first moment is the full
+``exp_avg`` updated exactly like ``torch.optim.AdamW`` (``lerp_``), and the whole update is
+``torch.optim.AdamW``'s, bit for bit in float32 on CPU. ``beta1 = 0`` keeps no first moment.
+
+Deviations, stated: the bias correction :math:`1/(1-\beta_1^t)` is applied to the decompressed
+momentum, which is unbiased for the uncompressed one (:math:`\mathbb{E}[P^\top P] = I`); the
+second moment always sees the exact gradient; ``amsgrad`` is not offered.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flora.momentum import compressed_ema_
+from flora.optim.base import (
+    FloraOptimizerBase,
+    check_real,
+    factored_numel,
+    factored_zeros,
+    state_dtype,
+)
+
+__all__ = ["FloraAdamW", "flora_adamw_update_"]
+
+
+def flora_adamw_update_(
+    param: Tensor,  # updated in place; float32/float64 (callers upcast fp16/bf16)
+    grad: Tensor,  # same shape and dtype as param
+    state: dict[str, Any],  # step:int, exp_avg?, exp_avg_sq or row_var/col_var
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    projections: tuple[Tensor, Tensor, str] | None,  # (P_old, P_new, side) if compressed
+    momentum_variant: str,
+) -> None:
+    """One FloraAdamW step for one parameter; mirrors ``torch.optim.adam`` (single tensor)."""
+    state["step"] += 1
+    step = float(state["step"])
+
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+
+    if beta1 == 0:
+        exp_avg = grad
+    elif projections is None:
+        exp_avg = state["exp_avg"]
+        exp_avg.lerp_(grad, 1 - beta1)
+    else:
+        proj_old, proj_new, side = projections
+        exp_avg = compressed_ema_(
+            grad.reshape(param.shape[0], -1),
+            state["exp_avg"],
+            beta=beta1,
+            proj_old=proj_old,
+            proj_new=proj_new,
+            side=side,
+            variant=momentum_variant,
+        ).view_as(param)
+
+    if "exp_avg_sq" in state:
+        exp_avg_sq = state["exp_avg_sq"]
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    else:
+        row_var, col_var = state["row_var"], state["col_var"]  # (..., m, 1), (..., 1, n)
+        row_mean = torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1))
+        row_var.lerp_(row_mean, 1 - beta2)
+        col_mean = torch.norm(grad, dim=-2, keepdim=True).square_().div_(grad.size(-2))
+        col_var.lerp_(col_mean, 1 - beta2)
+        exp_avg_sq = row_var @ col_var
+        exp_avg_sq.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=torch.finfo(grad.dtype).tiny))
+
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2**0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+class FloraAdamW(FloraOptimizerBase):
+    r"""AdamW with the first moment compressed by resampled random projections.
+
+    See the module docstring for the math and deviations.
+
+    Args:
+        params: parameters, ``model.named_parameters()`` or parameter groups; groups may
+            override every option below.
+        lr: learning rate :math:`\gamma`. Default ``1e-3``.
+        betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)``. Default ``(0.9, 0.999)``.
+        eps: added to the denominator. Default ``1e-8``.
+        weight_decay: decoupled weight decay :math:`\lambda`. Default ``1e-2``.
+        factor_second_moment: keep :math:`v` as Adafactor's row/column factors for tensors
+            with >= 2 dims (sublinear memory) instead of full size. Default ``False``.
+        rank, kappa, seed, compress, exclude, side, momentum_variant, distribution,
+        nonfinite, cache_projection, maximize: as in :class:`flora.Flora`.
+
+    Example:
+        >>> import torch, flora
+        >>> model = torch.nn.Linear(64, 48)
+        >>> opt = flora.FloraAdamW(model.named_parameters(), lr=1e-3, rank=8)
+        >>> model(torch.randn(4, 64)).square().mean().backward()
+        >>> opt.step()
+        >>> print(opt.plan())  # doctest: +ELLIPSIS
+        FloraAdamW plan: 1/2 compressed
+        ...
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        factor_second_moment: bool = False,
+        rank: int = 32,
+        kappa: int = 1000,
+        seed: int = 0,
+        compress: bool = True,
+        exclude: str | Iterable[str] | None = None,
+        side: str = "auto",
+        momentum_variant: str = "history",
+        distribution: str = "gaussian",
+        nonfinite: str = "skip",
+        cache_projection: bool = False,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            factor_second_moment=factor_second_moment,
+            rank=rank,
+            kappa=kappa,
+            seed=seed,
+            compress=compress,
+            exclude=exclude,
+            side=side,
+            momentum_variant=momentum_variant,
+            distribution=distribution,
+            nonfinite=nonfinite,
+            cache_projection=cache_projection,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_hyperparameters(self, group: dict[str, Any], where: str) -> None:
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"{where}betas must be a tuple (beta1, beta2), got {betas!r}")
+        check_real(f"{where}betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        check_real(f"{where}betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        check_real(f"{where}eps", group["eps"], 0.0, float("inf"), high_open=False)
+        if not isinstance(group["factor_second_moment"], bool):
+            raise TypeError(
+                f"{where}factor_second_moment must be a bool, "
+                f"got {type(group['factor_second_moment']).__name__}"
+            )
+
+    def _uses_momentum(self, group: dict[str, Any]) -> bool:
+        return group["betas"][0] > 0
+
+    def _second_moment_numel(self, group: dict[str, Any], shape: tuple[int, ...]) -> int:
+        if group["factor_second_moment"] and len(shape) >= 2:
+            return factored_numel(shape)
+        return math.prod(shape)
+
+    def _update(
+        self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
+    ) -> None:
+        dtype = state_dtype(p)
+        work = p if p.dtype == dtype else p.to(dtype)
+        grad = grad if grad.dtype == dtype else grad.to(dtype)
+        beta1, beta2 = (float(b) for b in group["betas"])
+        if "step" not in state:
+            state["step"] = 0
+            if group["factor_second_moment"] and grad.dim() > 1:
+                state["row_var"], state["col_var"] = factored_zeros(grad)
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        if beta1 > 0 and "exp_avg" not in state:
+            self._init_momentum(p, group, name, state)
+        projections = None
+        if beta1 > 0 and "side" in state:
+            projections = self._momentum_projections(p, group, state, state["step"] + 1)
+        flora_adamw_update_(
+            work,
+            grad,
+            state,
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            projections=projections,
+            momentum_variant=group["momentum_variant"],
+        )
+        if work is not p:
+            p.copy_(work)

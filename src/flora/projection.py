@@ -1,0 +1,182 @@
+r"""Seeded random projections: the only source of randomness in Flora.
+
+A projection is a matrix :math:`P \in \mathbb{R}^{r \times d}` whose entries are i.i.d.
+:math:`\mathcal{N}(0, 1/r)` (default) or Rademacher :math:`\pm 1/\sqrt{r}`, so that
+:math:`\mathbb{E}[P^\top P] = I_d`. It is a **pure function** of
+
+* the user seed,
+* a stable key of the parameter (:func:`parameter_key` of its name, or of its position),
+* the window index (the resampling period for momentum, the cycle for accumulation),
+* a stream name (``"momentum"``, ``"accumulation"``, ...), so two uses never share a matrix,
+* its shape ``(rank, dim)`` and the distribution.
+
+Nothing depends on Python's ``hash()``, on a ``torch.Generator`` or on the device: the
+entries come from a counter-based generator — an integer hash of the element's index,
+keyed by a BLAKE2b digest of the tuple above, computed in int64 tensor arithmetic that never
+overflows — followed by a Box–Muller transform in float64 and a single rounding to the
+requested dtype. The same arguments therefore give the same matrix on CPU and CUDA (bit for
+bit unless a float64 transcendental lands within one ulp of a float32 rounding boundary) and
+after a restart.
+
+Sides. A matrix :math:`G \in \mathbb{R}^{m \times n}` is compressed on the
+
+* ``"left"`` with :math:`P \in \mathbb{R}^{r \times m}`:
+  :math:`C = P G \in \mathbb{R}^{r \times n}`,
+  :math:`\hat G = P^\top C`;
+* ``"right"`` with :math:`P \in \mathbb{R}^{r \times n}`: :math:`C = G P^\top \in
+  \mathbb{R}^{m \times r}`, :math:`\hat G = C P`.
+
+Transfer between windows (Algorithm 2, step 1) maps :math:`C` compressed with :math:`P` to
+:math:`P' P^\top C` (left) or :math:`C P P'^\top` (right), computed through the small
+:math:`r \times r` product.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "SIDES",
+    "down",
+    "parameter_key",
+    "projection_matrix",
+    "transfer",
+    "up",
+]
+
+Side = Literal["left", "right"]
+Distribution = Literal["gaussian", "rademacher"]
+SIDES: tuple[str, ...] = ("left", "right")
+DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher")
+
+_MASK32 = 0xFFFFFFFF
+# Odd multiplier < 2**31: a 32-bit value times it stays below 2**59, so int64 never overflows
+# and the low 32 bits are exact on every backend.
+_MUL = 0x045D9F3B
+_VERSION = "flora-projection/v1"
+
+
+def parameter_key(name_or_position: str | int) -> int:
+    """Stable 63-bit key of a parameter from its name (preferred) or its position.
+
+    Uses BLAKE2b, never Python's salted ``hash()``, so the key is identical in every process.
+    """
+    if isinstance(name_or_position, bool) or not isinstance(name_or_position, (str, int)):
+        raise TypeError(
+            f"name_or_position must be a str or an int, got {type(name_or_position).__name__}"
+        )
+    text = (
+        f"name:{name_or_position}"
+        if isinstance(name_or_position, str)
+        else f"position:{name_or_position}"
+    )
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _stream_keys(seed: int, key: int, window: int, stream: str, distribution: str) -> list[int]:
+    text = f"{_VERSION}|{seed}|{key}|{window}|{stream}|{distribution}"
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+    return [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """In-place 32-bit integer finaliser on an int64 tensor holding values in [0, 2**32)."""
+    x.bitwise_xor_(x >> 16).mul_(_MUL).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 16).mul_(_MUL).bitwise_and_(_MASK32)
+    return x.bitwise_xor_(x >> 16)
+
+
+def _hash(counter: Tensor, k0: int, k1: int) -> Tensor:
+    # keyed two-stage bijection of the 32-bit counter
+    return _mix32(_mix32(counter ^ k0).bitwise_xor_(k1))
+
+
+def _validate(rank: int, dim: int, seed: int, key: int, window: int) -> None:
+    for name, value in (("rank", rank), ("dim", dim), ("seed", seed), ("key", key)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"window must be an int, got {type(window).__name__}")
+    if rank <= 0:
+        raise ValueError(f"rank must be positive, got {rank}")
+    if dim <= 0:
+        raise ValueError(f"dim must be positive, got {dim}")
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
+    if rank * dim >= 2**32:
+        raise ValueError(f"projection of shape ({rank}, {dim}) exceeds 2**32 entries")
+
+
+def projection_matrix(
+    rank: int,
+    dim: int,
+    *,
+    seed: int,
+    key: int,
+    window: int,
+    stream: str = "momentum",
+    distribution: Distribution = "gaussian",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    r"""The projection :math:`P \in \mathbb{R}^{\text{rank} \times \text{dim}}` for these keys.
+
+    Entry ``(i, j)`` depends only on the arguments and on its flat index ``i * dim + j``.
+
+    Example:
+        >>> p = projection_matrix(4, 6, seed=0, key=parameter_key("w"), window=0)
+        >>> p.shape
+        torch.Size([4, 6])
+        >>> torch.equal(p, projection_matrix(4, 6, seed=0, key=parameter_key("w"), window=0))
+        True
+    """
+    _validate(rank, dim, seed, key, window)
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    numel = rank * dim
+    k0, k1, k2, k3 = _stream_keys(seed, key, window, stream, distribution)
+    if distribution == "rademacher":
+        bits = _hash(torch.arange(numel, dtype=torch.int64, device=device), k0, k1) >> 31
+        signs = 1.0 - 2.0 * bits.to(torch.float64)
+        return (signs * (1.0 / math.sqrt(rank))).to(dtype).view(rank, dim)
+    pairs = (numel + 1) // 2
+    counter = torch.arange(pairs, dtype=torch.int64, device=device)
+    u1 = _hash(counter, k0, k1).to(torch.float64).add_(0.5).mul_(2.0**-32)  # (0, 1)
+    u2 = _hash(counter, k2, k3).to(torch.float64).add_(0.5).mul_(2.0**-32)
+    radius = u1.log_().mul_(-2.0).sqrt_().mul_(1.0 / math.sqrt(rank))
+    theta = u2.mul_(2.0 * math.pi)
+    normal = torch.stack((radius * theta.cos(), radius * theta.sin()), dim=-1)
+    return normal.view(-1)[:numel].to(dtype).view(rank, dim)
+
+
+def _check_side(side: str) -> None:
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+
+
+def down(x: Tensor, proj: Tensor, side: Side) -> Tensor:
+    """Compress ``x`` (m, n): ``P @ x`` -> (r, n) on the left, ``x @ P.T`` -> (m, r) on the right"""
+    _check_side(side)
+    return proj @ x if side == "left" else x @ proj.T
+
+
+def up(c: Tensor, proj: Tensor, side: Side) -> Tensor:
+    """Decompress ``c``: ``P.T @ c`` -> (m, n) on the left, ``c @ P`` -> (m, n) on the right."""
+    _check_side(side)
+    return proj.T @ c if side == "left" else c @ proj
+
+
+def transfer(c: Tensor, proj_old: Tensor, proj_new: Tensor, side: Side) -> Tensor:
+    """Move a compressed state to a new basis: ``P' P.T c`` (left) or ``c P P'.T`` (right)."""
+    _check_side(side)
+    if side == "left":
+        return (proj_new @ proj_old.T) @ c
+    return c @ (proj_old @ proj_new.T)

@@ -1,0 +1,395 @@
+"""One contract, run over every Flora optimizer (like torch's common_optimizers registry).
+
+Properties:
+- invalid hyperparameters raise ValueError/TypeError naming the argument (also per group);
+- complex parameters, sparse and complex gradients are refused with a clear error;
+- ``state_dict`` round-trips exactly, through ``torch.save``/``torch.load(weights_only=True)``,
+  and a resumed run is bit-identical to an uninterrupted one (across a window change);
+- non-finite gradients never reach the state: skipped with a warning, or raised;
+- ``torch.amp.GradScaler`` skips steps with inf gradients; LR schedulers act on ``group["lr"]``;
+- bf16 parameters get float32 state and the fp32 update rounded once; fp32 state survives
+  ``load_state_dict``;
+- ``maximize`` equals minimizing the negated gradient; ``cache_projection`` changes nothing;
+- the window advances at steps kappa, 2 kappa, ... and ``projection()`` is what the step used.
+"""
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+
+import flora
+from flora.projection import down, parameter_key, projection_matrix
+
+OPTIMIZERS = {
+    "Flora": (flora.Flora, dict(lr=0.02)),
+    "FloraAdamW": (flora.FloraAdamW, dict(lr=1e-2)),
+}
+
+
+@pytest.fixture(params=list(OPTIMIZERS))
+def opt_spec(request):
+    return OPTIMIZERS[request.param]
+
+
+def _model(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(50, 24),
+        torch.nn.Linear(24, 40),
+        torch.nn.GELU(),
+        torch.nn.Linear(40, 50),
+    )
+    return model.to(dtype)
+
+
+def _batch(i, device="cpu"):
+    g = torch.Generator().manual_seed(100 + i)
+    return torch.randint(0, 50, (8, 6), generator=g).to(device)
+
+
+def _loss(model, i):
+    x = _batch(i)
+    logits = model(x).float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, 50), x.roll(1, 1).reshape(-1))
+
+
+def _steps(model, opt, start, stop, scheduler=None):
+    for i in range(start, stop):
+        opt.zero_grad()
+        _loss(model, i).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def _make(opt_spec, model, **kw):
+    cls, defaults = opt_spec
+    return cls(model.named_parameters(), **{**defaults, "rank": 4, "kappa": 3, **kw})
+
+
+# ---------------------------------------------------------------- bad input
+BAD = [
+    (dict(lr=-1.0), ValueError, "lr"),
+    (dict(lr="fast"), TypeError, "lr"),
+    (dict(rank=0), ValueError, "rank"),
+    (dict(rank=-3), ValueError, "rank"),
+    (dict(rank=2.5), TypeError, "rank"),
+    (dict(rank=True), TypeError, "rank"),
+    (dict(kappa=0), ValueError, "kappa"),
+    (dict(kappa=1.5), TypeError, "kappa"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(seed="a"), TypeError, "seed"),
+    (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+    (dict(side="top"), ValueError, "side"),
+    (dict(momentum_variant="fancy"), ValueError, "momentum_variant"),
+    (dict(nonfinite="ignore"), ValueError, "nonfinite"),
+    (dict(distribution="uniform"), ValueError, "distribution"),
+    (dict(compress=1), TypeError, "compress"),
+    (dict(cache_projection="yes"), TypeError, "cache_projection"),
+    (dict(exclude="(["), ValueError, "exclude"),
+    (dict(exclude=3), TypeError, "exclude"),
+]
+FLORA_BAD = [
+    (dict(beta1=1.0), ValueError, "beta1"),
+    (dict(beta1=-0.1), ValueError, "beta1"),
+    (dict(beta1=float("nan")), ValueError, "beta1"),
+    (dict(beta2_decay=0.5), ValueError, "beta2_decay"),
+    (dict(d=0.5), ValueError, "d"),
+    (dict(eps=1e-3), TypeError, "eps"),
+    (dict(eps=(-1.0, 1e-3)), ValueError, "eps"),
+]
+ADAMW_BAD = [
+    (dict(betas=(1.0, 0.999)), ValueError, "betas"),
+    (dict(betas=(0.9, -0.1)), ValueError, "betas"),
+    (dict(betas=0.9), TypeError, "betas"),
+    (dict(eps=-1e-8), ValueError, "eps"),
+    (dict(factor_second_moment="no"), TypeError, "factor_second_moment"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,name", BAD)
+def test_bad_hyperparameters_name_the_argument(opt_spec, kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        _make(opt_spec, _model(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs,exc,name",
+    [(flora.Flora, *b) for b in FLORA_BAD] + [(flora.FloraAdamW, *b) for b in ADAMW_BAD],
+)
+def test_bad_base_hyperparameters(cls, kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        cls(_model().named_parameters(), **kwargs)
+
+
+def test_bad_group_override_names_the_group(opt_spec):
+    cls, defaults = opt_spec
+    model = _model()
+    groups = [
+        {"params": list(model[0].named_parameters())},
+        {"params": list(model[1].named_parameters()), "rank": 0},
+    ]
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\.rank"):
+        cls(groups, **defaults)
+
+
+def test_exclude_needs_names(opt_spec):
+    cls, defaults = opt_spec
+    with pytest.raises(ValueError, match="exclude"):
+        cls(_model().parameters(), exclude="0.weight", **defaults)
+
+
+def test_complex_parameters_refused(opt_spec):
+    cls, defaults = opt_spec
+    with pytest.raises(TypeError, match="complex"):
+        cls([torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.complex64))], **defaults)
+
+
+def test_sparse_gradient_refused(opt_spec):
+    model = _model()
+    opt = _make(opt_spec, model)
+    model[0].weight.grad = torch.eye(50, 24).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+# ---------------------------------------------------------------- state dict and resume
+def _same_state(a, b):
+    assert a.keys() == b.keys()
+    for p in a:
+        sa, sb = a[p], b[p]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if torch.is_tensor(sa[k]):
+                assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+            else:
+                assert type(sa[k]) is type(sb[k]) and sa[k] == sb[k], k
+
+
+@pytest.mark.parametrize("split", [2, 3, 4])  # before, at and after the window change (kappa=3)
+def test_resume_is_bit_identical(opt_spec, split, tmp_path):
+    model = _model()
+    opt = _make(opt_spec, model)
+    _steps(model, opt, 0, split)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+    _steps(model, opt, split, 8)
+
+    resumed = _model()
+    ckpt = torch.load(path, weights_only=True)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = _make(opt_spec, resumed)
+    opt2.load_state_dict(ckpt["opt"])
+    _steps(resumed, opt2, split, 8)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_round_trip_is_exact(opt_spec):
+    model = _model()
+    opt = _make(opt_spec, model)
+    _steps(model, opt, 0, 4)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    opt2 = _make(opt_spec, model)
+    opt2.load_state_dict(loaded)
+    _same_state(opt.state, opt2.state)
+    assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    for v in (v for s in opt.state.values() for v in s.values()):
+        assert torch.is_tensor(v) or type(v) in (int, float)
+    # loading copies: stepping the loaded optimizer leaves the source untouched
+    before = {k: v.clone() for k, v in loaded["state"][1].items() if torch.is_tensor(v)}
+    _steps(model, opt2, 4, 5)
+    assert all(torch.equal(before[k], loaded["state"][1][k]) for k in before)
+
+
+def test_seed_and_names_drive_the_projection(opt_spec):
+    model = _model()
+    a = _make(opt_spec, model, seed=1)
+    b = _make(opt_spec, model, seed=2)
+    w = model[1].weight
+    assert not torch.equal(a.projection(w), b.projection(w))
+    expected = projection_matrix(4, 24, seed=1, key=parameter_key("1.weight"), window=0)
+    assert torch.equal(a.projection(w), expected)
+    positional = opt_spec[0](model.parameters(), rank=4)
+    assert not torch.equal(positional.projection(w), a.projection(w))
+
+
+def test_window_advances_every_kappa_and_projection_is_used(opt_spec):
+    model = _model()
+    opt = _make(opt_spec, model, kappa=3, momentum_variant="paper")
+    w = model[1].weight  # (40, 24): right side, momentum (40, 4)
+    windows = []
+    for i in range(7):
+        _steps(model, opt, i, i + 1)
+        windows.append(opt.state[w]["window"])
+    assert windows == [0, 0, 1, 1, 1, 2, 2]
+    assert opt.decision(w).side == "right"
+    # one fresh step from zero momentum: M_1 = (1 - beta1) * down(u_1)
+    m2 = _model()
+    opt2 = (
+        _make(opt_spec, m2, momentum_variant="paper", beta1=0.5)
+        if opt_spec[0] is flora.Flora
+        else _make(opt_spec, m2, momentum_variant="paper", betas=(0.5, 0.999))
+    )
+    _loss(m2, 0).backward()
+    grad = m2[1].weight.grad.clone()
+    opt2.step()
+    if opt_spec[0] is flora.FloraAdamW:  # u_t is the gradient itself
+        expected = 0.5 * down(grad, opt2.projection(m2[1].weight), "right")
+        torch.testing.assert_close(opt2.state[m2[1].weight]["exp_avg"], expected)
+
+
+def test_cache_projection_changes_nothing(opt_spec):
+    m1, m2 = _model(), _model()
+    o1, o2 = _make(opt_spec, m1), _make(opt_spec, m2, cache_projection=True)
+    _steps(m1, o1, 0, 7)
+    _steps(m2, o2, 0, 7)
+    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert o2.projection_cache_bytes() == o2.plan().projection_cache_bytes > 0
+    assert o1.projection_cache_bytes() == 0
+
+
+# ---------------------------------------------------------------- non-finite, AMP, schedules
+def test_nonfinite_gradient_is_skipped_with_a_warning(opt_spec):
+    model = _model()
+    opt = _make(opt_spec, model)
+    _steps(model, opt, 0, 2)
+    state_before = copy.deepcopy(opt.state[model[1].weight])
+    weight_before = model[1].weight.detach().clone()
+    other_before = model[3].weight.detach().clone()
+    opt.zero_grad()
+    _loss(model, 5).backward()
+    model[1].weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert torch.equal(model[1].weight, weight_before)
+    state = opt.state[model[1].weight]
+    assert state.pop("nonfinite_skips") == 1
+    _same_state({0: state_before}, {0: state})
+    assert not torch.equal(model[3].weight, other_before)  # the others still step
+
+
+def test_nonfinite_gradient_can_raise(opt_spec):
+    model = _model()
+    opt = _make(opt_spec, model, nonfinite="raise")
+    _loss(model, 0).backward()
+    model[3].weight.grad[1, 1] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"3\.weight"):
+        opt.step()
+
+
+def test_grad_scaler_skips_inf_steps(opt_spec):
+    model = _model()
+    opt = _make(opt_spec, model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(_loss(model, 0)).backward()
+    model[1].weight.grad[0, 0] = float("inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the optimizer must not even see the bad gradient
+        scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert len(opt.state) == 0 and scaler.get_scale() == 2.0**9
+    opt.zero_grad()
+    scaler.scale(_loss(model, 1)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert not torch.equal(before[1], model[1].weight)
+
+
+def test_lr_scheduler_drives_group_lr(opt_spec):
+    m1, m2 = _model(), _model()
+    o1 = _make(opt_spec, m1)
+    sched = torch.optim.lr_scheduler.LambdaLR(o1, lambda step: 0.0 if step >= 3 else 1.0)
+    _steps(m1, o1, 0, 3, scheduler=sched)
+    frozen = [p.detach().clone() for p in m1.parameters()]
+    _steps(m1, o1, 3, 6, scheduler=sched)  # lr is 0 now: nothing moves
+    assert all(torch.equal(a, b) for a, b in zip(frozen, m1.parameters(), strict=True))
+    o2 = _make(opt_spec, m2)  # halving the lr by schedule == constructing with half the lr
+    sched2 = torch.optim.lr_scheduler.LambdaLR(o2, lambda step: 0.5)
+    m3 = _model()
+    o3 = _make(opt_spec, m3, lr=opt_spec[1]["lr"] * 0.5)
+    _steps(m2, o2, 0, 4, scheduler=sched2)
+    _steps(m3, o3, 0, 4)
+    assert all(torch.equal(a, b) for a, b in zip(m2.parameters(), m3.parameters(), strict=True))
+
+
+# ---------------------------------------------------------------- precision
+def test_bf16_parameters_get_fp32_state_and_one_rounding(opt_spec):
+    m16 = _model(torch.bfloat16)
+    m32 = _model(torch.bfloat16).float()  # same values, float32 master copy
+    o16, o32 = _make(opt_spec, m16), _make(opt_spec, m32)
+    _loss(m16, 0).backward()
+    for p16, p32 in zip(m16.parameters(), m32.parameters(), strict=True):
+        p32.grad = p16.grad.float()
+    o16.step()
+    o32.step()
+    for p16, p32 in zip(m16.parameters(), m32.parameters(), strict=True):
+        assert p16.dtype == torch.bfloat16
+        assert torch.equal(p16, p32.to(torch.bfloat16))
+        assert all(v.dtype == torch.float32 for v in o16.state[p16].values() if torch.is_tensor(v))
+    # fp32 state survives load_state_dict (torch would cast it to bf16)
+    o16b = _make(opt_spec, m16)
+    o16b.load_state_dict(o16.state_dict())
+    _same_state(o16.state, o16b.state)
+
+
+def test_maximize_is_minimizing_the_negation(opt_spec):
+    m1, m2 = _model(), _model()
+    o1, o2 = _make(opt_spec, m1, maximize=True), _make(opt_spec, m2)
+    for i in range(4):
+        for m, o, sign in ((m1, o1, -1.0), (m2, o2, 1.0)):
+            o.zero_grad()
+            (sign * _loss(m, i)).backward()
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters(), strict=True))
+
+
+def test_training_reduces_loss(opt_spec):
+    # kappa must be long enough that beta1**kappa * sqrt(dim / rank) < 1: each transfer
+    # inflates the momentum norm by about sqrt(dim / rank) (the paper's kappa=1 diverged)
+    model = _model()
+    opt = _make(opt_spec, model, kappa=20)
+    first = _loss(model, 0).item()
+    for _ in range(40):
+        opt.zero_grad()
+        loss = _loss(model, 0)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.7 * first
+
+
+@pytest.mark.gpu
+def test_resume_on_cuda_from_cpu_checkpoint(opt_spec):
+    model = _model()
+    opt = _make(opt_spec, model)
+    _steps(model, opt, 0, 4)
+    cuda_model = copy.deepcopy(model).cuda()
+    opt_cuda = _make(opt_spec, cuda_model)
+    opt_cuda.load_state_dict(opt.state_dict())
+    for p, q in zip(model.parameters(), cuda_model.parameters(), strict=True):
+        for v in opt_cuda.state[q].values():
+            if torch.is_tensor(v):
+                assert v.device.type == "cuda" and v.dtype == torch.float32
+        if opt.projection(p) is not None:  # the same matrix on both devices
+            torch.testing.assert_close(
+                opt_cuda.projection(q).cpu(), opt.projection(p), rtol=0, atol=1e-6
+            )
+    x = _batch(4)
+    for m, o in ((model, opt), (cuda_model, opt_cuda)):
+        device = next(m.parameters()).device
+        o.zero_grad()
+        logits = m(x.to(device))
+        target = x.roll(1, 1).reshape(-1).to(device)
+        torch.nn.functional.cross_entropy(logits.reshape(-1, 50), target).backward()
+        o.step()
+    for p, q in zip(model.parameters(), cuda_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q.cpu(), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,143 @@
+"""Float64 loop implementations of the paper's algorithms, written from the formulas.
+
+Deliberately naive: explicit per-step formulas on float64 matrices, no in-place tricks, the
+transfer computed as ``A' (A^T M)`` (two products, as printed) rather than through the r x r
+product the library uses. Projections are passed in, so the reference shares only the
+random matrices with the code under test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _down(x: Tensor, a: Tensor, side: str) -> Tensor:
+    return a @ x if side == "left" else x @ a.T
+
+
+def _up(c: Tensor, a: Tensor, side: str) -> Tensor:
+    return a.T @ c if side == "left" else c @ a
+
+
+def _rms(x: Tensor) -> float:
+    return float(torch.sqrt((x * x).mean()))
+
+
+class CompressedMomentum:
+    """Algorithm 2 for one matrix: M lives in the basis A_w of window w = floor(t / kappa)."""
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        *,
+        beta: float,
+        kappa: int,
+        side: str | None,
+        projection: Callable[[int], Tensor] | None,
+        variant: str,
+    ) -> None:
+        self.beta, self.kappa, self.side, self.variant = beta, kappa, side, variant
+        self.projection = projection
+        self.window = 0
+        if side is None:  # uncompressed (naive) momentum
+            self.m = torch.zeros(shape, dtype=torch.float64)
+        else:
+            a = projection(0)
+            rank = a.shape[0]
+            self.m = torch.zeros(
+                (rank, shape[1]) if side == "left" else (shape[0], rank), dtype=torch.float64
+            )
+
+    def __call__(self, t: int, u: Tensor) -> Tensor:
+        b = self.beta
+        if self.side is None:
+            self.m = b * self.m + (1 - b) * u
+            return self.m
+        a_old = self.projection(self.window)
+        window = t // self.kappa
+        a_new = self.projection(window) if window != self.window else a_old
+        if self.variant == "history":
+            direction = (1 - b) * u + b * _up(self.m, a_old, self.side)
+        if window != self.window:  # "if t is a multiple of kappa": transfer M <- A'(A^T M)
+            self.m = _down(_up(self.m, a_old, self.side), a_new, self.side)
+            self.window = window
+        self.m = b * self.m + (1 - b) * _down(u, a_new, self.side)
+        if self.variant == "paper":
+            direction = _up(self.m, a_new, self.side)
+        return direction
+
+
+def flora_adafactor(
+    theta: Tensor,
+    grads: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2_decay: float,
+    eps1: float,
+    eps2: float,
+    d: float,
+    weight_decay: float,
+    momentum: CompressedMomentum | None,
+) -> Tensor:
+    """Adafactor (torch.optim.Adafactor's definition) + momentum of the clipped update."""
+    theta = theta.double().clone()
+    matrix = theta.dim() == 2
+    r = torch.zeros(theta.shape[0], dtype=torch.float64)
+    c = torch.zeros(theta.shape[-1], dtype=torch.float64)
+    v = torch.zeros_like(theta)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        w = t**beta2_decay  # 1 - beta2_hat_t
+        rho = min(lr, 1 / t**0.5)
+        alpha = max(eps2, _rms(theta)) * rho
+        theta = theta * (1 - lr * weight_decay)
+        if matrix:
+            r = (1 - w) * r + w * (g * g).mean(dim=1)
+            c = (1 - w) * c + w * (g * g).mean(dim=0)
+            v_hat = torch.outer(r, c) / max(float(r.mean()), eps1)
+        else:
+            v = (1 - w) * v + w * g * g
+            v_hat = v
+        u = g / torch.clamp(torch.sqrt(v_hat), min=eps1)
+        u = u / max(1.0, _rms(u) / d)
+        direction = u if momentum is None else momentum(t, u)
+        theta = theta - alpha * direction
+    return theta
+
+
+def flora_adamw(
+    theta: Tensor,
+    grads: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    factored: bool,
+    momentum: CompressedMomentum | None,
+) -> Tensor:
+    """AdamW (Loshchilov & Hutter) with the first moment from ``momentum``."""
+    theta = theta.double().clone()
+    v = torch.zeros_like(theta)
+    r = torch.zeros(theta.shape[0], dtype=torch.float64)
+    c = torch.zeros(theta.shape[-1], dtype=torch.float64)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        theta = theta * (1 - lr * weight_decay)
+        m = g if momentum is None else momentum(t, g)
+        if factored:
+            r = beta2 * r + (1 - beta2) * (g * g).mean(dim=1)
+            c = beta2 * c + (1 - beta2) * (g * g).mean(dim=0)
+            v = torch.outer(r, c) / float(r.mean())
+        else:
+            v = beta2 * v + (1 - beta2) * g * g
+        m_hat = m / (1 - beta1**t)
+        v_hat = v / (1 - beta2**t)
+        theta = theta - lr * m_hat / (torch.sqrt(v_hat) + eps)
+    return theta

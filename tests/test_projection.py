@@ -1,0 +1,174 @@
+"""Properties of the seeded projection (flora.projection).
+
+- determinism: same arguments, same matrix, across calls and across processes; a golden
+  value pins the generator so a restart (or a new release) decodes old checkpoints;
+- independence: changing the seed, parameter key, window or stream changes the matrix and
+  leaves it uncorrelated with the old one;
+- distribution: entries have mean 0 and variance 1/r (Gaussian; Rademacher is +-1/sqrt(r));
+- unbiasedness at the rate of Theorem 2.4: the mean of P^T P G over N draws approaches G
+  with error ~ 1/sqrt(N), and a single draw's error shrinks like 1/sqrt(r);
+- float32 is the float64 matrix rounded once; CUDA equals CPU (GPU machines);
+- down/up/transfer shapes and their definitions on both sides; bad arguments are refused.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flora.projection import down, parameter_key, projection_matrix, transfer, up
+
+KEY = parameter_key("layers.0.attn.weight")
+
+
+def test_deterministic_within_a_process():
+    a = projection_matrix(8, 100, seed=3, key=KEY, window=2)
+    assert torch.equal(a, projection_matrix(8, 100, seed=3, key=KEY, window=2))
+
+
+def test_deterministic_across_processes():
+    code = (
+        "import torch;from flora.projection import projection_matrix, parameter_key;"
+        "p=projection_matrix(8,100,seed=3,key=parameter_key('layers.0.attn.weight'),window=2);"
+        "print(repr(p.double().sum().item()), repr(p[0,:3].tolist()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    p = projection_matrix(8, 100, seed=3, key=KEY, window=2)
+    assert out.stdout.split()[0] == repr(p.double().sum().item())
+
+
+def test_golden_values_pin_the_generator():
+    """Changing the generator would silently break every saved checkpoint: pin it."""
+    assert parameter_key("w") == 9108506241023605964
+    p = projection_matrix(2, 3, seed=0, key=parameter_key("w"), window=0, dtype=torch.float64)
+    expected = torch.tensor(
+        [
+            [-0.6214874682, 1.1319275423, -0.4819477915],
+            [0.8420405867, -0.5203269762, -0.3078044474],
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(p, expected, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(seed=4), dict(key=parameter_key("other")), dict(window=3), dict(stream="accumulation")],
+)
+def test_each_input_gives_an_independent_matrix(change):
+    base = dict(seed=3, key=KEY, window=2, stream="momentum")
+    a = projection_matrix(16, 512, **base).flatten()
+    b = projection_matrix(16, 512, **{**base, **change}).flatten()
+    corr = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+    assert abs(corr) < 4 / (a.numel() ** 0.5)  # ~4 sigma for independent entries
+
+
+@pytest.mark.parametrize("rank", [4, 32])
+def test_gaussian_entries_have_variance_one_over_rank(rank):
+    p = projection_matrix(rank, 4096, seed=0, key=KEY, window=0, dtype=torch.float64)
+    n = p.numel()
+    assert abs(p.mean().item()) < 4 / (rank * n) ** 0.5
+    assert abs(p.var().item() * rank - 1) < 4 * (2 / n) ** 0.5
+    z = (p * rank**0.5).abs()
+    assert abs((z < 1).double().mean().item() - 0.682689) < 0.02  # normal, not uniform
+
+
+def test_rademacher_entries():
+    p = projection_matrix(8, 1000, seed=0, key=KEY, window=0, distribution="rademacher")
+    assert set((p * 8**0.5).round().unique().tolist()) == {-1.0, 1.0}
+    assert abs(p.mean().item()) < 4 / (8000**0.5 * 8**0.5)
+
+
+def test_unbiased_reconstruction_converges_at_one_over_sqrt_n():
+    g = torch.randn(24, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def mean_error(n):
+        acc = torch.zeros_like(g)
+        for w in range(n):
+            p = projection_matrix(4, 24, seed=0, key=KEY, window=w, dtype=torch.float64)
+            acc += up(down(g, p, "left"), p, "left")
+        return ((acc / n - g).norm() / g.norm()).item()
+
+    e100, e1600 = mean_error(100), mean_error(1600)
+    assert e1600 < 0.25
+    assert 2.5 < e100 / e1600 < 6.5  # ratio 4 expected for 1/sqrt(N)
+
+
+def test_single_draw_error_shrinks_like_one_over_sqrt_rank():
+    """Theorem 2.4: (P^T P)_ij - delta_ij has spread ~ 1/sqrt(r) (off-diagonal variance 1/r)."""
+    spreads = {}
+    for rank in (8, 128):
+        offdiag = []
+        for w in range(20):
+            p = projection_matrix(rank, 64, seed=1, key=KEY, window=w, dtype=torch.float64)
+            m = p.T @ p
+            offdiag.append(m[~torch.eye(64, dtype=torch.bool)])
+        spreads[rank] = torch.cat(offdiag).var().item()
+    assert abs(spreads[8] * 8 - 1) < 0.1
+    assert abs(spreads[128] * 128 - 1) < 0.1
+
+
+def test_float32_is_float64_rounded_once():
+    p64 = projection_matrix(8, 300, seed=5, key=KEY, window=1, dtype=torch.float64)
+    p32 = projection_matrix(8, 300, seed=5, key=KEY, window=1, dtype=torch.float32)
+    assert torch.equal(p32, p64.to(torch.float32))
+
+
+def test_prefix_property_fixed_by_element_index():
+    """Entry (i, j) depends on the flat index only: a wider matrix starts like a narrower one."""
+    a = projection_matrix(1, 10, seed=0, key=KEY, window=0)
+    b = projection_matrix(1, 20, seed=0, key=KEY, window=0)
+    assert torch.equal(a[0], b[0, :10])
+
+
+@pytest.mark.gpu
+def test_cuda_equals_cpu():
+    cpu = projection_matrix(64, 3000, seed=7, key=KEY, window=9)
+    gpu = projection_matrix(64, 3000, seed=7, key=KEY, window=9, device="cuda")
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-6)
+    assert (gpu.cpu() != cpu).float().mean().item() < 1e-4
+
+
+def test_down_up_transfer_shapes_and_definitions():
+    g = torch.randn(6, 10, dtype=torch.float64)
+    pl = projection_matrix(3, 6, seed=0, key=1, window=0, dtype=torch.float64)
+    pr = projection_matrix(3, 10, seed=0, key=2, window=0, dtype=torch.float64)
+    assert down(g, pl, "left").shape == (3, 10) and up(down(g, pl, "left"), pl, "left").shape == (
+        6,
+        10,
+    )
+    assert down(g, pr, "right").shape == (6, 3) and up(down(g, pr, "right"), pr, "right").shape == (
+        6,
+        10,
+    )
+    torch.testing.assert_close(down(g, pl, "left"), pl @ g)
+    torch.testing.assert_close(down(g, pr, "right"), g @ pr.T)
+    for side, p in (("left", pl), ("right", pr)):
+        q = projection_matrix(3, p.shape[1], seed=0, key=9, window=1, dtype=torch.float64)
+        c = down(g, p, side)
+        torch.testing.assert_close(transfer(c, p, q, side), down(up(c, p, side), q, side))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc",
+    [
+        (dict(rank=0), ValueError),
+        (dict(rank=2.0), TypeError),
+        (dict(dim=-1), ValueError),
+        (dict(window=-1), ValueError),
+        (dict(seed=None), TypeError),
+        (dict(distribution="cauchy"), ValueError),
+    ],
+)
+def test_bad_arguments(kwargs, exc):
+    args = dict(rank=2, dim=4, seed=0, key=1, window=0) | kwargs
+    with pytest.raises(exc, match=next(iter(kwargs))):
+        projection_matrix(**args)
+
+
+def test_bad_side_and_key():
+    with pytest.raises(ValueError, match="side"):
+        down(torch.zeros(2, 2), torch.zeros(1, 2), "middle")
+    with pytest.raises(TypeError, match="name_or_position"):
+        parameter_key(1.5)

@@ -1,0 +1,59 @@
+"""Exact optimizer-state bytes as a function of shape and rank.
+
+The hand formula (fp32 state, 4 bytes an element), for a weight m x n compressed on the
+left (m <= n) with rank r, is: Flora = (m + n) Adafactor factors + r*n momentum;
+FloraAdamW = m*n second moment + r*n momentum (factored: m + n + r*n). Biases keep a full
+second moment (+ full momentum). The real state after a step, the plan, and the formula agree.
+"""
+
+import pytest
+import torch
+
+import flora
+
+
+def _stepped(opt_cls, model, **kw):
+    opt = opt_cls(model.named_parameters(), **kw)
+    model(torch.randn(2, 96)).sum().backward()
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("rank", [1, 8, 40])
+def test_flora_bytes(rank):
+    model = torch.nn.Linear(96, 48)  # weight (48, 96): left side, momentum (r, 96)
+    opt = _stepped(flora.Flora, model, rank=rank)
+    weight = (48 + 96) + rank * 96
+    bias = 48 + 48  # variance + full momentum
+    assert opt.state_bytes() == 4 * (weight + bias) == opt.plan().state_bytes
+    assert opt.plan().uncompressed_bytes == 4 * ((48 + 96) + 48 * 96 + bias)
+    assert opt.plan().adamw_bytes == 4 * 2 * (48 * 96 + 48)
+
+
+@pytest.mark.parametrize("rank", [1, 8, 40])
+@pytest.mark.parametrize("factored", [False, True])
+def test_flora_adamw_bytes(rank, factored):
+    model = torch.nn.Linear(96, 48)
+    opt = _stepped(flora.FloraAdamW, model, rank=rank, factor_second_moment=factored)
+    second = (48 + 96) if factored else 48 * 96
+    assert opt.state_bytes() == 4 * (second + rank * 96 + 48 + 48) == opt.plan().state_bytes
+
+
+def test_right_side_and_nd_bytes():
+    model = torch.nn.Sequential(torch.nn.Embedding(1000, 16), torch.nn.Conv1d(16, 12, 5))
+    opt = flora.Flora(model.named_parameters(), rank=4)
+    x = torch.randint(0, 1000, (2, 20))
+    model[1](model[0](x).transpose(1, 2)).sum().backward()
+    opt.step()
+    emb = (1000 + 16) + 1000 * 4  # right side: (1000, r)
+    conv = (12 * 16 + 12 * 5) + 4 * 80  # Adafactor factors over the last two dims; view (12, 80)
+    bias = 12 + 12
+    assert opt.state_bytes() == 4 * (emb + conv + bias) == opt.plan().state_bytes
+
+
+def test_bf16_params_count_fp32_state():
+    model = torch.nn.Linear(96, 48).to(torch.bfloat16)
+    opt = flora.Flora(model.named_parameters(), rank=8)
+    model(torch.randn(2, 96, dtype=torch.bfloat16)).float().sum().backward()
+    opt.step()
+    assert opt.state_bytes() == 4 * ((48 + 96) + 8 * 96 + 96) == opt.plan().state_bytes

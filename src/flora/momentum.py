@@ -26,17 +26,23 @@ exactly and only the history is compressed, which has the same expectation and l
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from flora.projection import down, transfer, up
+from flora.projection import down, transfer
 
 __all__ = ["VARIANTS", "compressed_ema_"]
 
 VARIANTS: tuple[str, ...] = ("history", "paper")
 
 
+def _mm_into(out: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float) -> Tensor:
+    # out <- beta * out + alpha * (a @ b), without a temporary of out's size
+    return out.addmm_(a, b, beta=beta, alpha=alpha)
+
+
 def compressed_ema_(
-    update: Tensor,  # (m, n) matrix view of u_t, float32 or float64
+    update: Tensor,  # (m, n) matrix view of the raw update U; u_t = scale * U
     momentum: Tensor,  # (r, n) left / (m, r) right; modified in place
     *,
     beta: float,
@@ -44,18 +50,39 @@ def compressed_ema_(
     proj_new: Tensor,  # same shape: basis of the current window (may be ``proj_old``)
     side: str,
     variant: str = "history",
+    scale: float = 1.0,
+    overwrite: bool = False,
 ) -> Tensor:
-    """Advance the compressed momentum by one step and return the direction ``d_t`` (m, n)."""
+    """Advance the compressed momentum by one step and return the direction ``d_t`` (m, n).
+
+    ``u_t = scale * update`` (the scale lets a caller fold a clipping factor into the
+    products). With ``overwrite=True`` the direction is written into ``update`` and no
+    temporary of the parameter's size is allocated; otherwise ``update`` is left untouched.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"momentum_variant must be one of {VARIANTS}, got {variant!r}")
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     resampled = proj_new is not proj_old
+    left = side == "left"
+    w_new = (1 - beta) * scale  # weight of the newest update
     if variant == "history":
-        direction = up(momentum, proj_old, side).mul_(beta).add_(update, alpha=1 - beta)
+        fresh = down(update, proj_new, side)  # small: (r, n) or (m, r)
+        a, b = (proj_old.T, momentum) if left else (momentum, proj_old)  # up(M, P_old) = a @ b
+        if overwrite:
+            direction = _mm_into(update, a, b, beta=w_new, alpha=beta)
+        else:
+            direction = torch.addmm(update, a, b, beta=w_new, alpha=beta)
         if resampled:
             momentum.copy_(transfer(momentum, proj_old, proj_new, side))
-        momentum.mul_(beta).add_(down(update, proj_new, side), alpha=1 - beta)
+        momentum.mul_(beta).add_(fresh, alpha=w_new)
         return direction
-    if variant == "paper":
-        if resampled:
-            momentum.copy_(transfer(momentum, proj_old, proj_new, side))
-        momentum.mul_(beta).add_(down(update, proj_new, side), alpha=1 - beta)
-        return up(momentum, proj_new, side)
-    raise ValueError(f"momentum_variant must be one of {VARIANTS}, got {variant!r}")
+    # variant == "paper"
+    if resampled:
+        momentum.copy_(transfer(momentum, proj_old, proj_new, side))
+    if left:
+        _mm_into(momentum, proj_new, update, beta=beta, alpha=w_new)
+    else:
+        _mm_into(momentum, update, proj_new.T, beta=beta, alpha=w_new)
+    a, b = (proj_new.T, momentum) if left else (momentum, proj_new)
+    return torch.mm(a, b, out=update) if overwrite else torch.mm(a, b)

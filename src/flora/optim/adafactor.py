@@ -104,21 +104,22 @@ def flora_adafactor_update_(
     if beta1 == 0:
         param.add_(update, alpha=-alpha / denom)
         return
-    update.div_(denom)  # Û_t
     exp_avg = state["exp_avg"]
     if projections is None:
-        exp_avg.lerp_(update, 1 - beta1)
+        exp_avg.lerp_(update.div_(denom), 1 - beta1)  # Û_t
         direction = exp_avg
-    else:
+    else:  # Û_t = update / denom, folded into the products; ``update`` becomes D_t
         proj_old, proj_new, side = projections
         direction = compressed_ema_(
-            update.reshape(param.shape[0], -1),
+            update.view(param.shape[0], -1),
             exp_avg,
             beta=beta1,
             proj_old=proj_old,
             proj_new=proj_new,
             side=side,
             variant=momentum_variant,
+            scale=1.0 / denom,
+            overwrite=True,
         ).view_as(param)
     param.add_(direction, alpha=-alpha)
 

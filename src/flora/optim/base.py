@@ -77,6 +77,21 @@ def state_dtype(param: Tensor) -> torch.dtype:
     return torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
 
 
+def _all_finite(grads: list[Tensor]) -> list[bool]:
+    """Per tensor: are all entries finite? One reduction pass each and one host sync.
+
+    A NaN or Inf entry makes the sum non-finite; a finite tensor whose sum overflows is
+    confirmed by the exact (four-pass) ``isfinite`` check, so there are no false verdicts.
+    """
+    device = grads[0].device
+    sums = torch.stack([g.sum().to(device=device, dtype=torch.float32) for g in grads])
+    verdict = torch.isfinite(sums).tolist()
+    for i, ok in enumerate(verdict):
+        if not ok:
+            verdict[i] = bool(torch.isfinite(grads[i]).all())
+    return verdict
+
+
 class FloraOptimizerBase(Optimizer):
     """Shared machinery; see the module docstring. Not meant to be instantiated directly."""
 
@@ -399,11 +414,7 @@ class FloraOptimizerBase(Optimizer):
                 )
         if not named:
             return loss
-        # one host sync for the whole step, not one per parameter
-        device = named[0][2].grad.device
-        finite = torch.stack(
-            [torch.isfinite(p.grad).all().to(device) for _, _, p in named]
-        ).tolist()
+        finite = _all_finite([p.grad for _, _, p in named])
         for (group, name, p), ok in zip(named, finite, strict=True):
             state = self.state[p]
             if not ok:

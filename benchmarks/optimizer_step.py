@@ -55,7 +55,7 @@ def gpt2_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
             (p + "mlp.c_proj.weight", (d, 4 * d)),
             (p + "mlp.c_proj.bias", (d,)),
         ]
-    return shapes + [("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
+    return [*shapes, ("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
 
 
 SHAPES = gpt2_shapes(args.layers)
@@ -169,7 +169,7 @@ for r in args.ranks:
 n_params = sum(t.numel() for t in INIT)
 command = "python " + " ".join(sys.argv)
 lines = [
-    f"# Optimizer step: GPT-2-small shapes ({args.layers} layers, {n_params / 1e6:.1f}M parameters)",
+    f"# Optimizer step: GPT-2-small shapes ({args.layers} layers, {n_params / 1e6:.1f}M params)",
     "",
     f"Reproduce: `{command}` (after `make bench-setup`).",
     "",

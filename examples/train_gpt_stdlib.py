@@ -108,8 +108,9 @@ if args.optimizer == "flora":
 else:
     lr = args.lr or 2e-3
     opt = flora.FloraAdamW(model.named_parameters(), lr=lr, rank=args.rank, kappa=args.kappa)
+warmup = max(1, min(20, args.steps // 10))
 schedule = torch.optim.lr_scheduler.LambdaLR(
-    opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
+    opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
 )
 
 # -------------------------------------------------------------------------- train
@@ -126,7 +127,8 @@ for step in range(args.steps):
         elapsed = time.perf_counter() - start
         tok_s = (step + 1) * args.batch_size * args.block_size / elapsed
         print(
-            f"step {step:5d}  loss {loss.item():.4f}  lr {schedule.get_last_lr()[0]:.2e}  {tok_s:,.0f} tok/s"
+            f"step {step:5d}  loss {loss.item():.4f}  "
+            f"lr {schedule.get_last_lr()[0]:.2e}  {tok_s:,.0f} tok/s"
         )
 
 

@@ -393,3 +393,11 @@ def test_resume_on_cuda_from_cpu_checkpoint(opt_spec):
         o.step()
     for p, q in zip(model.parameters(), cuda_model.parameters(), strict=True):
         torch.testing.assert_close(p, q.cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_projection_cache_holds_one_matrix_per_parameter_with_bf16(opt_spec):
+    """The cache is keyed by the parameter, not by the fp32 working copy of a bf16 one."""
+    model = _model(torch.bfloat16)
+    opt = _make(opt_spec, model, cache_projection=True)
+    _steps(model, opt, 0, 5)
+    assert opt.projection_cache_bytes() == opt.plan().projection_cache_bytes > 0

@@ -54,7 +54,6 @@ from flora.optim.base import (
     check_real,
     factored_numel,
     factored_zeros,
-    state_dtype,
 )
 
 __all__ = ["Flora", "flora_adafactor_update_"]
@@ -230,9 +229,6 @@ class Flora(FloraOptimizerBase):
     def _update(
         self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
     ) -> None:
-        dtype = state_dtype(p)
-        work = p if p.dtype == dtype else p.to(dtype)
-        grad = grad if grad.dtype == dtype else grad.to(dtype)
         if "step" not in state:
             state["step"] = 0
             if grad.dim() > 1:
@@ -240,25 +236,19 @@ class Flora(FloraOptimizerBase):
             else:
                 state["variance"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
         beta1 = float(group["beta1"])
-        if beta1 > 0 and "exp_avg" not in state:
-            self._init_momentum(p, group, name, state)
-        projections = None
-        if beta1 > 0 and "side" in state:
-            projections = self._momentum_projections(p, group, state, state["step"] + 1)
+        projections = self._momentum_inputs(p, group, name, state, beta1)
         eps1, eps2 = group["eps"]
         flora_adafactor_update_(
-            work,
+            p,
             grad,
             state,
             lr=float(group["lr"]),
             beta1=beta1,
             beta2_decay=float(group["beta2_decay"]),
-            eps1=torch.finfo(dtype).eps if eps1 is None else float(eps1),
+            eps1=torch.finfo(p.dtype).eps if eps1 is None else float(eps1),
             eps2=float(eps2),
             d=float(group["d"]),
             weight_decay=float(group["weight_decay"]),
             projections=projections,
             momentum_variant=group["momentum_variant"],
         )
-        if work is not p:
-            p.copy_(work)

@@ -36,7 +36,6 @@ from flora.optim.base import (
     check_real,
     factored_numel,
     factored_zeros,
-    state_dtype,
 )
 
 __all__ = ["FloraAdamW", "flora_adamw_update_"]
@@ -192,9 +191,6 @@ class FloraAdamW(FloraOptimizerBase):
     def _update(
         self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
     ) -> None:
-        dtype = state_dtype(p)
-        work = p if p.dtype == dtype else p.to(dtype)
-        grad = grad if grad.dtype == dtype else grad.to(dtype)
         beta1, beta2 = (float(b) for b in group["betas"])
         if "step" not in state:
             state["step"] = 0
@@ -202,13 +198,9 @@ class FloraAdamW(FloraOptimizerBase):
                 state["row_var"], state["col_var"] = factored_zeros(grad)
             else:
                 state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-        if beta1 > 0 and "exp_avg" not in state:
-            self._init_momentum(p, group, name, state)
-        projections = None
-        if beta1 > 0 and "side" in state:
-            projections = self._momentum_projections(p, group, state, state["step"] + 1)
+        projections = self._momentum_inputs(p, group, name, state, beta1)
         flora_adamw_update_(
-            work,
+            p,
             grad,
             state,
             lr=float(group["lr"]),
@@ -219,5 +211,3 @@ class FloraAdamW(FloraOptimizerBase):
             projections=projections,
             momentum_variant=group["momentum_variant"],
         )
-        if work is not p:
-            p.copy_(work)

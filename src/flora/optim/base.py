@@ -100,7 +100,8 @@ class FloraOptimizerBase(Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._validate_group(defaults, "")
-        self._projection_cache: dict[Tensor, tuple[tuple[int, ...], Tensor]] = {}
+        # stable parameter key -> ((seed, key, window, rank, dim), projection)
+        self._projection_cache: dict[int, tuple[tuple[int, ...], Tensor]] = {}
         self._option_names = tuple(defaults)
         super().__init__(params, defaults)
         self._report_policy()
@@ -234,7 +235,7 @@ class FloraOptimizerBase(Optimizer):
         rank, dim = (momentum.shape[0], m) if side == "left" else (momentum.shape[1], n)
         cache_key = (group["seed"], state["key"], window, rank, dim)
         if group["cache_projection"]:
-            cached = self._projection_cache.get(p)
+            cached = self._projection_cache.get(state["key"])
             if cached is not None and cached[0] == cache_key:
                 return cached[1]
         proj = projection_matrix(
@@ -249,7 +250,7 @@ class FloraOptimizerBase(Optimizer):
             dtype=momentum.dtype,
         )
         if group["cache_projection"]:
-            self._projection_cache[p] = (cache_key, proj)
+            self._projection_cache[state["key"]] = (cache_key, proj)
         return proj
 
     def projection(self, param: Tensor, window: int | None = None) -> Tensor | None:
@@ -392,8 +393,18 @@ class FloraOptimizerBase(Optimizer):
     def _update(
         self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
     ) -> None:
-        """Subclass hook: apply one update to ``p`` (state initialised lazily)."""
+        """Subclass hook: one update of ``p`` (already in the state dtype, as is ``grad``)."""
         raise NotImplementedError
+
+    def _momentum_inputs(
+        self, p: Tensor, group: dict[str, Any], name: str, state: dict[str, Any], beta1: float
+    ) -> tuple[Tensor, Tensor, str] | None:
+        """Create the momentum lazily; return this step's projections if it is compressed."""
+        if beta1 > 0 and "exp_avg" not in state:
+            self._init_momentum(p, group, name, state)
+        if beta1 > 0 and "side" in state:
+            return self._momentum_projections(p, group, state, state["step"] + 1)
+        return None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -432,5 +443,9 @@ class FloraOptimizerBase(Optimizer):
                 )
                 continue
             grad = p.grad if not group["maximize"] else -p.grad
-            self._update(p, grad, group, name, state)
+            dtype = state_dtype(p)  # fp32 math for fp16/bf16 parameters, rounded once
+            work = p if p.dtype == dtype else p.to(dtype)
+            self._update(work, grad if grad.dtype == dtype else grad.to(dtype), group, name, state)
+            if work is not p:
+                p.copy_(work)
         return loss

@@ -27,6 +27,7 @@ bench-setup:
 
 bench: bench-setup
 	$(PY) benchmarks/optimizer_step.py
+	$(PY) benchmarks/accumulation.py
 
 clean:
 	rm -rf .venv .pytest_cache build src/*.egg-info

@@ -6,9 +6,11 @@ state memory against torch.optim.AdamW on the same model (both measured from rea
 
     python examples/train_gpt_stdlib.py                      # defaults: ~2-3 minutes, 2 CPU cores
     python examples/train_gpt_stdlib.py --steps 20 --n-layer 2 --n-embd 64   # a few seconds
+    python examples/train_gpt_stdlib.py --accumulate 4    # + compressed gradient accumulation
 """
 
 import argparse
+import contextlib
 import math
 import sysconfig
 import time
@@ -31,6 +33,8 @@ parser.add_argument("--n-head", type=int, default=4)
 parser.add_argument("--lr", type=float, default=None, help="default: 2e-2 Flora, 2e-3 FloraAdamW")
 parser.add_argument("--rank", type=int, default=16)
 parser.add_argument("--kappa", type=int, default=100)
+parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per step")
+parser.add_argument("--accumulate-rank", type=int, default=None, help="default: --rank")
 parser.add_argument("--corpus-mb", type=float, default=4.0)
 parser.add_argument("--eval-batches", type=int, default=20)
 parser.add_argument("--seed", type=int, default=0)
@@ -113,19 +117,28 @@ schedule = torch.optim.lr_scheduler.LambdaLR(
     opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
 )
 
+# compressed accumulation (Algorithm 1): each micro-batch's gradient is projected to rank r
+# in a backward hook and freed; after the last one p.grad holds the decompressed sum
+tau = args.accumulate
+acc = None
+if tau > 1:
+    acc = flora.GradientAccumulator(model, tau, rank=args.accumulate_rank or args.rank, seed=1)
+
 # -------------------------------------------------------------------------- train
 gen = torch.Generator().manual_seed(args.seed)
 start = time.perf_counter()
 for step in range(args.steps):
-    x, y = get_batch(train_data, gen)
-    loss = model(x, y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+    for _ in range(tau):
+        x, y = get_batch(train_data, gen)
+        with acc.micro_batch() if acc else contextlib.nullcontext():
+            loss = model(x, y)
+            (loss / tau).backward()
     opt.step()
+    opt.zero_grad(set_to_none=True)
     schedule.step()
     if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
         elapsed = time.perf_counter() - start
-        tok_s = (step + 1) * args.batch_size * args.block_size / elapsed
+        tok_s = (step + 1) * tau * args.batch_size * args.block_size / elapsed
         print(
             f"step {step:5d}  loss {loss.item():.4f}  "
             f"lr {schedule.get_last_lr()[0]:.2e}  {tok_s:,.0f} tok/s"
@@ -147,6 +160,10 @@ print(f"held-out loss {val:.4f} nats/byte ({val / math.log(2):.3f} bits/byte)")
 # -------------------------------------------------------------------------- memory
 print()
 print(opt.plan())
+if acc is not None:
+    print()
+    print(acc.plan())
+    acc.remove()
 adamw = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: measure state, change nothing
 x, y = get_batch(train_data, gen)
 adamw.zero_grad()

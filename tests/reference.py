@@ -141,3 +141,26 @@ def flora_adamw(
         v_hat = v / (1 - beta2**t)
         theta = theta - lr * m_hat / (torch.sqrt(v_hat) + eps)
     return theta
+
+
+def compressed_accumulation(
+    grads: Sequence[Tensor], a: Tensor | None, side: str | None, *, scale: float = 1.0
+) -> Tensor:
+    """Algorithm 1 for one matrix over one cycle: C = sum_i A G_i, G-hat = scale * A^T C.
+
+    Written element by element over the micro-batches: C starts at zero, each G_i is
+    compressed and added, and only at the end decompressed. ``side=None``: plain sum.
+    """
+    if side is None:
+        total = torch.zeros_like(grads[0], dtype=torch.float64)
+        for g in grads:
+            total = total + g.double()
+        return scale * total
+    a = a.double()
+    shape = grads[0].shape
+    m = shape[0]
+    n = grads[0].numel() // m
+    c = torch.zeros((a.shape[0], n) if side == "left" else (m, a.shape[0]), dtype=torch.float64)
+    for g in grads:
+        c = c + _down(g.double().reshape(m, n), a, side)
+    return (scale * _up(c, a, side)).reshape(shape)

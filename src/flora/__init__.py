@@ -3,6 +3,7 @@
 Hao, Cao, Mou, "Flora: Low-Rank Adapters Are Secretly Gradient Compressors", ICML 2024.
 """
 
+from flora.accumulation import AccumulationMemory, GradientAccumulator
 from flora.optim import Flora, FloraAdamW
 from flora.plan import Plan, PlanRow
 from flora.policy import Decision, decide
@@ -11,9 +12,11 @@ from flora.projection import down, parameter_key, projection_matrix, transfer, u
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccumulationMemory",
     "Decision",
     "Flora",
     "FloraAdamW",
+    "GradientAccumulator",
     "Plan",
     "PlanRow",
     "__version__",

@@ -30,16 +30,20 @@ class PlanRow:
 
 @dataclass
 class Plan:
-    """Per-parameter compression decisions and exact optimizer-state bytes.
+    """Per-parameter compression decisions and exact bytes.
 
-    ``state_bytes`` counts tensors held in ``optimizer.state`` (Python ints such as the step
-    count are not counted). ``projection_cache_bytes`` is the memory of cached projections
+    For an optimizer (``label="state"``) ``state_bytes`` counts tensors held in
+    ``optimizer.state`` (Python ints such as the step count are not counted); for a
+    :class:`~flora.GradientAccumulator` (``label="accumulation"``) it counts the
+    accumulation buffers and ``uncompressed_bytes`` plain accumulation's full-size gradients
+    (``adamw_bytes`` is then 0). ``projection_cache_bytes`` is the memory of cached projections
     when ``cache_projection=True`` (zero otherwise; the paper's setting regenerates them).
     """
 
     optimizer: str
     rows: list[PlanRow] = field(default_factory=list)
     projection_cache_bytes: int = 0
+    label: str = "state"  # what the bytes are: optimizer "state" or "accumulation" buffers
 
     @property
     def state_bytes(self) -> int:
@@ -58,7 +62,7 @@ class Plan:
         return sum(r.compressed for r in self.rows)
 
     def __str__(self) -> str:
-        header = ("parameter", "shape", "compressed", "side", "rank", "state", "uncompressed")
+        header = ("parameter", "shape", "compressed", "side", "rank", self.label, "uncompressed")
         lines = [
             (
                 r.name,
@@ -78,11 +82,13 @@ class Plan:
         out.extend(fmt.format(*line).rstrip() for line in lines)
         ratio = self.state_bytes / self.uncompressed_bytes if self.uncompressed_bytes else 1.0
         vs_adamw = self.state_bytes / self.adamw_bytes if self.adamw_bytes else 1.0
-        out.append(
-            f"total state {format_bytes(self.state_bytes)} vs uncompressed "
-            f"{format_bytes(self.uncompressed_bytes)} ({ratio:.3f}x), vs torch AdamW "
-            f"{format_bytes(self.adamw_bytes)} ({vs_adamw:.3f}x)"
+        total = (
+            f"total {self.label} {format_bytes(self.state_bytes)} vs uncompressed "
+            f"{format_bytes(self.uncompressed_bytes)} ({ratio:.3f}x)"
         )
+        if self.adamw_bytes:
+            total += f", vs torch AdamW {format_bytes(self.adamw_bytes)} ({vs_adamw:.3f}x)"
+        out.append(total)
         if self.projection_cache_bytes:
             out.append(f"projection cache {format_bytes(self.projection_cache_bytes)}")
         return "\n".join(out)

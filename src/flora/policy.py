@@ -101,7 +101,7 @@ def decide(
         return Decision(name, shape, False, "compression disabled (compress=False)")
     view = matrix_shape(shape)
     if view is None:
-        return Decision(name, shape, False, f"{len(shape)}-D tensor: ordinary state")
+        return Decision(name, shape, False, f"{len(shape)}-D tensor: kept uncompressed")
     for pattern in exclude:
         if re.search(pattern, name):
             return Decision(name, shape, False, f"excluded by pattern {pattern!r}")

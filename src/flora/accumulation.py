@@ -1,0 +1,668 @@
+r"""Compressed gradient accumulation for any optimizer (the paper's Algorithm 1).
+
+For a cycle of micro-batches with gradients :math:`G_1, \dots, G_k` (``k = steps``, or fewer
+when a cycle is ended early) and, per compressed matrix, a projection :math:`A` drawn afresh
+for the cycle (:mod:`flora.projection`, stream ``"accumulation"``, window = cycle index):
+
+.. math::
+    C &\leftarrow 0 \\
+    C &\leftarrow C + \operatorname{down}_A(G_i) \quad (i = 1..k)\\
+    \hat G &= s \cdot \operatorname{up}_A(C), \qquad
+    s = 1 \text{ (reduction="sum")} \text{ or } 1/k \text{ (reduction="mean")}
+
+with ``down``/``up`` on the policy's side (``A C`` is ``r x n`` on the left, ``m x r`` on
+the right). Each micro-batch's gradient is compressed in a per-parameter
+``post_accumulate_grad`` hook and ``p.grad`` freed at once, so only ``C`` and one parameter's
+gradient at a time are held. At the end of the cycle ``p.grad`` holds :math:`\hat G`, so
+clipping, grad-norm logging, ``GradScaler`` and ``optimizer.step()`` work unchanged.
+Parameters the policy (:mod:`flora.policy`) does not compress accumulate in ``p.grad`` as
+usual.
+
+Deviations from the paper, all deliberate:
+
+* ``reduction="sum"`` (default) keeps PyTorch's convention that ``.grad`` is the *sum* of the
+  micro-batch gradients: scale the loss by ``1/steps`` as in a plain accumulation loop (the
+  paper's :math:`\hat G = A^\top C / \tau` is ``reduction="mean"`` with an unscaled loss,
+  which also divides a shortened cycle by its true length).
+* Buffers of fp16/bf16 parameters are kept in float32; ``p.grad`` is rounded once to the
+  parameter's dtype at the end.
+* Under ``DistributedDataParallel`` the micro-batches run in ``no_sync()`` and the compressed
+  buffers (and the gradients of uncompressed parameters) are all-reduced and averaged once
+  at the end of the cycle. The projection is linear and identical on every rank, so this
+  equals compressing the averaged gradient, with communication shrunk by ``r / min(m, n)``.
+
+Step-in-backward mode (``step_in_backward=True``): on the last micro-batch of a cycle each
+parameter's :math:`\hat G` is formed in its hook, ``optimizer.step()`` is called while only
+that parameter has a gradient, and the gradient is freed, so at most one full-size gradient
+exists at a time, *with* accumulation. The optimizer's param groups (and so LR schedulers)
+are used as they are. Global-norm clipping needs every gradient before the first update, so
+in this mode ``max_param_grad_norm`` clips each parameter's gradient separately, and
+:attr:`GradientAccumulator.last_grad_norm` reports the true global norm of the (unclipped)
+decompressed gradient of the cycle. ``GradScaler`` cannot unscale across parameters in this
+mode and is not supported with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from flora.plan import Plan, PlanRow
+from flora.policy import Decision, compile_patterns, decide
+from flora.projection import DISTRIBUTIONS, parameter_key, projection_matrix
+
+__all__ = ["AccumulationMemory", "GradientAccumulator"]
+
+STREAM = "accumulation"
+REDUCTIONS = ("sum", "mean")
+_STATE_VERSION = 1
+
+
+def _buffer_dtype(param: Tensor) -> torch.dtype:
+    return torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
+
+
+@dataclass(frozen=True)
+class AccumulationMemory:
+    """Accumulation memory, in bytes.
+
+    ``buffer_bytes``: what the accumulator keeps for a cycle (compressed buffers plus the
+    full-size gradients of uncompressed parameters); ``naive_bytes``: what plain accumulation
+    keeps (a full-size ``.grad`` for every parameter); ``projection_cache_bytes``: cached
+    projections (``cache_projection=True``); ``cuda_peak_bytes``:
+    ``torch.cuda.max_memory_allocated`` of the parameters' CUDA device, else ``None``.
+    """
+
+    buffer_bytes: int
+    naive_bytes: int
+    projection_cache_bytes: int
+    cuda_peak_bytes: int | None
+
+
+class _Slot:
+    """One managed parameter: its policy decision and its buffer for the current cycle."""
+
+    __slots__ = ("buffer", "decision", "dtype", "key", "name", "param", "proj", "seen", "stepped")
+
+    def __init__(self, name: str, param: Tensor, decision: Decision, key: int) -> None:
+        self.name, self.param, self.decision, self.key = name, param, decision, key
+        self.dtype = _buffer_dtype(param)
+        self.buffer: Tensor | None = None  # compressed C, or full-size sum (step-in-backward)
+        self.proj: tuple[int, Tensor] | None = None  # (cycle, A) when caching
+        self.seen = False  # received a gradient this cycle
+        self.stepped = False  # stepped inside its hook this cycle
+
+    @property
+    def compressed(self) -> bool:
+        return self.decision.compressed
+
+    @property
+    def shape2d(self) -> tuple[int, int]:
+        return self.decision.matrix_shape  # type: ignore[return-value]
+
+
+def _named_parameters(
+    params: nn.Module | Iterable[Any],
+) -> tuple[list[tuple[str, Tensor]], bool, nn.Module | None]:
+    """(name, parameter) pairs, whether names were given, and the DDP wrapper if any."""
+    ddp = None
+    if isinstance(params, nn.parallel.DistributedDataParallel):
+        ddp, params = params, params.module
+    if isinstance(params, nn.Module):
+        return [(n, p) for n, p in params.named_parameters() if p.requires_grad], True, ddp
+    if isinstance(params, Tensor):
+        raise TypeError("params must be a module or an iterable of parameters, got a Tensor")
+    items = list(params)
+    if not items:
+        raise ValueError("params is empty")
+    if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
+        return [(n, p) for n, p in items if p.requires_grad], True, None
+    if all(isinstance(x, Tensor) for x in items):
+        return [(f"param{i}", p) for i, p in enumerate(items) if p.requires_grad], False, None
+    raise TypeError("params must be a module, model.named_parameters() or an iterable of tensors")
+
+
+class GradientAccumulator:
+    """Accumulate gradients over ``steps`` micro-batches in compressed form, for any optimizer.
+
+    Args:
+        params: a module (its ``named_parameters()``), a ``DistributedDataParallel`` module
+            (compressed all-reduce, see the module docstring), ``model.named_parameters()``,
+            or an iterable of parameters (keyed by position). Parameters that do not require
+            grad are ignored.
+        steps: micro-batches per cycle (the paper's tau).
+        rank: rank of the projections.
+        seed: user seed of the projections (a fresh projection per cycle derives from it).
+        compress: ``False`` turns compression off (plain accumulation).
+        exclude: regex(es) of parameter names never compressed.
+        side: ``"auto"`` (compress the smaller dimension), ``"left"`` or ``"right"``.
+        distribution: ``"gaussian"`` (paper) or ``"rademacher"``.
+        reduction: ``"sum"`` (PyTorch convention: ``p.grad`` is the sum of the micro-batch
+            gradients; scale the loss by ``1/steps``) or ``"mean"`` (divide by the number of
+            micro-batches in the cycle).
+        cache_projection: keep each parameter's projection for the cycle instead of
+            regenerating it per micro-batch (memory reported in :meth:`plan`).
+        optimizer: the optimizer to step inside backward (step-in-backward mode only).
+        step_in_backward: step each parameter in its hook on the last micro-batch.
+        max_param_grad_norm: step-in-backward only: clip each parameter's gradient to this
+            norm (per parameter; global clipping is impossible in this mode).
+
+    Use (wrap forward *and* backward, as with ``DistributedDataParallel.no_sync``)::
+
+        acc = GradientAccumulator(model, steps=16, rank=32)
+        for i, batch in enumerate(loader):
+            with acc.micro_batch(last=i == len(loader) - 1):
+                (loss_fn(model(batch)) / 16).backward()
+            if acc.sync_gradients:  # p.grad holds the decompressed sum
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable[Any],
+        steps: int,
+        *,
+        rank: int = 32,
+        seed: int = 0,
+        compress: bool = True,
+        exclude: str | Iterable[str] | None = None,
+        side: Literal["auto", "left", "right"] = "auto",
+        distribution: Literal["gaussian", "rademacher"] = "gaussian",
+        reduction: Literal["sum", "mean"] = "sum",
+        cache_projection: bool = False,
+        optimizer: Optimizer | None = None,
+        step_in_backward: bool = False,
+        max_param_grad_norm: float | None = None,
+    ) -> None:
+        for name, value, low in (("steps", steps, 1), ("rank", rank, 1), ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        for name, flag in (
+            ("compress", compress),
+            ("cache_projection", cache_projection),
+            ("step_in_backward", step_in_backward),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        if side not in ("auto", "left", "right"):
+            raise ValueError(f"side must be one of ('auto', 'left', 'right'), got {side!r}")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if optimizer is not None and not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if step_in_backward and optimizer is None:
+            raise ValueError("step_in_backward=True needs the optimizer (optimizer=...)")
+        if optimizer is not None and not step_in_backward:
+            raise ValueError("optimizer is only used with step_in_backward=True")
+        if max_param_grad_norm is not None:
+            if not step_in_backward:
+                raise ValueError(
+                    "max_param_grad_norm is for step_in_backward=True; otherwise clip p.grad "
+                    "with torch.nn.utils.clip_grad_norm_ after the cycle"
+                )
+            if isinstance(max_param_grad_norm, bool) or not isinstance(
+                max_param_grad_norm, (int, float)
+            ):
+                raise TypeError(
+                    "max_param_grad_norm must be a number, got "
+                    f"{type(max_param_grad_norm).__name__}"
+                )
+            if not max_param_grad_norm > 0:
+                raise ValueError(f"max_param_grad_norm must be > 0, got {max_param_grad_norm}")
+        patterns = compile_patterns(
+            exclude if exclude is None or isinstance(exclude, str) else tuple(exclude)
+        )
+        named, has_names, ddp = _named_parameters(params)
+        if not named:
+            raise ValueError("params holds no parameter that requires grad")
+        if patterns and not has_names:
+            raise ValueError("exclude patterns need parameter names: pass a module or names")
+        self._ddp = ddp
+        self._group = ddp.process_group if ddp is not None else None
+        if ddp is not None and step_in_backward:
+            raise ValueError(
+                "step_in_backward=True is not supported under DistributedDataParallel: "
+                "the compressed all-reduce needs every buffer before the first update"
+            )
+        self.steps, self.rank, self.seed = steps, rank, seed
+        self.compress, self.side, self.distribution = compress, side, distribution
+        self.exclude, self.reduction = patterns, reduction
+        self.cache_projection = cache_projection
+        self.optimizer, self.step_in_backward = optimizer, step_in_backward
+        self.max_param_grad_norm = max_param_grad_norm
+
+        self._slots: list[_Slot] = []
+        seen_ids: set[int] = set()
+        for name, p in named:
+            if id(p) in seen_ids:
+                continue
+            seen_ids.add(id(p))
+            if p.is_complex():
+                raise TypeError(f"complex parameters are not supported ({name})")
+            d = decide(name, p.shape, rank=rank, compress=compress, exclude=patterns, side=side)
+            key = parameter_key(name if has_names else int(name[len("param") :]))
+            self._slots.append(_Slot(name, p, d, key))
+        self._by_param = {id(s.param): s for s in self._slots}
+        if optimizer is not None:
+            self._check_optimizer(optimizer)
+
+        self.cycle = 0  #: index of the current cycle (the projection window)
+        self.position = 0  #: micro-batches done in the current cycle
+        self.sync_gradients = False  #: True right after a micro-batch that ended a cycle
+        self.last_grad_norm: Tensor | None = None  #: step-in-backward: global norm of G-hat
+        self.last_communicated_bytes = 0  #: bytes all-reduced at the end of the last cycle
+        self._active = False
+        self._last = False
+        self._flats: list[Tensor] = []
+        self._norm_sq: Tensor | None = None
+        self._handles = [
+            s.param.register_post_accumulate_grad_hook(self._hook)
+            for s in self._slots
+            if s.compressed or step_in_backward
+        ]
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _check_optimizer(self, optimizer: Optimizer) -> None:
+        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"] if p.requires_grad}
+        missing = [s.name for s in self._slots if id(s.param) not in in_opt]
+        if missing:
+            raise ValueError(
+                f"step_in_backward: parameters not in the optimizer would never be stepped: "
+                f"{', '.join(missing[:5])}"
+            )
+        extra = in_opt - set(self._by_param)
+        if extra:
+            raise ValueError(
+                f"step_in_backward: the optimizer holds {len(extra)} parameter(s) the "
+                "accumulator does not manage; their gradients would be stepped repeatedly"
+            )
+
+    def remove(self) -> None:
+        """Remove the hooks; backward passes are then plain PyTorch again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _slot(self, param: Tensor | str) -> _Slot:
+        for s in self._slots:
+            if s.param is param or s.name == param:
+                return s
+        raise ValueError("param is not managed by this accumulator")
+
+    def decision(self, param: Tensor | str) -> Decision:
+        """The policy's decision for ``param`` (a managed parameter or its name)."""
+        return self._slot(param).decision
+
+    def projection(self, param: Tensor | str, cycle: int | None = None) -> Tensor | None:
+        """The ``(rank, dim)`` projection of ``param`` in ``cycle`` (default: current)."""
+        s = self._slot(param)
+        if not s.compressed:
+            return None
+        return self._make_projection(s, self.cycle if cycle is None else cycle)
+
+    def _make_projection(self, s: _Slot, cycle: int) -> Tensor:
+        d = s.decision
+        return projection_matrix(
+            d.rank,  # type: ignore[arg-type]
+            d.compressed_dim,  # type: ignore[arg-type]
+            seed=self.seed,
+            key=s.key,
+            window=cycle,
+            stream=STREAM,
+            distribution=self.distribution,  # type: ignore[arg-type]
+            device=s.param.device,
+            dtype=s.dtype,
+        )
+
+    def _projection_now(self, s: _Slot) -> Tensor:
+        if not self.cache_projection:
+            return self._make_projection(s, self.cycle)
+        if s.proj is None or s.proj[0] != self.cycle:
+            s.proj = (self.cycle, self._make_projection(s, self.cycle))
+        return s.proj[1]
+
+    # ------------------------------------------------------------------ buffers
+    def _allocate(self) -> None:
+        """Zeroed compressed buffers for a new cycle: views into one flat tensor per
+        (device, dtype), so that the all-reduce is a single zero-copy call."""
+        groups: dict[tuple[torch.device, torch.dtype], list[_Slot]] = {}
+        for s in self._slots:
+            if s.compressed:
+                groups.setdefault((s.param.device, s.dtype), []).append(s)
+        self._flats = []
+        for (device, dtype), slots in groups.items():
+            sizes = [math.prod(s.decision.state_shape) for s in slots]  # type: ignore[arg-type]
+            flat = torch.zeros(sum(sizes), device=device, dtype=dtype)
+            for s, view in zip(slots, flat.split(sizes), strict=True):
+                s.buffer = view.view(s.decision.state_shape)  # type: ignore[arg-type]
+            self._flats.append(flat)
+
+    def _release(self) -> None:
+        for s in self._slots:
+            s.buffer = None
+            s.seen = False
+            s.stepped = False
+            if s.proj is not None and s.proj[0] != self.cycle:
+                s.proj = None
+        self._flats = []
+
+    # ------------------------------------------------------------------ the cycle
+    @contextlib.contextmanager
+    def micro_batch(self, *, last: bool = False) -> Iterator[None]:
+        """Context for one micro-batch's forward and backward.
+
+        The cycle ends after this micro-batch when it is the ``steps``-th of the cycle or
+        when ``last=True`` (an early end, e.g. the last batch of an epoch); then
+        :attr:`sync_gradients` is True and ``p.grad`` holds the accumulated gradient.
+        """
+        if not isinstance(last, bool):
+            raise TypeError(f"last must be a bool, got {type(last).__name__}")
+        if self._active:
+            raise RuntimeError("micro_batch() contexts cannot be nested")
+        if self.position == 0:
+            self._allocate()
+            self._norm_sq = None
+        self.sync_gradients = False
+        self._active = True
+        self._last = last or self.position + 1 == self.steps
+        try:
+            with self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext():
+                yield
+        finally:
+            self._active = False
+        self.position += 1
+        if self._last:
+            self._finish()
+
+    def finish_cycle(self) -> None:
+        """End the current cycle now (after at least one micro-batch), e.g. when the data
+        ran out and the last micro-batch was not marked ``last=True``."""
+        if self._active:
+            raise RuntimeError("finish_cycle() cannot be called inside micro_batch()")
+        if self.position == 0:
+            raise RuntimeError("finish_cycle(): no micro-batch in the current cycle")
+        self._finish()
+
+    @torch.no_grad()
+    def _hook(self, param: Tensor) -> None:
+        s = self._by_param[id(param)]
+        if not self._active:
+            raise RuntimeError(
+                f"GradientAccumulator: backward() reached {s.name!r} outside "
+                "accumulator.micro_batch(); wrap each micro-batch's forward and backward in it "
+                "(or call accumulator.remove())"
+            )
+        grad = param.grad
+        if grad is None:
+            return
+        if grad.is_sparse or grad.is_complex():
+            raise RuntimeError(f"sparse or complex gradients are not supported ({s.name})")
+        if s.stepped:
+            raise RuntimeError(
+                f"{s.name!r} was already stepped in this cycle: step_in_backward allows one "
+                "backward() in the last micro-batch"
+            )
+        s.seen = True
+        if s.compressed:
+            self._compress_into(s, grad)
+            param.grad = None
+        elif self.step_in_backward:
+            if s.buffer is None:
+                s.buffer = grad if grad.dtype == s.dtype else grad.to(s.dtype)
+            else:
+                s.buffer.add_(grad)
+            param.grad = None
+        if self.step_in_backward and self._last:
+            self._step_one(s, self.position + 1)
+
+    def _compress_into(self, s: _Slot, grad: Tensor) -> None:
+        g = grad.reshape(s.shape2d)
+        if g.dtype != s.dtype:
+            g = g.to(s.dtype)
+        proj = self._projection_now(s)
+        if s.decision.side == "left":
+            s.buffer.addmm_(proj, g)  # type: ignore[union-attr]  # C += A G
+        else:
+            s.buffer.addmm_(g, proj.T)  # type: ignore[union-attr]  # C += G A^T
+
+    def _decompressed(self, s: _Slot, count: int) -> Tensor:
+        """G-hat of ``s`` in the parameter's dtype and shape."""
+        assert s.buffer is not None
+        if s.compressed:
+            proj = self._projection_now(s)
+            g = proj.T @ s.buffer if s.decision.side == "left" else s.buffer @ proj
+        else:
+            g = s.buffer
+        if self.reduction == "mean":
+            g = g.mul_(1.0 / count)  # g is a fresh product or a buffer this class owns
+        return g.reshape(s.param.shape).to(s.param.dtype)
+
+    def _step_one(self, s: _Slot, count: int) -> None:
+        """Step-in-backward: give ``s`` its G-hat, step the optimizer, free the gradient."""
+        p = s.param
+        g = self._decompressed(s, count)
+        norm_sq = torch.linalg.vector_norm(g, dtype=torch.float32).square()
+        self._norm_sq = norm_sq if self._norm_sq is None else self._norm_sq + norm_sq
+        if self.max_param_grad_norm is not None:
+            coef = (self.max_param_grad_norm / (norm_sq.sqrt() + 1e-6)).clamp(max=1.0)
+            g.mul_(coef.to(g.dtype))
+        p.grad = g
+        s.buffer = None if not s.compressed else s.buffer
+        self.optimizer.step()  # type: ignore[union-attr]  # only p has a gradient now
+        p.grad = None
+        s.stepped = True
+
+    @torch.no_grad()
+    def _finish(self) -> None:
+        count = self.position
+        self.last_communicated_bytes = 0
+        if self._group is not None:
+            self._all_reduce()
+        for s in self._slots:
+            p = s.param
+            if s.stepped:
+                continue
+            if self.step_in_backward:
+                if s.seen:
+                    self._step_one(s, count)
+                continue
+            if s.compressed:
+                if s.seen or self._group is not None:
+                    p.grad = self._decompressed(s, count)
+                    s.buffer = None
+            elif p.grad is not None and self.reduction == "mean":
+                p.grad.mul_(1.0 / count)
+        if self.step_in_backward and self._norm_sq is not None:
+            self.last_grad_norm = self._norm_sq.sqrt()
+        self._release()
+        self.cycle += 1
+        self.position = 0
+        self.sync_gradients = True
+
+    def _all_reduce(self) -> None:
+        """Average the compressed buffers and the uncompressed gradients over the ranks."""
+        world = dist.get_world_size(self._group)
+        tensors = list(self._flats)
+        plain = [s for s in self._slots if not s.compressed]
+        for s in plain:
+            if s.param.grad is None:
+                s.param.grad = torch.zeros_like(s.param)
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for s in plain:
+            g = s.param.grad
+            by_kind.setdefault((g.device, g.dtype), []).append(g)  # type: ignore[union-attr]
+        packed = [(grads, torch.cat([g.reshape(-1) for g in grads])) for grads in by_kind.values()]
+        tensors.extend(flat for _, flat in packed)
+        for t in tensors:
+            dist.all_reduce(t, group=self._group)
+            t.div_(world)
+            self.last_communicated_bytes += t.numel() * t.element_size()
+        for grads, flat in packed:
+            for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+                g.copy_(part.view_as(g))
+        for s in self._slots:
+            s.seen = True
+
+    # ------------------------------------------------------------------ memory
+    def plan(self) -> Plan:
+        """Per-parameter decisions and exact accumulation bytes against plain accumulation.
+
+        ``state_bytes`` is the buffer the accumulator keeps for the parameter during a cycle
+        (the compressed ``C``, or the full-size gradient when it is not compressed);
+        ``uncompressed_bytes`` is plain accumulation's full-size ``.grad``.
+        """
+        plan = Plan("GradientAccumulator", label="accumulation")
+        for s in self._slots:
+            d, p = s.decision, s.param
+            naive = p.numel() * p.element_size()
+            if d.compressed:
+                itemsize = torch.empty((), dtype=s.dtype).element_size()
+                held = math.prod(d.state_shape) * itemsize  # type: ignore[arg-type]
+                if self.cache_projection:
+                    plan.projection_cache_bytes += d.rank * d.compressed_dim * itemsize  # type: ignore[operator]
+            else:
+                held = naive
+            plan.rows.append(
+                PlanRow(
+                    name=s.name,
+                    shape=tuple(p.shape),
+                    compressed=d.compressed,
+                    reason=d.reason,
+                    side=d.side if d.compressed else None,
+                    rank=d.rank if d.compressed else None,
+                    state_bytes=held,
+                    uncompressed_bytes=naive,
+                    adamw_bytes=0,
+                )
+            )
+        return plan
+
+    def buffer_bytes(self) -> int:
+        """Bytes of accumulation buffers held right now (compressed buffers, the gradients
+        of uncompressed parameters in ``p.grad`` or in step-in-backward buffers)."""
+        total = sum(f.numel() * f.element_size() for f in self._flats)
+        for s in self._slots:
+            if s.compressed:
+                continue
+            t = s.buffer if s.buffer is not None else s.param.grad
+            if t is not None and self.position > 0:
+                total += t.numel() * t.element_size()
+        return total
+
+    def memory(self) -> AccumulationMemory:
+        """Planned accumulation bytes and, on CUDA, the peak allocated memory."""
+        plan = self.plan()
+        device = self._slots[0].param.device
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        return AccumulationMemory(
+            plan.state_bytes, plan.uncompressed_bytes, plan.projection_cache_bytes, peak
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Position in the cycle, settings and buffers; loadable with ``weights_only=True``.
+
+        Taken between micro-batches. Mid-cycle it holds the compressed buffers and the
+        partial gradients of uncompressed parameters (which live in ``p.grad``), so a
+        resumed run continues bit-identically.
+        """
+        if self._active:
+            raise RuntimeError("state_dict() cannot be taken inside micro_batch()")
+        buffers: dict[str, Tensor] = {}
+        grads: dict[str, Tensor] = {}
+        seen: list[str] = []
+        if self.position > 0:
+            for s in self._slots:
+                if s.seen:
+                    seen.append(s.name)
+                if s.compressed:
+                    buffers[s.name] = s.buffer.clone()  # type: ignore[union-attr]
+                else:
+                    t = s.buffer if self.step_in_backward else s.param.grad
+                    if t is not None:
+                        grads[s.name] = t.clone()
+        return {
+            "version": _STATE_VERSION,
+            "cycle": self.cycle,
+            "position": self.position,
+            "settings": self._settings(),
+            "compressed": [s.name for s in self._slots if s.compressed],
+            "seen": seen,
+            "buffers": buffers,
+            "grads": grads,
+        }
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "rank": self.rank,
+            "seed": self.seed,
+            "compress": self.compress,
+            "side": self.side,
+            "distribution": self.distribution,
+            "reduction": self.reduction,
+            "exclude": list(self.exclude),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the settings and compressed parameters must match."""
+        if self._active:
+            raise RuntimeError("load_state_dict() cannot be called inside micro_batch()")
+        if not isinstance(state_dict, dict) or state_dict.get("version") != _STATE_VERSION:
+            raise ValueError("state_dict is not a GradientAccumulator state (version mismatch)")
+        saved = state_dict["settings"]
+        for key, value in self._settings().items():
+            if saved.get(key) != value:
+                raise ValueError(
+                    f"state_dict was saved with {key}={saved.get(key)!r}, this accumulator "
+                    f"has {key}={value!r}"
+                )
+        names = [s.name for s in self._slots if s.compressed]
+        if list(state_dict["compressed"]) != names:
+            raise ValueError("state_dict compresses different parameters than this accumulator")
+        position = int(state_dict["position"])
+        if not 0 <= position < self.steps:
+            raise ValueError(f"state_dict position {position} is outside [0, {self.steps})")
+        self._release()
+        self.cycle = int(state_dict["cycle"])
+        self.position = position
+        self.sync_gradients = False
+        if position == 0:
+            return
+        self._allocate()
+        seen = set(state_dict["seen"])
+        for s in self._slots:
+            s.seen = s.name in seen
+            if s.compressed:
+                s.buffer.copy_(state_dict["buffers"][s.name])  # type: ignore[union-attr]
+                continue
+            saved_grad = state_dict["grads"].get(s.name)
+            value = None if saved_grad is None else saved_grad.to(s.param.device, copy=True)
+            if self.step_in_backward:
+                s.buffer = value
+            else:
+                s.param.grad = value
+
+    def __repr__(self) -> str:
+        compressed = sum(s.compressed for s in self._slots)
+        return (
+            f"GradientAccumulator(steps={self.steps}, rank={self.rank}, "
+            f"compressed={compressed}/{len(self._slots)}, cycle={self.cycle}, "
+            f"position={self.position}, step_in_backward={self.step_in_backward})"
+        )

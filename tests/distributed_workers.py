@@ -1,0 +1,92 @@
+"""Real ``torch.distributed`` (gloo, CPU) worker processes for the tests.
+
+Spawned processes import this module by name, so it holds only importable functions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from accumulation_models import loss_of, make_batches, make_model
+from torch.nn.parallel import DistributedDataParallel
+
+from flora import GradientAccumulator
+
+
+def run_workers(fn: Callable[..., None], world: int, *args: object, timeout: float = 180) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes; fail on error/timeout."""
+    ctx = mp.start_processes(
+        fn, args=(world, *args), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"distributed workers did not finish in {timeout} s")
+
+
+def _init(rank: int, world: int, tmpdir: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmpdir}/rendezvous", rank=rank, world_size=world
+    )
+
+
+def ddp_accumulation(rank: int, world: int, tmpdir: str, steps: int, cycles: int) -> None:
+    """DDP + GradientAccumulator: micro-batch i of cycle c on rank r is global batch
+    ``(c * steps + i) * world + r``; saves parameters and all-reduced bytes per cycle."""
+    _init(rank, world, tmpdir)
+    try:
+        sent: list[int] = []
+        real_all_reduce = dist.all_reduce
+
+        def counting_all_reduce(tensor, *args, **kwargs):
+            sent.append(tensor.numel() * tensor.element_size())
+            return real_all_reduce(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting_all_reduce
+        model = make_model()
+        ddp = DistributedDataParallel(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+        try:
+            GradientAccumulator(ddp, steps, rank=4, optimizer=opt, step_in_backward=True)
+            sib_error = ""
+        except ValueError as err:
+            sib_error = str(err)
+        acc = GradientAccumulator(ddp, steps, rank=4, seed=1)
+        batches = make_batches(cycles * steps * world)
+        per_cycle = []
+        for c in range(cycles):
+            sent.clear()
+            for i in range(steps):
+                with acc.micro_batch():
+                    (loss_of(ddp, batches[(c * steps + i) * world + rank]) / steps).backward()
+                if i < steps - 1:
+                    assert not sent, "communication before the end of the cycle"
+            assert acc.sync_gradients
+            per_cycle.append(sum(sent))
+            opt.step()
+            opt.zero_grad()
+        if rank == 0:
+            torch.save(
+                {
+                    "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                    "bytes_per_cycle": per_cycle,
+                    "reported": acc.last_communicated_bytes,
+                    "plan_bytes": acc.plan().state_bytes,
+                    "naive_bytes": acc.plan().uncompressed_bytes,
+                    "sib_error": sib_error,
+                },
+                Path(tmpdir) / "result.pt",
+            )
+    finally:
+        dist.all_reduce = real_all_reduce
+        dist.destroy_process_group()

@@ -1,0 +1,613 @@
+"""GradientAccumulator: limits, the float64 reference of Algorithm 1, unbiasedness, use with
+real optimizers, step-in-backward, checkpoints, memory accounting and bad input."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from accumulation_models import TinyNet, loss_of, make_batches, make_model
+from reference import compressed_accumulation
+from torch import nn
+
+from flora import Flora, GradientAccumulator, parameter_key, projection_matrix
+
+TAU = 3
+
+
+def plain_cycle(model, batches, steps=TAU):
+    """Plain PyTorch accumulation: (loss / steps).backward() for each micro-batch."""
+    for b in batches:
+        (loss_of(model, b) / steps).backward()
+
+
+def acc_cycle(model, acc, batches, steps=TAU, last_at=None):
+    for i, b in enumerate(batches):
+        with acc.micro_batch(last=last_at is not None and i == last_at):
+            (loss_of(model, b) / steps).backward()
+
+
+def grads_of(model):
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+# ---------------------------------------------------------------- limits
+@pytest.mark.parametrize("how", ["compress=False", "rank>=dims"])
+@pytest.mark.parametrize("step_in_backward", [False, True])
+def test_no_compression_equals_plain_accumulation_bitwise(how, step_in_backward):
+    ref, model = make_model(), make_model()
+    batches = make_batches(2 * TAU)
+    kwargs = {"compress": False} if how == "compress=False" else {"rank": 64}
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    if step_in_backward:
+        acc = GradientAccumulator(model, TAU, optimizer=opt, step_in_backward=True, **kwargs)
+    else:
+        acc = GradientAccumulator(model, TAU, **kwargs)
+    assert acc.plan().compressed_count == 0
+    for cycle in range(2):
+        part = batches[cycle * TAU : (cycle + 1) * TAU]
+        plain_cycle(ref, part)
+        acc_cycle(model, acc, part)
+        assert acc.sync_gradients
+        if not step_in_backward:
+            for (n, a), (_, b) in zip(
+                ref.named_parameters(), model.named_parameters(), strict=True
+            ):
+                assert torch.equal(a.grad, b.grad), n
+            opt.step()
+            opt.zero_grad()
+        opt_ref.step()
+        opt_ref.zero_grad()
+    for a, b in zip(ref.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_mean_reduction_divides_by_the_cycle_length():
+    ref, model = make_model(), make_model()
+    batches = make_batches(TAU)
+    plain_cycle(ref, batches)
+    acc = GradientAccumulator(model, TAU, compress=False, reduction="mean")
+    for b in batches:
+        with acc.micro_batch():
+            loss_of(model, b).backward()  # unscaled loss
+    for a, b in zip(ref.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- reference (float64)
+def hookless_copy(model):
+    """The same weights in a model without the accumulator's hooks."""
+    twin = make_model(dtype=next(model.parameters()).dtype)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def micro_batch_grads(model, batches):
+    """Per-micro-batch gradients of (loss / TAU), computed separately on a hook-free copy."""
+    twin = hookless_copy(model)
+    out = []
+    for b in batches:
+        twin.zero_grad()
+        (loss_of(twin, b) / TAU).backward()
+        out.append(grads_of(twin))
+    return out
+
+
+@pytest.mark.parametrize("side", ["auto", "left", "right"])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_matches_float64_reference_of_algorithm_1(side, distribution):
+    model = make_model(dtype=torch.float64)
+    acc = GradientAccumulator(model, TAU, rank=4, seed=3, side=side, distribution=distribution)
+    batches = make_batches(2 * TAU)
+    params = dict(model.named_parameters())
+    for cycle in range(2):
+        part = batches[cycle * TAU : (cycle + 1) * TAU]
+        per_batch = micro_batch_grads(model, part)
+        acc_cycle(model, acc, part)
+        for name, p in params.items():
+            d = acc.decision(name)
+            a = acc.projection(name, cycle)
+            if d.compressed:  # the projection is the documented pure function of its keys
+                independent = projection_matrix(
+                    d.rank,
+                    d.compressed_dim,
+                    seed=3,
+                    key=parameter_key(name),
+                    window=cycle,
+                    stream="accumulation",
+                    distribution=distribution,
+                    dtype=torch.float64,
+                )
+                assert torch.equal(a, independent), name
+            expected = compressed_accumulation(
+                [g[name] for g in per_batch], a, d.side if d.compressed else None
+            )
+            torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14)
+        model.zero_grad()
+    # a fresh projection every cycle, and the head (dim 5 > rank 4) is compressed too
+    assert not torch.equal(acc.projection("fc.weight", 0), acc.projection("fc.weight", 1))
+    assert acc.decision("head.weight").compressed
+    if side != "right":
+        assert acc.decision("conv.weight").state_shape == (4, 36)
+
+
+def test_reference_detects_a_wrong_projection():
+    """The reference comparison is not vacuous: another cycle's projection fails it."""
+    model = make_model(dtype=torch.float64)
+    acc = GradientAccumulator(model, TAU, rank=4)
+    batches = make_batches(TAU)
+    per_batch = micro_batch_grads(model, batches)
+    acc_cycle(model, acc, batches)
+    d = acc.decision("fc.weight")
+    wrong = compressed_accumulation(
+        [g["fc.weight"] for g in per_batch], acc.projection("fc.weight", 1), d.side
+    )
+    assert not torch.allclose(model.fc.weight.grad, wrong)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_unbiased_and_converges_at_the_theoretical_rate(distribution):
+    """E[A^T A G] = G; the mean of N cycles has E||mean - G||^2 = c (dim) / (r N) ||G||^2
+    with c(m) = m + 1 for Gaussian and m - 1 for Rademacher entries (left side, dim m)."""
+    torch.manual_seed(5)
+    m, n, rank, cycles = 24, 10, 4, 400
+    target = torch.randn(m, n, dtype=torch.float64)
+    weight = nn.Parameter(torch.zeros(m, n, dtype=torch.float64))
+    acc = GradientAccumulator([("w", weight)], 1, rank=rank, side="left", distribution=distribution)
+    running = torch.zeros_like(target)
+    errors = {}
+    for t in range(1, cycles + 1):
+        with acc.micro_batch():
+            (weight * target).sum().backward()  # gradient = target exactly
+        running += weight.grad
+        weight.grad = None
+        if t in (25, 100, 400):
+            errors[t] = float(((running / t - target) ** 2).sum() / (target**2).sum())
+    c = m + 1 if distribution == "gaussian" else m - 1
+    for t, err in errors.items():
+        expected = c / (rank * t)
+        assert 0.5 * expected < err < 2.0 * expected, (t, err, expected)
+    assert errors[400] < errors[25] / 6  # ~ 1/N decay (16x in expectation)
+
+
+# ---------------------------------------------------------------- with real optimizers
+def expected_update(model, batches, acc_probe, make_opt, clip=None, cycles=2):
+    """Apply ``make_opt`` to G-hat computed by the float64 reference, cycle by cycle."""
+    ref = hookless_copy(model)
+    opt = make_opt(ref)
+    for cycle in range(cycles):
+        part = batches[cycle * TAU : (cycle + 1) * TAU]
+        per_batch = micro_batch_grads(ref, part)
+        for name, p in ref.named_parameters():
+            d = acc_probe.decision(name)
+            a = acc_probe.projection(name, cycle)
+            g = compressed_accumulation(
+                [x[name] for x in per_batch], a, d.side if d.compressed else None
+            )
+            p.grad = g.to(p.dtype)
+        if clip is not None:
+            nn.utils.clip_grad_norm_(ref.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+    return ref
+
+
+OPTIMIZERS = {
+    "AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False),
+    "SGD": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+    "Adafactor": lambda m: torch.optim.Adafactor(m.parameters(), lr=1e-2, foreach=False),
+    "Flora": lambda m: Flora(m.named_parameters(), lr=1e-2, rank=4, kappa=2),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_trains_with_any_optimizer_and_clipping(name, clip):
+    model = make_model(dtype=torch.float64)
+    batches = make_batches(2 * TAU)
+    acc = GradientAccumulator(model, TAU, rank=4, seed=1)
+    expected = expected_update(model, batches, acc, OPTIMIZERS[name], clip)
+    opt = OPTIMIZERS[name](model)
+    norms = []
+    for cycle in range(2):
+        acc_cycle(model, acc, batches[cycle * TAU : (cycle + 1) * TAU])
+        if clip is not None:
+            norms.append(float(nn.utils.clip_grad_norm_(model.parameters(), clip)))
+        opt.step()
+        opt.zero_grad()
+    for a, b in zip(expected.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if clip is not None:
+        assert all(n > clip for n in norms)  # clipping was active
+
+
+def test_gradscaler_equals_unscaled_and_skips_overflow():
+    batches = make_batches(2 * TAU)
+    plain, scaled = make_model(), make_model()
+    acc_p = GradientAccumulator(plain, TAU, rank=4)
+    acc_s = GradientAccumulator(scaled, TAU, rank=4)
+    opt_p = torch.optim.AdamW(plain.parameters(), lr=1e-2, foreach=False)
+    opt_s = torch.optim.AdamW(scaled.parameters(), lr=1e-2, foreach=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for cycle in range(2):
+        part = batches[cycle * TAU : (cycle + 1) * TAU]
+        acc_cycle(plain, acc_p, part)
+        opt_p.step()
+        opt_p.zero_grad()
+        for b in part:
+            with acc_s.micro_batch():
+                scaler.scale(loss_of(scaled, b) / TAU).backward()
+        scaler.step(opt_s)
+        scaler.update()
+        opt_s.zero_grad()
+    # power-of-two scaling commutes with compression: bitwise equal
+    for a, b in zip(plain.parameters(), scaled.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # an overflow in one micro-batch poisons G-hat: the step is skipped, the scale halves
+    before = [p.clone() for p in scaled.parameters()]
+    scale = scaler.get_scale()
+    for i, b in enumerate(batches[:TAU]):
+        with acc_s.micro_batch():
+            loss = loss_of(scaled, b) / TAU
+            scaler.scale(loss * (math.inf if i == 1 else 1.0)).backward()
+    scaler.step(opt_s)
+    scaler.update()
+    assert scaler.get_scale() == scale / 2
+    for a, b in zip(before, scaled.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("how", ["last=True", "finish_cycle()"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_early_ended_cycle(how, reduction):
+    model = make_model(dtype=torch.float64)
+    acc = GradientAccumulator(model, 4, rank=4, reduction=reduction)
+    batches = make_batches(2)
+    per_batch = micro_batch_grads(model, batches)
+    for i, b in enumerate(batches):
+        with acc.micro_batch(last=how == "last=True" and i == 1):
+            (loss_of(model, b) / TAU).backward()
+    if how == "finish_cycle()":
+        assert not acc.sync_gradients and acc.position == 2
+        acc.finish_cycle()
+    assert acc.sync_gradients and acc.cycle == 1 and acc.position == 0
+    scale = 0.5 if reduction == "mean" else 1.0
+    for name, p in model.named_parameters():
+        d = acc.decision(name)
+        expected = compressed_accumulation(
+            [g[name] for g in per_batch],
+            acc.projection(name, 0),
+            d.side if d.compressed else None,
+            scale=scale,
+        )
+        torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_full_size_gradients_are_freed_during_the_cycle():
+    model = make_model()
+    acc = GradientAccumulator(model, TAU, rank=4)
+    for i, b in enumerate(make_batches(TAU)):
+        with acc.micro_batch():
+            (loss_of(model, b) / TAU).backward()
+        if i < TAU - 1:
+            for name, p in model.named_parameters():
+                assert (p.grad is None) == acc.decision(name).compressed, name
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_unused_parameter_keeps_no_gradient():
+    model = make_model()
+    extra = nn.Linear(30, 30)
+    model.extra = extra  # never used in forward
+    acc = GradientAccumulator(model, TAU, rank=4)
+    acc_cycle(model, acc, make_batches(TAU))
+    assert extra.weight.grad is None and extra.bias.grad is None
+    assert model.fc.weight.grad is not None
+
+
+def test_bf16_parameters_keep_float32_buffers():
+    model = make_model(dtype=torch.bfloat16)
+    acc = GradientAccumulator(model, TAU, rank=4)
+    batches = make_batches(TAU)
+    with acc.micro_batch():
+        (loss_of(model, batches[0]) / TAU).backward()
+    plan = acc.plan()
+    row = next(r for r in plan.rows if r.name == "fc.weight")
+    assert row.state_bytes == 24 * 4 * 4  # (m, r) = (24, 4) in float32
+    assert row.uncompressed_bytes == 24 * 16 * 2
+    assert acc.buffer_bytes() == plan.state_bytes
+    for b in batches[1:]:
+        with acc.micro_batch():
+            (loss_of(model, b) / TAU).backward()
+    assert model.fc.weight.grad.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- step in backward
+def run_step_in_backward(model, opt, batches, cycles, *, sched=None, **kwargs):
+    acc = GradientAccumulator(
+        model, TAU, rank=4, seed=1, optimizer=opt, step_in_backward=True, **kwargs
+    )
+    norms = []
+    for cycle in range(cycles):
+        acc_cycle(model, acc, batches[cycle * TAU : (cycle + 1) * TAU])
+        assert acc.sync_gradients
+        assert all(p.grad is None for p in model.parameters())
+        norms.append(float(acc.last_grad_norm))
+        if sched is not None:
+            sched.step()
+    return acc, norms
+
+
+def run_ordinary(model, opt, batches, cycles, *, sched=None, clip_each=None):
+    acc = GradientAccumulator(model, TAU, rank=4, seed=1)
+    norms = []
+    for cycle in range(cycles):
+        acc_cycle(model, acc, batches[cycle * TAU : (cycle + 1) * TAU])
+        norms.append(float(nn.utils.get_total_norm([p.grad for p in model.parameters()])))
+        if clip_each is not None:
+            for p in model.parameters():
+                nn.utils.clip_grad_norm_([p], clip_each)
+        opt.step()
+        opt.zero_grad()
+        if sched is not None:
+            sched.step()
+    return acc, norms
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "Flora"])
+def test_step_in_backward_equals_ordinary_path(name):
+    batches = make_batches(3 * TAU)
+    a, b = make_model(), make_model()
+    opt_a, opt_b = OPTIMIZERS[name](a), OPTIMIZERS[name](b)
+    decay = lambda step: 0.5**step  # noqa: E731
+    sched_a = torch.optim.lr_scheduler.LambdaLR(opt_a, decay)
+    sched_b = torch.optim.lr_scheduler.LambdaLR(opt_b, decay)
+    _, norms_a = run_ordinary(a, opt_a, batches, 3, sched=sched_a)
+    _, norms_b = run_step_in_backward(b, opt_b, batches, 3, sched=sched_b)
+    for x, y in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(x, y)
+    # last_grad_norm is the true global norm of the decompressed gradient
+    for x, y in zip(norms_a, norms_b, strict=True):
+        assert math.isclose(x, y, rel_tol=1e-5)
+
+
+def test_step_in_backward_uses_scheduled_lr():
+    model = make_model()
+    before = [p.clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0)  # lr 0 from the start
+    run_step_in_backward(model, opt, make_batches(TAU), 1, sched=sched)
+    for x, y in zip(before, model.parameters(), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_step_in_backward_per_parameter_clipping():
+    batches = make_batches(2 * TAU)
+    a, b = make_model(), make_model()
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
+    run_ordinary(a, opt_a, batches, 2, clip_each=0.01)
+    run_step_in_backward(b, opt_b, batches, 2, max_param_grad_norm=0.01)
+    for x, y in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_step_in_backward_holds_one_gradient_at_a_time():
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    live = []
+    opt.register_step_post_hook(
+        lambda *_: live.append(sum(p.grad is not None for p in model.parameters()))
+    )
+    run_step_in_backward(model, opt, make_batches(2 * TAU), 2)
+    n = len(list(model.parameters()))
+    assert live == [1] * (2 * n)  # one step per parameter per cycle, one gradient alive
+
+
+def test_step_in_backward_steps_parameters_unused_in_the_last_micro_batch():
+    class Gated(TinyNet):
+        use_head = True
+
+        def forward(self, idx):
+            out = super().forward(idx)
+            return out if self.use_head else out.detach() * 0 + self.norm.bias.sum()
+
+    torch.manual_seed(0)
+    model = Gated()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = GradientAccumulator(model, 2, rank=4, optimizer=opt, step_in_backward=True)
+    head = model.head.weight.clone()
+    batches = make_batches(2)
+    with acc.micro_batch():
+        loss_of(model, batches[0]).backward()
+    model.use_head = False  # the head gets no gradient in the last micro-batch
+    with acc.micro_batch():
+        loss_of(model, batches[1]).backward()
+    assert acc.sync_gradients
+    assert not torch.equal(head, model.head.weight)  # stepped at the end of the cycle
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_load(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("step_in_backward", [False, True])
+@pytest.mark.parametrize("stop_at", [1, 2, 3, 5])
+def test_mid_cycle_checkpoint_resumes_bit_identically(step_in_backward, stop_at):
+    batches = make_batches(3 * TAU)
+    rank = 6  # head.weight (dim 5) stays uncompressed: its partial p.grad is saved too
+
+    def build(model):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+        kw = {"optimizer": opt, "step_in_backward": True} if step_in_backward else {}
+        return opt, GradientAccumulator(model, TAU, rank=rank, **kw)
+
+    def run(model, opt, acc, part):
+        for b in part:
+            with acc.micro_batch():
+                (loss_of(model, b) / TAU).backward()
+            if acc.sync_gradients and not step_in_backward:
+                opt.step()
+                opt.zero_grad()
+
+    ref = make_model()
+    opt_ref, acc_ref = build(ref)
+    run(ref, opt_ref, acc_ref, batches)
+
+    first = make_model()
+    opt1, acc1 = build(first)
+    run(first, opt1, acc1, batches[:stop_at])
+    assert acc1.position == stop_at % TAU
+    checkpoint = save_load(
+        {"model": first.state_dict(), "opt": opt1.state_dict(), "acc": acc1.state_dict()}
+    )
+    resumed = make_model(seed=123)
+    resumed.load_state_dict(checkpoint["model"])
+    opt2, acc2 = build(resumed)
+    opt2.load_state_dict(checkpoint["opt"])
+    acc2.load_state_dict(checkpoint["acc"])
+    assert (acc2.cycle, acc2.position) == (acc1.cycle, acc1.position)
+    run(resumed, opt2, acc2, batches[stop_at:])
+    for x, y in zip(ref.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_load_state_dict_rejects_other_settings():
+    model = make_model()
+    acc = GradientAccumulator(model, TAU, rank=4)
+    with acc.micro_batch():
+        loss_of(model, make_batches(1)[0]).backward()
+    state = acc.state_dict()
+    with pytest.raises(ValueError, match="rank=4"):
+        GradientAccumulator(make_model(), TAU, rank=8).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        GradientAccumulator(make_model(), TAU, rank=4, seed=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="version"):
+        acc.load_state_dict({"cycle": 0})
+
+
+# ---------------------------------------------------------------- memory
+def test_buffer_bytes_are_exact_and_sublinear():
+    model = make_model()
+    acc = GradientAccumulator(model, TAU, rank=4)
+    plan = acc.plan()
+    expected = {
+        "emb.weight": 40 * 4,  # right: (m, r)
+        "conv.weight": 4 * 36,  # left: (r, n)
+        "fc.weight": 24 * 4,
+        "head.weight": 4 * 24,
+    }
+    vectors = 0
+    for row in plan.rows:
+        if row.name in expected:
+            assert row.compressed and row.state_bytes == expected[row.name] * 4, row.name
+            m = row.shape[0]
+            n = math.prod(row.shape[1:])
+            assert row.state_bytes * min(m, n) == 4 * row.uncompressed_bytes  # r / min(m, n)
+        else:
+            assert not row.compressed and row.state_bytes == row.uncompressed_bytes
+            vectors += row.state_bytes
+    assert plan.state_bytes == sum(expected.values()) * 4 + vectors
+    assert acc.buffer_bytes() == 0  # nothing held between cycles
+    for i, b in enumerate(make_batches(TAU)):
+        with acc.micro_batch():
+            (loss_of(model, b) / TAU).backward()
+        if i < TAU - 1:
+            assert acc.buffer_bytes() == plan.state_bytes
+    assert acc.buffer_bytes() == 0
+    mem = acc.memory()
+    assert mem.buffer_bytes == plan.state_bytes
+    assert mem.naive_bytes == sum(p.numel() * 4 for p in model.parameters())
+    assert mem.cuda_peak_bytes is None
+    assert "total accumulation" in str(plan)
+
+
+def test_projection_cache_is_reported_and_changes_nothing():
+    a, b = make_model(), make_model()
+    batches = make_batches(2 * TAU)
+    acc_a = GradientAccumulator(a, TAU, rank=4)
+    acc_b = GradientAccumulator(b, TAU, rank=4, cache_projection=True)
+    for cycle in range(2):
+        part = batches[cycle * TAU : (cycle + 1) * TAU]
+        acc_cycle(a, acc_a, part)
+        acc_cycle(b, acc_b, part)
+        for x, y in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(x.grad, y.grad)
+    assert acc_b.plan().projection_cache_bytes == 4 * (12 + 16 + 16 + 5) * 4
+    assert acc_a.plan().projection_cache_bytes == 0
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"steps": 0}, ValueError, "steps"),
+        ({"steps": 2.0}, TypeError, "steps"),
+        ({"rank": 0}, ValueError, "rank"),
+        ({"rank": "8"}, TypeError, "rank"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"compress": 1}, TypeError, "compress"),
+        ({"side": "top"}, ValueError, "side"),
+        ({"distribution": "uniform"}, ValueError, "distribution"),
+        ({"reduction": "avg"}, ValueError, "reduction"),
+        ({"exclude": "("}, ValueError, "exclude"),
+        ({"step_in_backward": True}, ValueError, "optimizer"),
+        ({"max_param_grad_norm": 1.0}, ValueError, "max_param_grad_norm"),
+        ({"optimizer": "adam"}, TypeError, "optimizer"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    kwargs = {"steps": TAU, **kwargs}
+    with pytest.raises(error, match=match):
+        GradientAccumulator(make_model(), **kwargs)
+
+
+def test_bad_params_and_usage():
+    model = make_model()
+    with pytest.raises(ValueError, match="exclude"):
+        GradientAccumulator(list(model.parameters()), TAU, exclude="emb")
+    with pytest.raises(TypeError, match="params"):
+        GradientAccumulator(model.fc.weight, TAU)
+    with pytest.raises(ValueError, match="empty"):
+        GradientAccumulator([], TAU)
+    opt = torch.optim.SGD(model.fc.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="never be stepped"):
+        GradientAccumulator(model, TAU, optimizer=opt, step_in_backward=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="optimizer is only used"):
+        GradientAccumulator(model, TAU, optimizer=opt)
+    with pytest.raises(ValueError, match="max_param_grad_norm"):
+        GradientAccumulator(
+            model, TAU, optimizer=opt, step_in_backward=True, max_param_grad_norm=-1.0
+        )
+
+    acc = GradientAccumulator(model, TAU, rank=4)
+    b = make_batches(1)[0]
+    with pytest.raises(RuntimeError, match="outside"):
+        loss_of(model, b).backward()
+    model.zero_grad()
+    with pytest.raises(RuntimeError, match="no micro-batch"):
+        acc.finish_cycle()
+    with acc.micro_batch(), pytest.raises(RuntimeError, match="nested"):  # noqa: SIM117
+        with acc.micro_batch():
+            pass
+    with pytest.raises(TypeError, match="last"), acc.micro_batch(last=1):
+        pass
+    acc.remove()
+    loss_of(model, b).backward()  # plain PyTorch again
+    assert model.fc.weight.grad is not None
+
+
+def test_repr_and_exclude():
+    model = make_model()
+    acc = GradientAccumulator(model, TAU, rank=4, exclude=r"^emb\.")
+    assert not acc.decision("emb.weight").compressed
+    assert "excluded" in acc.decision("emb.weight").reason
+    assert "GradientAccumulator(steps=3, rank=4, compressed=3/9" in repr(acc)

@@ -4,8 +4,8 @@ PY := .venv/bin/python
 .PHONY: train test lint bench bench-setup clean
 
 train:
-	scripts/bootstrap.sh
-	$(PY) examples/train_gpt_stdlib.py
+	scripts/bootstrap.sh plot
+	.venv/bin/flora train
 
 test:
 	scripts/bootstrap.sh test
@@ -30,4 +30,4 @@ bench: bench-setup
 	$(PY) benchmarks/accumulation.py
 
 clean:
-	rm -rf .venv .pytest_cache build src/*.egg-info
+	rm -rf .venv .pytest_cache build src/*.egg-info runs

@@ -12,15 +12,13 @@ state memory against torch.optim.AdamW on the same model (both measured from rea
 import argparse
 import contextlib
 import math
-import sysconfig
 import time
-from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import flora
+import flora.data
+from flora.gpt import GPT, GPTConfig
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--optimizer", choices=["flora", "flora-adamw"], default="flora")
@@ -41,68 +39,18 @@ parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 torch.manual_seed(args.seed)
 
-# -------------------------------------------------------------------------- data
-stdlib = Path(sysconfig.get_paths()["stdlib"])
-files = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts)
-chunks, size = [], 0
-for path in files:
-    text = path.read_bytes()
-    chunks.append(text)
-    size += len(text)
-    if size >= args.corpus_mb * 2**20:
-        break
-data = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).long()
-split = int(0.9 * len(data))
-train_data, val_data = data[:split], data[split:]
-print(f"corpus: {len(files)} stdlib files scanned, {len(data) / 2**20:.1f} MiB of bytes")
+# -------------------------------------------------------------------------- data, model
+corpus = flora.data.load_corpus(max_bytes=int(args.corpus_mb * 2**20))  # stdlib source
+train_data, val_data = corpus.train, corpus.val
+print(f"corpus: {corpus.description}")
 
 
 def get_batch(source, generator):
-    ix = torch.randint(len(source) - args.block_size - 1, (args.batch_size,), generator=generator)
-    x = torch.stack([source[i : i + args.block_size] for i in ix])
-    y = torch.stack([source[i + 1 : i + 1 + args.block_size] for i in ix])
-    return x, y
+    return flora.data.get_batch(source, args.batch_size, args.block_size, generator)
 
 
-# -------------------------------------------------------------------------- model
-class Block(nn.Module):
-    def __init__(self, d, heads):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = nn.Linear(d, 3 * d)  # (3d, d)
-        self.proj = nn.Linear(d, d)
-        self.fc = nn.Linear(d, 4 * d)
-        self.out = nn.Linear(4 * d, d)
-        self.heads = heads
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.attn(self.ln1(x)).split(d, dim=2)
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class GPT(nn.Module):
-    def __init__(self):
-        super().__init__()
-        d = args.n_embd
-        self.tok = nn.Embedding(256, d)
-        self.pos = nn.Embedding(args.block_size, d)
-        self.blocks = nn.ModuleList(Block(d, args.n_head) for _ in range(args.n_layer))
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, 256, bias=False)
-
-    def forward(self, idx, targets):
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
-        for block in self.blocks:
-            x = block(x)
-        logits = self.head(self.ln(x))
-        return F.cross_entropy(logits.view(-1, 256), targets.view(-1))
-
-
-model = GPT()
+config = GPTConfig(args.n_layer, args.n_head, args.n_embd, args.block_size, vocab_size=256)
+model = GPT(config)
 n_params = sum(p.numel() for p in model.parameters())
 print(f"model: {args.n_layer} layers, d={args.n_embd}, {n_params / 1e6:.2f}M parameters")
 

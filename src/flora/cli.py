@@ -1,0 +1,132 @@
+"""The ``flora`` command line.
+
+    flora train [FILES ...] [options]   train a small GPT with Flora (the main job)
+    flora plan [options]                memory of optimizer state and accumulation buffers
+
+Bad input gives one ``flora: error: ...`` line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from flora.gpt import SIZES
+from flora.training import OPTIMIZERS, TrainConfig, TrainError, train
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise TrainError(f"{self.prog.split()[-1]}: {message}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="flora", description="Flora: optimizer states with sublinear memory.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    t = sub.add_parser(
+        "train",
+        help="train a small GPT on text with Flora",
+        description="Train a byte-level GPT on text files (default: the Python stdlib "
+        "source), with a progress bar, held-out loss, checkpoints, a memory breakdown and "
+        "a loss plot.",
+    )
+    d = TrainConfig()
+    t.add_argument("files", nargs="*", help="text files or folders (default: stdlib source)")
+    t.add_argument("--size", default=d.size, choices=list(SIZES), help="model preset")
+    for name in ("n-layer", "n-head", "n-embd", "block-size"):
+        t.add_argument(f"--{name}", type=_positive_int, default=None, help="override the preset")
+    t.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
+    t.add_argument("--lr", type=float, default=None, help="default depends on the optimizer")
+    t.add_argument("--rank", type=_positive_int, default=d.rank)
+    t.add_argument("--kappa", type=_positive_int, default=d.kappa)
+    t.add_argument("--accumulate", type=_positive_int, default=d.accumulate,
+                   help="micro-batches per step (compressed accumulation when > 1)")  # fmt: skip
+    t.add_argument("--accumulate-rank", type=_positive_int, default=None, help="default: --rank")
+    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    t.add_argument("--steps", type=_positive_int, default=d.steps)
+    t.add_argument("--eval-every", type=int, default=None, help="default: 5 per run; 0: at the end")
+    t.add_argument("--eval-batches", type=_positive_int, default=d.eval_batches)
+    t.add_argument("--corpus-mb", type=float, default=d.corpus_mb)
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--device", default=d.device)
+    t.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"])
+    t.add_argument("--out", default=d.out, help="folder for checkpoint.pt and loss.png")
+    t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    t.add_argument("--save-every", type=int, default=d.save_every)
+    t.add_argument("--stop-at", type=_positive_int, default=None,
+                   help="stop after this step with a checkpoint (split a run)")  # fmt: skip
+    t.add_argument("--no-plot", action="store_true")
+    t.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = TrainConfig(
+        files=list(args.files),
+        size=args.size,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+        block_size=args.block_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        rank=args.rank,
+        kappa=args.kappa,
+        accumulate=args.accumulate,
+        accumulate_rank=args.accumulate_rank,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        corpus_mb=args.corpus_mb,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        out=args.out,
+        resume=args.resume,
+        save_every=args.save_every,
+        stop_at=args.stop_at,
+        plot=not args.no_plot,
+        progress=not args.no_progress,
+    )
+    result = train(cfg, echo=lambda line: print(line, flush=True))
+    return 130 if result.interrupted else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command == "train":
+            return _train(args)
+        raise AssertionError(args.command)
+    except TrainError as err:
+        print(f"flora: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

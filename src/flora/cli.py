@@ -73,7 +73,57 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="stop after this step with a checkpoint (split a run)")  # fmt: skip
     t.add_argument("--no-plot", action="store_true")
     t.add_argument("--no-progress", action="store_true")
+
+    pl = sub.add_parser(
+        "plan",
+        help="optimizer-state and accumulation memory for a model, without its weights",
+        description="Per-parameter compression plan and memory of optimizer state and "
+        "accumulation buffers for Flora, FloraAdamW, AdamW, Adafactor, 8-bit AdamW and GaLore "
+        "at the same rank. The model is built on the meta device (no weights, no memory).",
+    )
+    pl.add_argument("--model", default="gpt2", help="GPT size, llama-7b, t5-3b, config.json")
+    pl.add_argument("--rank", type=_positive_int, default=32)
+    pl.add_argument("--kappa", type=_positive_int, default=1000)
+    pl.add_argument("--accumulate", type=_positive_int, default=1)
+    pl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    pl.add_argument("--exclude", action="append", default=None, help="regex of names to keep")
+    pl.add_argument("--details", action="store_true", help="print the per-parameter plan")
     return parser
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import re
+    import warnings
+
+    import torch
+
+    from flora.planner import PlanError, build_meta_model, plan_memory
+
+    for pattern in args.exclude or []:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise TrainError(f"--exclude {pattern!r} is not a valid regex: {err}") from err
+    try:
+        model, description = build_meta_model(args.model)
+    except PlanError as err:
+        raise TrainError(str(err)) from err
+    model = model.to(getattr(torch, args.dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the plan itself shows what is not compressed
+        result = plan_memory(
+            model,
+            rank=args.rank,
+            kappa=args.kappa,
+            accumulate=args.accumulate,
+            description=f"{description}, {args.dtype}",
+            exclude=args.exclude,
+        )
+    if args.details:
+        print(result.flora_plan)
+        print()
+    print(result)
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -119,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args.command == "train":
             return _train(args)
+        if args.command == "plan":
+            return _plan(args)
         raise AssertionError(args.command)
     except TrainError as err:
         print(f"flora: error: {err}", file=sys.stderr)

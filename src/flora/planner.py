@@ -1,0 +1,247 @@
+"""``flora plan``: optimizer-state and accumulation memory for a model, without its weights.
+
+The model is built on the ``meta`` device (shapes only, no memory): one of the project's GPT
+sizes (:data:`flora.gpt.SIZES`), a named ``transformers`` architecture preset
+(:data:`HF_PRESETS`, e.g. ``llama-7b``), or a ``config.json`` / model folder (read with
+``transformers.AutoConfig``; no download, no weights).
+
+How each number is obtained:
+
+* **Flora, FloraAdamW**: the real optimizer is built on the meta parameters and its
+  :meth:`~flora.optim.base.FloraOptimizerBase.plan` is read (tests check that it equals the
+  bytes the optimizer holds after a step).
+* **AdamW** (``torch.optim.AdamW``): ``exp_avg`` and ``exp_avg_sq`` in the parameter's dtype
+  plus a float32 ``step`` tensor per parameter (the layout torch uses; tested).
+* **Adafactor** (``torch.optim.Adafactor``, no momentum): row and column factors over the last
+  two dims for tensors with >= 2 dims, a full variance otherwise, plus the ``step`` tensor
+  (tested against the real optimizer).
+* **8-bit AdamW** (bitsandbytes, formula): two uint8 states plus two float32 absmax per block
+  of 256 for tensors of >= 4096 elements, two float32 states below that; the two shared
+  256-entry quantization maps are not counted.
+* **GaLore AdamW** (galore-torch, formula) at the same rank, on the matrices Flora compresses:
+  Adam states of the projected gradient, ``2 r max(m, n)``, plus the stored projection
+  ``r min(m, n)``; other parameters plain AdamW. (GaLore's scripts usually leave embeddings and
+  heads uncompressed, which costs more.)
+* **Accumulation**: plain accumulation keeps a full ``.grad``; Flora's
+  :class:`~flora.GradientAccumulator` keeps its exact :meth:`~flora.GradientAccumulator.plan`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import flora
+from flora.gpt import GPT, SIZES
+from flora.plan import Plan, format_bytes
+
+__all__ = ["HF_PRESETS", "MemoryPlan", "PlanError", "build_meta_model", "plan_memory"]
+
+#: transformers architectures by name (config fields as in their published config.json)
+HF_PRESETS: dict[str, dict[str, Any]] = {
+    "llama-7b": {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "tie_word_embeddings": False,
+    },
+    "llama-13b": {
+        "model_type": "llama",
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 40,
+        "vocab_size": 32000,
+        "tie_word_embeddings": False,
+    },
+    "t5-3b": {
+        "model_type": "t5",
+        "d_model": 1024,
+        "d_ff": 16384,
+        "d_kv": 128,
+        "num_heads": 32,
+        "num_layers": 24,
+        "num_decoder_layers": 24,
+        "vocab_size": 32128,
+    },
+}
+
+
+class PlanError(ValueError):
+    """The model cannot be planned (unknown name, unreadable config, missing transformers)."""
+
+
+def _transformers_model(config_dict: dict[str, Any], source: str) -> nn.Module:
+    try:
+        import transformers
+    except ImportError as err:
+        raise PlanError(f"{source} needs transformers: pip install transformers") from err
+    config_dict = dict(config_dict)
+    model_type = config_dict.pop("model_type", None)
+    if model_type is None:
+        raise PlanError(f"{source}: config has no model_type")
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **config_dict)
+    except (ValueError, KeyError) as err:
+        raise PlanError(f"{source}: {err}") from err
+    archs = getattr(config, "architectures", None) or []
+    auto = transformers.AutoModelForCausalLM
+    if config.is_encoder_decoder or any("ConditionalGeneration" in a for a in archs):
+        auto = transformers.AutoModelForSeq2SeqLM
+    with torch.device("meta"):
+        try:
+            return auto.from_config(config)
+        except ValueError:
+            return transformers.AutoModel.from_config(config)
+
+
+def build_meta_model(spec: str) -> tuple[nn.Module, str]:
+    """The model named by ``spec`` on the meta device, and a description of it."""
+    if spec in SIZES:
+        with torch.device("meta"):
+            return GPT(SIZES[spec]), f"flora GPT {spec!r} {SIZES[spec]}"
+    if spec in HF_PRESETS:
+        model = _transformers_model(HF_PRESETS[spec], spec)
+        return model, f"{spec} ({type(model).__name__} from transformers)"
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            config_dict = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise PlanError(f"cannot read {path}: {err}") from err
+        if not isinstance(config_dict, dict):
+            raise PlanError(f"{path} is not a JSON object")
+        model = _transformers_model(config_dict, str(path))
+        return model, f"{path} ({type(model).__name__} from transformers)"
+    choices = ", ".join([*SIZES, *HF_PRESETS])
+    raise PlanError(
+        f"unknown model {spec!r}: give one of {choices}, a config.json or a model folder "
+        "(hub names need a download; save the config locally first)"
+    )
+
+
+def _unique_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def adamw_bytes(params: list[nn.Parameter]) -> int:
+    return sum(2 * p.numel() * p.element_size() + 4 for p in params)
+
+
+def adafactor_bytes(params: list[nn.Parameter]) -> int:
+    total = 0
+    for p in params:
+        if p.dim() >= 2:
+            numel = math.prod(p.shape[:-1]) + math.prod(p.shape[:-2]) * p.shape[-1]
+        else:
+            numel = p.numel()
+        total += numel * p.element_size() + 4
+    return total
+
+
+def adamw_8bit_bytes(params: list[nn.Parameter]) -> int:
+    total = 0
+    for p in params:
+        n = p.numel()
+        if n < 4096:
+            total += 2 * n * 4
+        else:
+            total += 2 * n + 2 * 4 * math.ceil(n / 256)
+    return total
+
+
+def galore_bytes(named: list[tuple[str, nn.Parameter]], flora_plan: Plan, rank: int) -> int:
+    compressed = {r.name for r in flora_plan.rows if r.compressed}
+    total = 0
+    for name, p in named:
+        if name in compressed:
+            m, n = p.shape[0], math.prod(p.shape[1:])
+            total += (2 * rank * max(m, n) + rank * min(m, n)) * p.element_size()
+        else:
+            total += 2 * p.numel() * p.element_size()
+    return total
+
+
+@dataclass
+class MemoryPlan:
+    description: str
+    parameters: int
+    parameter_bytes: int
+    rank: int
+    accumulate: int
+    optimizers: list[tuple[str, int, str]] = field(default_factory=list)  # name, bytes, how
+    accumulation: list[tuple[str, int]] = field(default_factory=list)
+    flora_plan: Plan | None = None
+
+    def __str__(self) -> str:
+        adamw = next(b for name, b, _ in self.optimizers if name.startswith("AdamW"))
+        out = [
+            f"model: {self.description}",
+            f"parameters: {self.parameters:,} ({format_bytes(self.parameter_bytes)}); "
+            f"gradients {format_bytes(self.parameter_bytes)}",
+            "",
+            f"{'optimizer state':34s} {'bytes':>12s}  {'vs AdamW':>8s}  how",
+        ]
+        for name, size, how in self.optimizers:
+            out.append(f"{name:34s} {format_bytes(size):>12s}  {size / adamw:8.3f}  {how}")
+        if self.accumulation:
+            out += ["", f"{f'accumulation ({self.accumulate} micro-batches)':34s} {'bytes':>12s}"]
+            for name, size in self.accumulation:
+                out.append(f"{name:34s} {format_bytes(size):>12s}")
+        return "\n".join(out)
+
+
+def plan_memory(
+    model: nn.Module,
+    *,
+    rank: int,
+    kappa: int = 1000,
+    accumulate: int = 1,
+    description: str = "",
+    exclude: list[str] | None = None,
+) -> MemoryPlan:
+    """Optimizer-state bytes (and accumulation bytes when ``accumulate > 1``) for ``model``."""
+    named = _unique_named(model)
+    params = [p for _, p in named]
+    with_names = {"rank": rank, "kappa": kappa, "exclude": exclude}
+    fl = flora.Flora(named, **with_names)
+    fa = flora.FloraAdamW(named, **with_names)
+    flora_plan, adamw_flora_plan = fl.plan(), fa.plan()
+    result = MemoryPlan(
+        description=description or type(model).__name__,
+        parameters=sum(p.numel() for p in params),
+        parameter_bytes=sum(p.numel() * p.element_size() for p in params),
+        rank=rank,
+        accumulate=accumulate,
+        flora_plan=flora_plan,
+    )
+    result.optimizers = [
+        ("AdamW (torch)", adamw_bytes(params), "exact layout"),
+        ("Adafactor (torch, no momentum)", adafactor_bytes(params), "exact layout"),
+        ("8-bit AdamW (bitsandbytes)", adamw_8bit_bytes(params), "formula"),
+        (f"GaLore AdamW r{rank}", galore_bytes(named, flora_plan, rank), "formula"),
+        (f"Flora r{rank} (Adafactor + momentum)", flora_plan.state_bytes, "flora plan()"),
+        (f"FloraAdamW r{rank}", adamw_flora_plan.state_bytes, "flora plan()"),
+    ]
+    if accumulate > 1:
+        acc = flora.GradientAccumulator(named, accumulate, rank=rank, exclude=exclude)
+        acc_plan = acc.plan()
+        acc.remove()
+        result.accumulation = [
+            ("naive (full .grad)", acc_plan.uncompressed_bytes),
+            (f"Flora GradientAccumulator r{rank}", acc_plan.state_bytes),
+        ]
+    return result

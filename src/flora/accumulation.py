@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -154,6 +154,12 @@ class GradientAccumulator:
         step_in_backward: step each parameter in its hook on the last micro-batch.
         max_param_grad_norm: step-in-backward only: clip each parameter's gradient to this
             norm (per parameter; global clipping is impossible in this mode).
+        is_last_micro_batch: for training loops you do not write (Hugging Face ``Trainer``,
+            ``accelerate``): instead of ``micro_batch()``, each backward pass is a micro-batch,
+            and this callable, asked when the backward pass reaches the first parameter,
+            says whether it ends the cycle (e.g. accelerate's ``sync_gradients``). The cycle
+            is finished when that backward pass ends, so ``p.grad`` is ready for clipping.
+            See :mod:`flora.integrations`.
 
     Use (wrap forward *and* backward, as with ``DistributedDataParallel.no_sync``)::
 
@@ -183,6 +189,7 @@ class GradientAccumulator:
         optimizer: Optimizer | None = None,
         step_in_backward: bool = False,
         max_param_grad_norm: float | None = None,
+        is_last_micro_batch: Callable[[], bool] | None = None,
     ) -> None:
         for name, value, low in (("steps", steps, 1), ("rank", rank, 1), ("seed", seed, 0)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -225,6 +232,8 @@ class GradientAccumulator:
                 )
             if not max_param_grad_norm > 0:
                 raise ValueError(f"max_param_grad_norm must be > 0, got {max_param_grad_norm}")
+        if is_last_micro_batch is not None and not callable(is_last_micro_batch):
+            raise TypeError("is_last_micro_batch must be a callable returning a bool")
         patterns = compile_patterns(
             exclude if exclude is None or isinstance(exclude, str) else tuple(exclude)
         )
@@ -235,6 +244,11 @@ class GradientAccumulator:
             raise ValueError("exclude patterns need parameter names: pass a module or names")
         self._ddp = ddp
         self._group = ddp.process_group if ddp is not None else None
+        if ddp is not None and is_last_micro_batch is not None:
+            raise ValueError(
+                "is_last_micro_batch is not supported under DistributedDataParallel: use "
+                "micro_batch(), which also runs the micro-batches in no_sync()"
+            )
         if ddp is not None and step_in_backward:
             raise ValueError(
                 "step_in_backward=True is not supported under DistributedDataParallel: "
@@ -246,6 +260,7 @@ class GradientAccumulator:
         self.cache_projection = cache_projection
         self.optimizer, self.step_in_backward = optimizer, step_in_backward
         self.max_param_grad_norm = max_param_grad_norm
+        self.is_last_micro_batch = is_last_micro_batch
 
         self._slots: list[_Slot] = []
         seen_ids: set[int] = set()
@@ -274,7 +289,7 @@ class GradientAccumulator:
         self._handles = [
             s.param.register_post_accumulate_grad_hook(self._hook)
             for s in self._slots
-            if s.compressed or step_in_backward
+            if s.compressed or step_in_backward or is_last_micro_batch is not None
         ]
 
     # ------------------------------------------------------------------ set-up helpers
@@ -375,20 +390,36 @@ class GradientAccumulator:
             raise TypeError(f"last must be a bool, got {type(last).__name__}")
         if self._active:
             raise RuntimeError("micro_batch() contexts cannot be nested")
+        self._begin(last)
+        try:
+            with self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext():
+                yield
+        except BaseException:
+            self._active = False
+            raise
+        self._end()
+
+    def _begin(self, last: bool) -> None:
         if self.position == 0:
             self._allocate()
             self._norm_sq = None
         self.sync_gradients = False
         self._active = True
         self._last = last or self.position + 1 == self.steps
-        try:
-            with self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext():
-                yield
-        finally:
-            self._active = False
+
+    @torch.no_grad()
+    def _end(self) -> None:
+        self._active = False
         self.position += 1
         if self._last:
             self._finish()
+
+    def _begin_from_hook(self) -> None:
+        """``is_last_micro_batch`` mode: the first hook of a backward pass opens the
+        micro-batch, and a callback queued on the autograd engine closes it when that
+        backward pass ends."""
+        self._begin(bool(self.is_last_micro_batch()))  # type: ignore[misc]
+        torch.autograd.Variable._execution_engine.queue_callback(self._end)
 
     def finish_cycle(self) -> None:
         """End the current cycle now (after at least one micro-batch), e.g. when the data
@@ -402,6 +433,8 @@ class GradientAccumulator:
     @torch.no_grad()
     def _hook(self, param: Tensor) -> None:
         s = self._by_param[id(param)]
+        if not self._active and self.is_last_micro_batch is not None:
+            self._begin_from_hook()
         if not self._active:
             raise RuntimeError(
                 f"GradientAccumulator: backward() reached {s.name!r} outside "

@@ -25,3 +25,42 @@ def test_train_gpt_stdlib_runs(extra):
     assert 0 < ratio < 1
     if "--accumulate" in extra:
         assert "GradientAccumulator plan" in out and "total accumulation" in out
+
+
+def run_example(args, tmp_path):
+    out = subprocess.run(
+        args, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_accelerate_example_runs(tmp_path):
+    pytest.importorskip("accelerate")
+    script = ROOT / "examples" / "accelerate_accumulate.py"
+    out = run_example([sys.executable, str(script), "--steps", "6"], tmp_path)
+    assert "final: loss" in out and "cycles 6" in out
+
+
+def test_hf_trainer_example_runs(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    script = ROOT / "examples" / "hf_trainer.py"
+    args = [sys.executable, str(script), "--steps", "4", "--n-layer", "1", "--out", "run"]
+    out = run_example(args, tmp_path)
+    final = out.strip().splitlines()[-1]
+    assert final.startswith("final: step 4")
+    assert float(final.split("grad_norm ")[1].split(",")[0]) > 0
+    assert (tmp_path / "run" / "checkpoint-4").is_dir()
+
+
+def test_ddp_example_runs_with_torchrun(tmp_path):
+    script = ROOT / "examples" / "ddp_accumulate.py"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    args += [str(script), "--steps", "5"]
+    out = run_example(args, tmp_path)
+    line = next(x for x in out.splitlines() if "all-reduced" in x)
+    sent = int(line.split("all-reduced ")[1].split(" bytes")[0].replace(",", ""))
+    full = int(line.split("full gradients: ")[1].rstrip(")").replace(",", ""))
+    assert 0 < sent < full / 5
+    assert "final: loss" in out

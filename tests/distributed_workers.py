@@ -87,6 +87,65 @@ def ddp_accumulation(rank: int, world: int, tmpdir: str, steps: int, cycles: int
                 },
                 Path(tmpdir) / "result.pt",
             )
+        dist.barrier()
     finally:
         dist.all_reduce = real_all_reduce
+        dist.destroy_process_group()
+
+
+def ddp_comm_hook(rank: int, world: int, tmpdir: str, mode: str, steps: int) -> None:
+    """DDP training with flora_comm_hook (mode: plain, off, full_rank, compressed); saves the
+    parameters, the bytes each step all-reduced and, per step, the largest difference between
+    the hooked gradient and up(down(mean gradient)) computed independently."""
+    from flora.distributed import FloraCommState, flora_comm_hook
+
+    _init(rank, world, tmpdir)
+    try:
+        model = make_model()
+        twin = make_model()  # a copy without DDP for the independent expectation
+        ddp = DistributedDataParallel(model)
+        state = None
+        if mode != "plain":
+            kwargs = {"off": {"compress": False}, "full_rank": {"rank": 64}}.get(mode, {"rank": 4})
+            state = FloraCommState(ddp, seed=2, **kwargs)
+            ddp.register_comm_hook(state, flora_comm_hook)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+        batches = make_batches(steps * world)
+        sent, errors = [], []
+        for step in range(steps):
+            twin.load_state_dict(model.state_dict())
+            batch = batches[step * world + rank]
+            loss_of(ddp, batch).backward()
+            if state is not None:
+                sent.append(state.last_communicated_bytes)
+                twin.zero_grad()
+                loss_of(twin, batch).backward()
+                worst = 0.0
+                for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+                    mean = q.grad.clone()
+                    dist.all_reduce(mean)
+                    mean /= world
+                    proj = state.projection(p, step)
+                    if proj is not None:
+                        d = state.decisions[id(p)]
+                        m2 = mean.reshape(d.matrix_shape)
+                        c = proj @ m2 if d.side == "left" else m2 @ proj.T
+                        mean = (proj.T @ c if d.side == "left" else c @ proj).reshape(p.shape)
+                    worst = max(worst, float((p.grad - mean).abs().max()))
+                errors.append(worst)
+            opt.step()
+            opt.zero_grad()
+        if rank == 0:
+            torch.save(
+                {
+                    "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                    "sent": sent,
+                    "errors": errors,
+                    "compressed_bytes": state.compressed_bytes() if state else 0,
+                    "full_bytes": sum(4 * p.numel() for p in model.parameters()),
+                },
+                Path(tmpdir) / f"{mode}.pt",
+            )
+        dist.barrier()  # no rank tears down while another still communicates
+    finally:
         dist.destroy_process_group()

@@ -34,6 +34,8 @@ OBJECTS = [
     "flora.integrations.hf.FloraAccumulationCallback",
     "flora.integrations.hf.accelerate_sync",
     "flora.planner.plan_memory",
+    "flora.distributed.FloraCommState",
+    "flora.distributed.flora_comm_hook",
     "flora.planner.build_meta_model",
     "flora.gpt.GPT",
     "flora.gpt.GPTConfig",

@@ -149,3 +149,56 @@ def ddp_comm_hook(rank: int, world: int, tmpdir: str, mode: str, steps: int) -> 
         dist.barrier()  # no rank tears down while another still communicates
     finally:
         dist.destroy_process_group()
+
+
+def _flora_setup():
+    from flora import Flora
+
+    model = make_model()
+    opt = Flora(model.named_parameters(), lr=1e-2, rank=4, kappa=2)
+    return model, opt
+
+
+def _train_steps(model, opt, batches):
+    for b in batches:
+        loss_of(model, b).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def dcp_roundtrip(rank: int, world: int, tmpdir: str, direction: str) -> None:
+    """``save``: 3 DDP steps at this world size, then DCP-save model and optimizer (and a
+    torch.save reference on rank 0). ``load``: DCP-load what a single process saved, then
+    write the loaded optimizer state for comparison."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_state_dict,
+        set_state_dict,
+    )
+
+    _init(rank, world, tmpdir)
+    try:
+        model, opt = _flora_setup()
+        ddp = DistributedDataParallel(model)
+        if direction == "save":
+            _train_steps(ddp, opt, make_batches(3))  # same batches on every rank
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{tmpdir}/dcp_world{world}")
+            if rank == 0:
+                torch.save(opt.state_dict(), f"{tmpdir}/reference.pt")
+        else:
+            msd, osd = get_state_dict(model, opt)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=f"{tmpdir}/dcp_world1")
+            set_state_dict(
+                model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            )
+            _train_steps(ddp, opt, make_batches(5)[3:])
+            if rank == 0:
+                torch.save(
+                    {n: p.detach().clone() for n, p in model.named_parameters()},
+                    f"{tmpdir}/continued_world{world}.pt",
+                )
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -110,7 +110,7 @@ def flora_adafactor_update_(
     else:  # Û_t = update / denom, folded into the products; ``update`` becomes D_t
         proj_old, proj_new, side = projections
         direction = compressed_ema_(
-            update.view(param.shape[0], -1),
+            update.view(param.shape[0], math.prod(param.shape[1:])),
             exp_avg,
             beta=beta1,
             proj_old=proj_old,
@@ -229,6 +229,12 @@ class Flora(FloraOptimizerBase):
     def _update(
         self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
     ) -> None:
+        if self._sharded_now:
+            raise NotImplementedError(
+                f"Flora on an FSDP2-sharded parameter ({name}): Adafactor's parameter RMS, "
+                "column factor and update clipping need all-reduces that are not implemented "
+                "yet; use FloraAdamW, which runs shard-locally"
+            )
         if "step" not in state:
             state["step"] = 0
             if grad.dim() > 1:

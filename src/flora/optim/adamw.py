@@ -69,7 +69,7 @@ def flora_adamw_update_(
     else:
         proj_old, proj_new, side = projections
         exp_avg = compressed_ema_(
-            grad.reshape(param.shape[0], -1),
+            grad.reshape(param.shape[0], math.prod(param.shape[1:])),
             state["exp_avg"],
             beta=beta1,
             proj_old=proj_old,
@@ -192,6 +192,11 @@ class FloraAdamW(FloraOptimizerBase):
         self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
     ) -> None:
         beta1, beta2 = (float(b) for b in group["betas"])
+        if self._sharded_now and group["factor_second_moment"] and grad.dim() > 1:
+            raise NotImplementedError(
+                f"FloraAdamW(factor_second_moment=True) on a sharded parameter ({name}) needs "
+                "a column all-reduce, which is not implemented yet"
+            )
         if "step" not in state:
             state["step"] = 0
             if group["factor_second_moment"] and grad.dim() > 1:

@@ -26,6 +26,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+try:  # DTensor parameters (FSDP2); absent on torch builds without torch.distributed
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover
+    DTensor = Shard = None  # type: ignore[assignment,misc]
+
 from flora.plan import Plan, PlanRow
 from flora.policy import Decision, compile_patterns, decide
 from flora.projection import DISTRIBUTIONS, parameter_key, projection_matrix
@@ -92,6 +97,18 @@ def _all_finite(grads: list[Tensor]) -> list[bool]:
     return verdict
 
 
+def _is_sharded(p: Tensor) -> bool:
+    """A DTensor parameter (FSDP2); only row sharding, ``Shard(0)`` on a 1-D mesh, is handled."""
+    if DTensor is None or not isinstance(p, DTensor):
+        return False
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise NotImplementedError(
+            f"Flora supports DTensor parameters sharded as (Shard(0),) on a 1-D mesh "
+            f"(FSDP2's fully_shard default), got {tuple(p.placements)}"
+        )
+    return True
+
+
 class FloraOptimizerBase(Optimizer):
     """Shared machinery; see the module docstring. Not meant to be instantiated directly."""
 
@@ -103,6 +120,8 @@ class FloraOptimizerBase(Optimizer):
         # stable parameter key -> ((seed, key, window, rank, dim), projection)
         self._projection_cache: dict[int, tuple[tuple[int, ...], Tensor]] = {}
         self._option_names = tuple(defaults)
+        self._sharded_now = False  # True while _update runs on a shard of a DTensor
+        self._current_param: Tensor | None = None  # the parameter _update is working on
         super().__init__(params, defaults)
         self._report_policy()
 
@@ -161,6 +180,8 @@ class FloraOptimizerBase(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_projection_cache", {})
+        self.__dict__.setdefault("_sharded_now", False)
+        self.__dict__.setdefault("_current_param", None)
         for key in self.__dict__.get("_option_names", ()):  # options added in later versions
             for group in self.param_groups:
                 group.setdefault(key, self.defaults[key])
@@ -180,13 +201,24 @@ class FloraOptimizerBase(Optimizer):
         return parameter_key(int(name[len("param") :]))
 
     def _decide(self, group: dict[str, Any], name: str, p: Tensor) -> Decision:
+        """The policy on the *global* shape. A row-sharded (FSDP2) matrix is compressed on
+        the right, along its unsharded columns, so that every rank works on its own rows
+        without communication; ``side="left"`` is refused for it."""
+        side = group["side"]
+        if p.dim() >= 2 and _is_sharded(p):
+            if side == "left":
+                raise NotImplementedError(
+                    f"side='left' on the row-sharded parameter {name} needs an all-reduce per "
+                    "step; use side='auto' or 'right'"
+                )
+            side = "right"
         return decide(
             name,
             p.shape,
             rank=group["rank"],
             compress=group["compress"],
             exclude=group["exclude"],
-            side=group["side"],
+            side=side,
         )
 
     def decision(self, param: Tensor) -> Decision:
@@ -231,7 +263,7 @@ class FloraOptimizerBase(Optimizer):
     ) -> Tensor:
         momentum = state["exp_avg"]
         side = _SIDE_NAMES[state["side"]]
-        m, n = p.shape[0], p.numel() // p.shape[0]
+        m, n = p.shape[0], math.prod(p.shape[1:])  # p may be a (possibly empty) row shard
         rank, dim = (momentum.shape[0], m) if side == "left" else (momentum.shape[1], n)
         cache_key = (group["seed"], state["key"], window, rank, dim)
         if group["cache_projection"]:
@@ -305,15 +337,19 @@ class FloraOptimizerBase(Optimizer):
     def _init_momentum(
         self, p: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
     ) -> None:
-        """Create ``exp_avg``: compressed per the policy, else full size."""
-        d = self._decide(group, name, p)
+        """Create ``exp_avg``: compressed per the policy, else full size. ``p`` is the tensor
+        being updated (a shard under FSDP2); the decision uses the parameter's global shape."""
+        d = self._decide(group, name, self._current_param if self._current_param is not None else p)
         dtype = state_dtype(p)
         if d.compressed:
             state["key"] = self._key_of(group, name)
             state["side"] = _SIDE_CODES[d.side]  # type: ignore[index]
             state["window"] = 0
             state["window_start"] = 0
-            state["exp_avg"] = torch.zeros(d.state_shape, dtype=dtype, device=p.device)  # type: ignore[arg-type]
+            # p is the local tensor: under FSDP2 a row shard, so a right-side state is (m_local, r)
+            n = math.prod(p.shape[1:])
+            shape = (d.rank, n) if d.side == "left" else (p.shape[0], d.rank)
+            state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)  # type: ignore[arg-type]
         else:
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
@@ -425,8 +461,18 @@ class FloraOptimizerBase(Optimizer):
                 )
         if not named:
             return loss
-        finite = _all_finite([p.grad for _, _, p in named])
-        for (group, name, p), ok in zip(named, finite, strict=True):
+        # FSDP2: work on each rank's shard; decisions use the global shape (see _decide)
+        sharded = [_is_sharded(p) for _, _, p in named]
+        locals_ = [
+            (p._local_tensor, p.grad._local_tensor) if is_sharded else (p, p.grad)
+            for (_, _, p), is_sharded in zip(named, sharded, strict=True)
+        ]
+        finite = _all_finite([g for _, g in locals_])
+        if any(sharded):  # every rank must take the same skip decision
+            finite = self._agree(named, sharded, finite)
+        for (group, name, p), ok, is_sharded, (local, local_grad) in zip(
+            named, finite, sharded, locals_, strict=True
+        ):
             state = self.state[p]
             if not ok:
                 if group["nonfinite"] == "raise":
@@ -442,10 +488,34 @@ class FloraOptimizerBase(Optimizer):
                     stacklevel=2,
                 )
                 continue
-            grad = p.grad if not group["maximize"] else -p.grad
+            grad = local_grad if not group["maximize"] else -local_grad
             dtype = state_dtype(p)  # fp32 math for fp16/bf16 parameters, rounded once
-            work = p if p.dtype == dtype else p.to(dtype)
-            self._update(work, grad if grad.dtype == dtype else grad.to(dtype), group, name, state)
-            if work is not p:
-                p.copy_(work)
+            work = local if local.dtype == dtype else local.to(dtype)
+            self._current_param, self._sharded_now = p, is_sharded
+            try:
+                self._update(
+                    work, grad if grad.dtype == dtype else grad.to(dtype), group, name, state
+                )
+            finally:
+                self._current_param, self._sharded_now = None, False
+            if work is not local:
+                local.copy_(work)
         return loss
+
+    @staticmethod
+    def _agree(
+        named: list[tuple[dict[str, Any], str, Tensor]], sharded: list[bool], finite: list[bool]
+    ) -> list[bool]:
+        """AND the finiteness verdicts of sharded parameters over their process groups."""
+        out = list(finite)
+        by_group: dict[Any, list[int]] = {}
+        for i, ((_, _, p), is_sharded) in enumerate(zip(named, sharded, strict=True)):
+            if is_sharded:
+                by_group.setdefault(p.device_mesh.get_group(), []).append(i)
+        for pg, indices in by_group.items():
+            device = named[indices[0]][2]._local_tensor.device
+            flags = torch.tensor([float(out[i]) for i in indices], device=device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN, group=pg)
+            for i, flag in zip(indices, flags.tolist(), strict=True):
+                out[i] = bool(flag)
+        return out

@@ -55,19 +55,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flora.optim.base import state_dtype
 from flora.plan import Plan, PlanRow
-from flora.policy import Decision, compile_patterns, decide
-from flora.projection import DISTRIBUTIONS, parameter_key, projection_matrix
+from flora.policy import Decision, check_options, compile_patterns, decide
+from flora.projection import parameter_key, projection_matrix, up
 
 __all__ = ["AccumulationMemory", "GradientAccumulator"]
 
 STREAM = "accumulation"
 REDUCTIONS = ("sum", "mean")
 _STATE_VERSION = 1
-
-
-def _buffer_dtype(param: Tensor) -> torch.dtype:
-    return torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
 
 
 @dataclass(frozen=True)
@@ -94,7 +91,7 @@ class _Slot:
 
     def __init__(self, name: str, param: Tensor, decision: Decision, key: int) -> None:
         self.name, self.param, self.decision, self.key = name, param, decision, key
-        self.dtype = _buffer_dtype(param)
+        self.dtype = state_dtype(param)  # float32 buffers for fp16/bf16 parameters
         self.buffer: Tensor | None = None  # compressed C, or full-size sum (step-in-backward)
         self.proj: tuple[int, Tensor] | None = None  # (cycle, A) when caching
         self.seen = False  # received a gradient this cycle
@@ -191,22 +188,21 @@ class GradientAccumulator:
         max_param_grad_norm: float | None = None,
         is_last_micro_batch: Callable[[], bool] | None = None,
     ) -> None:
-        for name, value, low in (("steps", steps, 1), ("rank", rank, 1), ("seed", seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
-        for name, flag in (
-            ("compress", compress),
-            ("cache_projection", cache_projection),
-            ("step_in_backward", step_in_backward),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-        if side not in ("auto", "left", "right"):
-            raise ValueError(f"side must be one of ('auto', 'left', 'right'), got {side!r}")
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        check_options(
+            rank=rank,
+            seed=seed,
+            side=side,
+            distribution=distribution,
+            flags={
+                "compress": compress,
+                "cache_projection": cache_projection,
+                "step_in_backward": step_in_backward,
+            },
+        )
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if optimizer is not None and not isinstance(optimizer, Optimizer):
@@ -479,7 +475,7 @@ class GradientAccumulator:
         assert s.buffer is not None
         if s.compressed:
             proj = self._projection_now(s)
-            g = proj.T @ s.buffer if s.decision.side == "left" else s.buffer @ proj
+            g = up(s.buffer, proj, s.decision.side)  # type: ignore[arg-type]
         else:
             g = s.buffer
         if self.reduction == "mean":

@@ -35,8 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from flora.policy import compile_patterns, decide
-from flora.projection import DISTRIBUTIONS, parameter_key, projection_matrix
+from flora.optim.base import state_dtype
+from flora.policy import check_options, compile_patterns, decide
+from flora.projection import down, parameter_key, projection_matrix, up
 
 __all__ = ["FloraCommState", "flora_comm_hook"]
 
@@ -68,17 +69,9 @@ class FloraCommState:
             raise TypeError(
                 f"ddp must be a DistributedDataParallel module, got {type(ddp).__name__}"
             )
-        for name, value, low in (("rank", rank, 1), ("seed", seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
-        if not isinstance(compress, bool):
-            raise TypeError(f"compress must be a bool, got {type(compress).__name__}")
-        if side not in ("auto", "left", "right"):
-            raise ValueError(f"side must be one of ('auto', 'left', 'right'), got {side!r}")
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        check_options(
+            rank=rank, seed=seed, side=side, distribution=distribution, flags={"compress": compress}
+        )
         patterns = compile_patterns(exclude)
         self.process_group = ddp.process_group
         self.rank, self.seed, self.distribution = rank, seed, distribution
@@ -108,7 +101,7 @@ class FloraCommState:
             stream=STREAM,
             distribution=self.distribution,  # type: ignore[arg-type]
             device=param.device,
-            dtype=torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype,
+            dtype=state_dtype(param),
         )
 
     def compressed_bytes(self) -> int:
@@ -144,7 +137,7 @@ def flora_comm_hook(state: FloraCommState, bucket: dist.GradBucket) -> torch.fut
             g2 = g.reshape(m, n)
             if g2.dtype != proj.dtype:
                 g2 = g2.to(proj.dtype)
-            c = proj @ g2 if d.side == "left" else g2 @ proj.T
+            c = down(g2, proj, d.side)  # type: ignore[arg-type]
             layout.append((g, proj, d.side, c.shape))
             pieces.append(c.reshape(-1))
         else:
@@ -170,7 +163,7 @@ def flora_comm_hook(state: FloraCommState, bucket: dist.GradBucket) -> torch.fut
             if proj is None:
                 g.copy_(part.view_as(g))
             else:
-                full = proj.T @ part if side == "left" else part @ proj
+                full = up(part, proj, side)
                 g.copy_(full.reshape(g.shape))
         return bucket.buffer()
 

@@ -25,7 +25,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Decision", "compile_patterns", "decide", "matrix_shape"]
+from flora.projection import DISTRIBUTIONS
+
+__all__ = ["SIDES", "Decision", "check_options", "compile_patterns", "decide", "matrix_shape"]
+
+SIDES = ("auto", "left", "right")
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,25 @@ def compile_patterns(exclude: str | Sequence[str] | None) -> tuple[str, ...]:
         except re.error as err:
             raise ValueError(f"exclude pattern {pattern!r} is not a valid regex: {err}") from err
     return patterns
+
+
+def check_options(
+    *, rank: int, seed: int, side: str, distribution: str, flags: dict[str, object]
+) -> None:
+    """Raise TypeError/ValueError naming the argument for bad compression options (shared by
+    the accumulator and the DDP hook; the optimizers validate per parameter group)."""
+    for name, value, low in (("rank", rank, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
 
 
 def decide(

@@ -123,11 +123,9 @@ def test_trainer_clips_the_decompressed_gradient(tmp_path):
 
 def test_trainer_checkpoint_resumes(tmp_path):
     whole, model_a, _ = make_trainer(tmp_path / "a", max_grad_norm=1.0, save_steps=3)
-    whole.train()
-    first, _, _ = make_trainer(tmp_path / "b", max_grad_norm=1.0, save_steps=3)
-    first.train()
-    resumed, model_b, _ = make_trainer(tmp_path / "c", max_grad_norm=1.0, save_steps=3)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    whole.train()  # also writes checkpoint-3 midway
+    resumed, model_b, _ = make_trainer(tmp_path / "b", max_grad_norm=1.0, save_steps=3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     assert resumed.state.global_step == 6
     for (name, a), b in zip(model_a.named_parameters(), model_b.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -228,47 +228,109 @@ def dcp_roundtrip(rank: int, world: int, tmpdir: str, direction: str) -> None:
     _done(rank, tmpdir)
 
 
-def fsdp2_flora_adamw(rank: int, world: int, tmpdir: str, steps: int) -> None:
-    """FSDP2 (fully_shard per layer and at the root) with FloraAdamW; rank r trains on
-    batch ``step * world + r``. Saves the full parameters, this rank's state bytes and whether
-    any state tensor is full-size."""
+FSDP_OPTIMIZERS = ("adamw", "adamw_factored", "flora")
+DATA_WORLD = 2  # the global batch of step t is batches[2t] + batches[2t + 1], at any world size
+
+
+def make_fsdp_optimizer(kind: str, named_params, **extra):
+    """The optimizers the FSDP2 tests compare with single-device training."""
+    from flora import Flora, FloraAdamW
+
+    common = dict(lr=1e-2, rank=4, kappa=2, weight_decay=0.1, **extra)
+    if kind == "flora":
+        return Flora(named_params, **common)
+    return FloraAdamW(named_params, factor_second_moment=kind == "adamw_factored", **common)
+
+
+def global_batch(batches, step: int, rank: int, world: int):
+    """This rank's part of step ``step``'s global batch (all of it at world size 1)."""
+    parts = batches[step * DATA_WORLD : (step + 1) * DATA_WORLD]
+    mine = parts[rank * DATA_WORLD // world : (rank + 1) * DATA_WORLD // world]
+    return torch.cat([b[0] for b in mine]), torch.cat([b[1] for b in mine])
+
+
+def _fsdp_model():
     from torch.distributed.fsdp import fully_shard
 
-    from flora import FloraAdamW
+    model = make_model(dtype=torch.float64)  # float64: equality is not masked by rounding
+    for layer in (model.emb, model.conv, model.fc, model.head):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _fsdp_train(model, opt, batches, steps: range, rank: int, world: int) -> None:
+    for step in steps:
+        loss_of(model, global_batch(batches, step, rank, world)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _full_state(opt) -> dict[str, dict[str, object]]:
+    """The optimizer state by parameter name, DTensors gathered to full tensors."""
+    out = {}
+    for _, name, p in opt._named_params():
+        out[name] = {
+            k: v.full_tensor().clone() if hasattr(v, "full_tensor") else v
+            for k, v in opt.state[p].items()
+        }
+    return out
+
+
+def fsdp2_train(rank: int, world: int, tmpdir: str, steps: int) -> None:
+    """FSDP2 (fully_shard per layer and at the root) with each of ``FSDP_OPTIMIZERS``.
+    Saves the full parameters, this rank's state bytes and local state shapes."""
+    _init(rank, world, tmpdir)
+    try:
+        batches = make_batches(steps * DATA_WORLD)
+        for kind in FSDP_OPTIMIZERS:
+            model = _fsdp_model()
+            opt = make_fsdp_optimizer(kind, model.named_parameters())
+            _fsdp_train(model, opt, batches, range(steps), rank, world)
+            full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+            local_shapes = {
+                n: {k: tuple(v._local_tensor.shape) for k, v in opt.state[p].items()
+                    if isinstance(v, torch.Tensor)}
+                for n, p in model.named_parameters()
+            }  # fmt: skip
+            torch.save(
+                {"params": full, "state_bytes": opt.state_bytes(), "shapes": local_shapes},
+                Path(tmpdir) / f"fsdp_{kind}_rank{rank}.pt",
+            )
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    _done(rank, tmpdir)
+
+
+def fsdp2_dcp(rank: int, world: int, tmpdir: str, phase: str, kind: str) -> None:
+    """``save``: 3 FSDP2 steps, DCP-save model and optimizer at this world size, then 3 more
+    steps. ``load``: DCP-load what the other world size saved, then the same 3 more steps.
+    Rank 0 writes the full optimizer state after loading/saving and the final parameters."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     _init(rank, world, tmpdir)
     try:
-        model = make_model(dtype=torch.float64)  # float64: equality is not masked by Adam
-        for layer in (model.emb, model.conv, model.fc, model.head):
-            fully_shard(layer)
-        fully_shard(model)
-        opt = FloraAdamW(model.named_parameters(), lr=1e-2, rank=4, kappa=2, weight_decay=0.1)
-        batches = make_batches(steps * world)
-        for step in range(steps):
-            loss_of(model, batches[step * world + rank]).backward()
-            opt.step()
-            opt.zero_grad()
+        batches = make_batches(6 * DATA_WORLD)
+        model = _fsdp_model()
+        opt = make_fsdp_optimizer(kind, model.named_parameters())
+        if phase == "save":
+            _fsdp_train(model, opt, batches, range(3), rank, world)
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{tmpdir}/dcp_{world}")
+        else:
+            msd, osd = get_state_dict(model, opt)
+            loaded = {"model": msd, "optim": osd}
+            dcp.load(loaded, checkpoint_id=f"{tmpdir}/dcp_{DATA_WORLD // world}")
+            set_state_dict(
+                model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"]
+            )
+        state = _full_state(opt)
+        _fsdp_train(model, opt, batches, range(3, 6), rank, world)
         full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-        local_shapes = {
-            n: [tuple(v.shape) for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
-            for n, p in model.named_parameters()
-        }
-        torch.save(
-            {"params": full, "state_bytes": opt.state_bytes(), "shapes": local_shapes},
-            Path(tmpdir) / f"fsdp_rank{rank}.pt",
-        )
-        try:
-            from flora import Flora
-
-            flora = Flora(model.named_parameters(), rank=4)
-            for p in model.parameters():
-                p.grad = torch.zeros_like(p)  # a DTensor gradient, no communication
-            flora.step()
-            flora_error = ""
-        except NotImplementedError as err:
-            flora_error = str(err)
         if rank == 0:
-            torch.save({"flora_error": flora_error}, Path(tmpdir) / "flora_error.pt")
+            torch.save({"state": state, "params": full}, f"{tmpdir}/{phase}_world{world}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -64,3 +64,20 @@ def test_ddp_example_runs_with_torchrun(tmp_path):
     full = int(line.split("full gradients: ")[1].rstrip(")").replace(",", ""))
     assert 0 < sent < full / 5
     assert "final: loss" in out
+
+
+def test_fsdp2_example_runs_and_resumes_at_another_world_size(tmp_path):
+    script = ROOT / "examples" / "fsdp2_gpt.py"
+
+    def torchrun(nproc, *extra):
+        args = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        return run_example([*args, "--nproc-per-node", str(nproc), str(script), *extra], tmp_path)
+
+    out = torchrun(2, "--steps", "5", "--save", "ckpt")
+    for line in (x for x in out.splitlines() if "optimizer state" in x):
+        local = int(line.split("state ")[1].split(" bytes")[0].replace(",", ""))
+        whole = int(line.split("one process: ")[1].rstrip(")").replace(",", ""))
+        assert local < 0.6 * whole  # sharded (plus the small replicated column factors)
+    assert "final: loss" in out
+    out = torchrun(1, "--steps", "2", "--resume", "ckpt", "--save", "ckpt1")
+    assert "resumed from ckpt at world size 1" in out and "final: loss" in out

@@ -1,46 +1,87 @@
-"""FloraAdamW on FSDP2 (fully_shard) DTensor parameters, 2 gloo processes on CPU."""
+"""Flora and FloraAdamW on FSDP2 (fully_shard) DTensor parameters, 2 gloo processes on CPU:
+equal to single-device training, state sharded, checkpoints resharded across world sizes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from accumulation_models import loss_of, make_batches, make_model
-from distributed_workers import fsdp2_flora_adamw, run_workers
-
-from flora import FloraAdamW
+from distributed_workers import (
+    DATA_WORLD,
+    FSDP_OPTIMIZERS,
+    fsdp2_dcp,
+    fsdp2_train,
+    global_batch,
+    make_fsdp_optimizer,
+    run_workers,
+)
 
 STEPS = 6  # kappa=2: three resampling windows
 
 
-def test_fsdp2_equals_single_device_and_shards_the_state(tmp_path):
-    world = 2
-    run_workers(fsdp2_flora_adamw, world, str(tmp_path), STEPS)
-    ranks = [torch.load(tmp_path / f"fsdp_rank{r}.pt", weights_only=True) for r in range(world)]
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fsdp")
+    run_workers(fsdp2_train, 2, str(folder), STEPS)
+    return folder
 
-    # single device on the concatenated batch, right-side compression (what FSDP2 uses)
+
+def _single_device(kind: str, steps: int = STEPS):
+    """Single device on the concatenated batch, right-side compression (what FSDP2 uses)."""
     model = make_model(dtype=torch.float64)
-    opt = FloraAdamW(
-        model.named_parameters(), lr=1e-2, rank=4, kappa=2, weight_decay=0.1, side="right"
-    )
-    batches = make_batches(STEPS * world)
-    for step in range(STEPS):
-        parts = batches[step * world : (step + 1) * world]
-        joined = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-        loss_of(model, joined).backward()
+    opt = make_fsdp_optimizer(kind, model.named_parameters(), side="right")
+    batches = make_batches(steps * DATA_WORLD)
+    for step in range(steps):
+        loss_of(model, global_batch(batches, step, 0, 1)).backward()
         opt.step()
         opt.zero_grad()
+    return model, opt
+
+
+@pytest.mark.parametrize("kind", FSDP_OPTIMIZERS)
+def test_fsdp2_equals_single_device_and_shards_the_state(fsdp_runs, kind):
+    ranks = [torch.load(fsdp_runs / f"fsdp_{kind}_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    model, opt = _single_device(kind)
     for name, p in model.named_parameters():
         for r in ranks:
             torch.testing.assert_close(r["params"][name], p.detach(), rtol=1e-10, atol=1e-12)
 
-    # each rank holds only its rows: the shards add up to the single-device state
-    assert sum(r["state_bytes"] for r in ranks) == opt.state_bytes()
+    # each rank holds only its rows; a matrix's column factor (1, n) is on every rank
+    replicated = sum(
+        opt.state[p]["col_var"].numel() * 8
+        for p in model.parameters()
+        if p.dim() == 2 and "col_var" in opt.state[p]
+    )
+    assert sum(r["state_bytes"] for r in ranks) == opt.state_bytes() + replicated
     assert all(r["state_bytes"] < 0.6 * opt.state_bytes() for r in ranks)
     # head.weight (5 x 24) is split unevenly, 3 + 2 rows; its momentum is (rows, rank)
-    head = [r["shapes"]["head.weight"] for r in ranks]
-    assert (3, 4) in head[0] and (2, 4) in head[1]
+    assert ranks[0]["shapes"]["head.weight"]["exp_avg"] == (3, 4)
+    assert ranks[1]["shapes"]["head.weight"]["exp_avg"] == (2, 4)
+    if kind != "adamw":  # factored: row factor sharded, column factor whole
+        assert ranks[1]["shapes"]["head.weight"]["row_var"] == (2, 1)
+        assert ranks[1]["shapes"]["head.weight"]["col_var"] == (1, 24)
+        assert ranks[1]["shapes"]["conv.weight"]["col_var"] == (8, 1, 3)  # 3-d: sharded
 
 
-def test_flora_adafactor_base_is_refused_clearly_on_fsdp2(tmp_path):
-    run_workers(fsdp2_flora_adamw, 2, str(tmp_path), 1)
-    error = torch.load(tmp_path / "flora_error.pt", weights_only=True)["flora_error"]
-    assert "FSDP2" in error and "FloraAdamW" in error
+@pytest.mark.parametrize("kind", ["flora", "adamw"])
+def test_dcp_reshards_fsdp2_state_between_world_sizes(tmp_path, kind):
+    run_workers(fsdp2_dcp, 2, str(tmp_path), "save", kind)
+    run_workers(fsdp2_dcp, 1, str(tmp_path), "save", kind)
+    run_workers(fsdp2_dcp, 1, str(tmp_path), "load", kind)  # from world size 2
+    run_workers(fsdp2_dcp, 2, str(tmp_path), "load", kind)  # from world size 1
+    run = {
+        (phase, world): torch.load(tmp_path / f"{phase}_world{world}.pt", weights_only=True)
+        for phase in ("save", "load")
+        for world in (1, 2)
+    }
+    model, _ = _single_device(kind)
+    for world, other in ((1, 2), (2, 1)):
+        saved, loaded = run["save", other]["state"], run["load", world]["state"]
+        for name, state in saved.items():
+            for key, value in state.items():
+                got = loaded[name][key]
+                assert torch.equal(got, value) if torch.is_tensor(value) else got == value
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(
+                run["load", world]["params"][name], p.detach(), rtol=1e-10, atol=1e-12
+            )

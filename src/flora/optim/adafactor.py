@@ -51,6 +51,7 @@ from torch import Tensor
 from flora.momentum import compressed_ema_
 from flora.optim.base import (
     FloraOptimizerBase,
+    ShardReduce,
     check_real,
     factored_numel,
     factored_zeros,
@@ -73,12 +74,24 @@ def flora_adafactor_update_(
     weight_decay: float,
     projections: tuple[Tensor, Tensor, str] | None,  # (P_old, P_new, side) if compressed
     momentum_variant: str,
+    shards: ShardReduce | None = None,  # FSDP2: param/grad/state are this rank's rows
 ) -> None:
-    """One Flora step for one parameter; mirrors ``torch.optim._adafactor`` op for op."""
+    """One Flora step for one parameter; mirrors ``torch.optim._adafactor`` op for op.
+
+    With ``shards`` the tensors are a row shard of a parameter of global shape
+    ``shards.shape``; the parameter's RMS, a matrix's column means of :math:`G^2` and mean of
+    :math:`R`, and the update's RMS are global, made of local sums and two all-reduces.
+    """
     state["step"] += 1
     step = float(state["step"])
     one_minus_beta2_t = step**beta2_decay
     rho_t = min(lr, 1 / (step**0.5))
+    if shards is not None:
+        _sharded_adafactor_step(
+            param, grad, state, one_minus_beta2_t, rho_t, lr, eps1, eps2, d, weight_decay,
+            projections, momentum_variant, beta1, shards,
+        )  # fmt: skip
+        return
     alpha = max(eps2, param.norm(2).item() / (param.numel() ** 0.5)) * rho_t
 
     if weight_decay != 0:
@@ -100,6 +113,20 @@ def flora_adafactor_update_(
     update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_()
     update.mul_(grad)
     denom = max(1.0, update.norm(2).item() / ((update.numel() ** 0.5) * d))
+    _apply_direction(param, update, state, alpha, denom, beta1, projections, momentum_variant)
+
+
+def _apply_direction(
+    param: Tensor,
+    update: Tensor,
+    state: dict[str, Any],
+    alpha: float,
+    denom: float,
+    beta1: float,
+    projections: tuple[Tensor, Tensor, str] | None,
+    momentum_variant: str,
+) -> None:
+    """theta -= alpha * D_t, where D_t is the (compressed) momentum of update / denom."""
     if beta1 == 0:
         param.add_(update, alpha=-alpha / denom)
         return
@@ -121,6 +148,62 @@ def flora_adafactor_update_(
             overwrite=True,
         ).view_as(param)
     param.add_(direction, alpha=-alpha)
+
+
+def _sharded_adafactor_step(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Any],
+    one_minus_beta2_t: float,
+    rho_t: float,
+    lr: float,
+    eps1: float,
+    eps2: float,
+    d: float,
+    weight_decay: float,
+    projections: tuple[Tensor, Tensor, str] | None,
+    momentum_variant: str,
+    beta1: float,
+    shards: ShardReduce,
+) -> None:
+    """The same step on a row shard. Only a matrix's factors span the sharded dimension
+    (rows): for >2-d tensors the factors are per leading index and stay local."""
+    numel = math.prod(shards.shape)
+    matrix = grad.dim() == 2
+    if grad.dim() > 1:
+        row_var, col_var = state["row_var"], state["col_var"]
+        row_var.lerp_(grad.square().mean(dim=-1, keepdim=True), one_minus_beta2_t)
+    # one all-reduce: ||theta||^2 and, for a matrix, the column sums of G^2 and the sum of R
+    parts = [param.square().sum().reshape(1)]
+    if matrix:
+        parts += [grad.square().sum(dim=0), row_var.sum().reshape(1)]
+    sums = torch.cat(parts)
+    shards.sum_(sums)
+    alpha = max(eps2, sums[0].sqrt().item() / numel**0.5) * rho_t
+
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+
+    if matrix:
+        rows = shards.shape[0]
+        col_var.lerp_(sums[1:-1].div(rows).view_as(col_var), one_minus_beta2_t)
+        var_estimate = row_var @ col_var
+        var_estimate.div_(sums[-1:].div(rows).clamp_(min=eps1))
+    elif grad.dim() > 1:
+        col_var.lerp_(grad.square().mean(dim=-2, keepdim=True), one_minus_beta2_t)
+        var_estimate = row_var @ col_var
+        var_estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+    else:
+        variance = state["variance"]
+        variance.lerp_(grad * grad, one_minus_beta2_t)
+        var_estimate = variance.clone()
+
+    update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_()
+    update.mul_(grad)
+    sq = update.square().sum().reshape(1)
+    shards.sum_(sq)  # second all-reduce: ||U||^2 for the update clipping
+    denom = max(1.0, sq.sqrt().item() / ((numel**0.5) * d))
+    _apply_direction(param, update, state, alpha, denom, beta1, projections, momentum_variant)
 
 
 class Flora(FloraOptimizerBase):
@@ -229,12 +312,6 @@ class Flora(FloraOptimizerBase):
     def _update(
         self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
     ) -> None:
-        if self._sharded_now:
-            raise NotImplementedError(
-                f"Flora on an FSDP2-sharded parameter ({name}): Adafactor's parameter RMS, "
-                "column factor and update clipping need all-reduces that are not implemented "
-                "yet; use FloraAdamW, which runs shard-locally"
-            )
         if "step" not in state:
             state["step"] = 0
             if grad.dim() > 1:
@@ -257,4 +334,5 @@ class Flora(FloraOptimizerBase):
             weight_decay=float(group["weight_decay"]),
             projections=projections,
             momentum_variant=group["momentum_variant"],
+            shards=self._shards,
         )

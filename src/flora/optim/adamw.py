@@ -33,6 +33,7 @@ from torch import Tensor
 from flora.momentum import compressed_ema_
 from flora.optim.base import (
     FloraOptimizerBase,
+    ShardReduce,
     check_real,
     factored_numel,
     factored_zeros,
@@ -53,8 +54,14 @@ def flora_adamw_update_(
     weight_decay: float,
     projections: tuple[Tensor, Tensor, str] | None,  # (P_old, P_new, side) if compressed
     momentum_variant: str,
+    shards: ShardReduce | None = None,  # FSDP2: param/grad/state are this rank's rows
 ) -> None:
-    """One FloraAdamW step for one parameter; mirrors ``torch.optim.adam`` (single tensor)."""
+    """One FloraAdamW step for one parameter; mirrors ``torch.optim.adam`` (single tensor).
+
+    With ``shards`` the tensors are a row shard of a parameter of global shape
+    ``shards.shape``; only the factored second moment of a matrix needs global statistics
+    (column means of :math:`g^2`, mean of :math:`R`): one all-reduce.
+    """
     state["step"] += 1
     step = float(state["step"])
 
@@ -85,10 +92,18 @@ def flora_adamw_update_(
         row_var, col_var = state["row_var"], state["col_var"]  # (..., m, 1), (..., 1, n)
         row_mean = torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1))
         row_var.lerp_(row_mean, 1 - beta2)
-        col_mean = torch.norm(grad, dim=-2, keepdim=True).square_().div_(grad.size(-2))
-        col_var.lerp_(col_mean, 1 - beta2)
+        if shards is not None and grad.dim() == 2:  # rows split across ranks
+            sums = torch.cat([grad.square().sum(dim=0), row_var.sum().reshape(1)])
+            shards.sum_(sums)
+            rows = shards.shape[0]
+            col_var.lerp_(sums[:-1].div(rows).view_as(col_var), 1 - beta2)
+            row_var_mean = sums[-1:].div(rows)
+        else:
+            col_mean = torch.norm(grad, dim=-2, keepdim=True).square_().div_(grad.size(-2))
+            col_var.lerp_(col_mean, 1 - beta2)
+            row_var_mean = row_var.mean(dim=-2, keepdim=True)
         exp_avg_sq = row_var @ col_var
-        exp_avg_sq.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=torch.finfo(grad.dtype).tiny))
+        exp_avg_sq.div_(row_var_mean.clamp_(min=torch.finfo(grad.dtype).tiny))
 
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
@@ -192,11 +207,6 @@ class FloraAdamW(FloraOptimizerBase):
         self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
     ) -> None:
         beta1, beta2 = (float(b) for b in group["betas"])
-        if self._sharded_now and group["factor_second_moment"] and grad.dim() > 1:
-            raise NotImplementedError(
-                f"FloraAdamW(factor_second_moment=True) on a sharded parameter ({name}) needs "
-                "a column all-reduce, which is not implemented yet"
-            )
         if "step" not in state:
             state["step"] = 0
             if group["factor_second_moment"] and grad.dim() > 1:
@@ -215,4 +225,5 @@ class FloraAdamW(FloraOptimizerBase):
             weight_decay=float(group["weight_decay"]),
             projections=projections,
             momentum_variant=group["momentum_variant"],
+            shards=self._shards,
         )

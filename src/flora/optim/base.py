@@ -13,6 +13,13 @@ Per-parameter state holds only tensors and Python ints:
   ``window`` (index of the current projection) and ``window_start`` (step at which it began);
 * ``nonfinite_skips`` — only once a non-finite gradient was skipped;
 * the subclass's tensors.
+
+Under FSDP2 (``fully_shard``: DTensor parameters sharded by rows, ``Shard(0)``) every update
+runs on the rank's own rows. The state tensors are DTensors too — row-wise states (momentum
+``(m, r)``, second moments, row factors) are ``Shard(0)`` like the parameter, Adafactor's
+column factor of a matrix ``(1, n)`` is ``Replicate()`` — so that
+``torch.distributed.checkpoint`` can save them and load them at another world size. Global
+statistics (a parameter's RMS, column means) are all-reduced through :class:`ShardReduce`.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,15 +35,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 try:  # DTensor parameters (FSDP2); absent on torch builds without torch.distributed
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover
-    DTensor = Shard = None  # type: ignore[assignment,misc]
+    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 from flora.plan import Plan, PlanRow
 from flora.policy import Decision, compile_patterns, decide
 from flora.projection import DISTRIBUTIONS, parameter_key, projection_matrix
 
-__all__ = ["FloraOptimizerBase"]
+__all__ = ["FloraOptimizerBase", "ShardReduce"]
 
 _SIDE_CODES = {"left": 0, "right": 1}
 _SIDE_NAMES = ("left", "right")
@@ -109,6 +117,41 @@ def _is_sharded(p: Tensor) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class ShardReduce:
+    """How a shard-local update reaches global statistics under FSDP2.
+
+    ``shape`` is the parameter's global shape (its rows are split across the ranks);
+    ``sum_`` all-reduces a tensor in place (sum) over the ranks holding the shards.
+    """
+
+    shape: torch.Size
+    sum_: Callable[[Tensor], Any]
+
+
+def _row_sharded_keys(p: Tensor) -> Callable[[str], bool]:
+    """Which state keys are split by rows like ``p`` (the rest are replicated): all but the
+    column factor of a matrix, whose rows are the reduced dimension."""
+    return lambda key: not (key == "col_var" and p.dim() == 2)
+
+
+def _as_dtensor(local: Tensor, p: Tensor, row_sharded: bool) -> Tensor:
+    """Wrap a state tensor computed on ``p``'s shard as a DTensor on ``p``'s mesh."""
+    if row_sharded:
+        shape = torch.Size((p.shape[0], *local.shape[1:]))
+        placements = [Shard(0)]
+    else:
+        shape, placements = local.shape, [Replicate()]
+    stride = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+    return DTensor.from_local(
+        local, p.device_mesh, placements, run_check=False, shape=shape, stride=tuple(stride)
+    )
+
+
+def _local(t: Any) -> Any:
+    return t._local_tensor if DTensor is not None and isinstance(t, DTensor) else t
+
+
 class FloraOptimizerBase(Optimizer):
     """Shared machinery; see the module docstring. Not meant to be instantiated directly."""
 
@@ -120,7 +163,7 @@ class FloraOptimizerBase(Optimizer):
         # stable parameter key -> ((seed, key, window, rank, dim), projection)
         self._projection_cache: dict[int, tuple[tuple[int, ...], Tensor]] = {}
         self._option_names = tuple(defaults)
-        self._sharded_now = False  # True while _update runs on a shard of a DTensor
+        self._shards: ShardReduce | None = None  # set while _update runs on an FSDP2 shard
         self._current_param: Tensor | None = None  # the parameter _update is working on
         super().__init__(params, defaults)
         self._report_policy()
@@ -180,7 +223,7 @@ class FloraOptimizerBase(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_projection_cache", {})
-        self.__dict__.setdefault("_sharded_now", False)
+        self.__dict__.setdefault("_shards", None)
         self.__dict__.setdefault("_current_param", None)
         for key in self.__dict__.get("_option_names", ()):  # options added in later versions
             for group in self.param_groups:
@@ -393,9 +436,10 @@ class FloraOptimizerBase(Optimizer):
         return plan
 
     def state_bytes(self) -> int:
-        """Bytes of all tensors currently held in ``self.state``."""
+        """Bytes of all tensors currently held in ``self.state`` (on this rank: the local
+        shards of DTensor states)."""
         return sum(
-            v.numel() * v.element_size()
+            _local(v).numel() * v.element_size()
             for s in self.state.values()
             for v in s.values()
             if isinstance(v, Tensor)
@@ -491,16 +535,39 @@ class FloraOptimizerBase(Optimizer):
             grad = local_grad if not group["maximize"] else -local_grad
             dtype = state_dtype(p)  # fp32 math for fp16/bf16 parameters, rounded once
             work = local if local.dtype == dtype else local.to(dtype)
-            self._current_param, self._sharded_now = p, is_sharded
+            # under FSDP2 the update sees the local shards of its DTensor state
+            view = {k: _local(v) for k, v in state.items()} if is_sharded else state
+            self._current_param = p
+            self._shards = self._shard_reduce(p) if is_sharded else None
             try:
                 self._update(
-                    work, grad if grad.dtype == dtype else grad.to(dtype), group, name, state
+                    work, grad if grad.dtype == dtype else grad.to(dtype), group, name, view
                 )
             finally:
-                self._current_param, self._sharded_now = None, False
+                self._current_param, self._shards = None, None
+            if is_sharded:
+                self._store_sharded_state(p, state, view)
             if work is not local:
                 local.copy_(work)
         return loss
+
+    @staticmethod
+    def _shard_reduce(p: Tensor) -> ShardReduce:
+        pg = p.device_mesh.get_group()
+        return ShardReduce(p.shape, lambda t: torch.distributed.all_reduce(t, group=pg))
+
+    @staticmethod
+    def _store_sharded_state(p: Tensor, state: dict[str, Any], view: dict[str, Any]) -> None:
+        """Write back the update's local view; new local tensors become DTensors."""
+        row_sharded = _row_sharded_keys(p)
+        for key, value in view.items():
+            old = state.get(key)
+            if isinstance(value, Tensor) and not isinstance(value, DTensor):
+                if isinstance(old, DTensor) and old._local_tensor is value:
+                    continue
+                state[key] = _as_dtensor(value, p, row_sharded(key))
+            else:
+                state[key] = value
 
     @staticmethod
     def _agree(

@@ -1,7 +1,7 @@
 # The two commands of the README: `make train` (main job) and `make test` (whole suite).
 PY := .venv/bin/python
 
-.PHONY: train test lint bench bench-setup clean
+.PHONY: train test lint bench bench-setup compare clean
 
 train:
 	scripts/bootstrap.sh plot
@@ -18,16 +18,17 @@ lint:
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-# peers for side-by-side benchmarks: flora-opt imports bitsandbytes and accelerate; --no-deps
-# keeps pip from replacing the installed torch with another build
+# the peers (flora-opt, galore-torch, apollo-torch, peft) come from the bench extra
 bench-setup:
 	scripts/bootstrap.sh bench
-	$(PY) -m pip install -q --no-deps flora-opt==0.0.3 bitsandbytes
-	$(PY) -m pip install -q accelerate
 
 bench: bench-setup
 	$(PY) benchmarks/optimizer_step.py
 	$(PY) benchmarks/accumulation.py
+
+# the paper's experiments at their quick size, side by side with the peers (about 20 min)
+compare: bench-setup
+	.venv/bin/flora compare all --quick
 
 clean:
 	rm -rf .venv .pytest_cache build src/*.egg-info runs

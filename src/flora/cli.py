@@ -2,6 +2,7 @@
 
     flora train [FILES ...] [options]   train a small GPT with Flora (the main job)
     flora plan [options]                memory of optimizer state and accumulation buffers
+    flora compare EXPERIMENT [--quick]  the paper's experiments side by side with the peers
 
 Bad input gives one ``flora: error: ...`` line on stderr and exit status 2, never a traceback.
 """
@@ -88,6 +89,22 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     pl.add_argument("--exclude", action="append", default=None, help="regex of names to keep")
     pl.add_argument("--details", action="store_true", help="print the per-parameter plan")
+    c = sub.add_parser(
+        "compare",
+        help="run an experiment of the evidence harness",
+        description="Reproduce one of the paper's experiments at small scale on real data, "
+        "side by side with the peer libraries; writes a Markdown table, JSON and a plot.",
+    )
+    c.add_argument("experiment", choices=["pilot", "lm", "kappa", "vit", "profile", "all"])
+    c.add_argument("--quick", action="store_true", help="the few-minutes size (2 CPU cores)")
+    c.add_argument("--out", default="benchmarks/results/compare", help="results folder")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--data", default=None, help="dataset cache (default $FLORA_DATA or ~/.cache/flora)"
+    )
+    c.add_argument("--steps", type=_positive_int, default=None,
+                   help="run length: steps (lm, kappa) or epochs (pilot, vit)")  # fmt: skip
+    c.add_argument("--optimizers", default=None, help="comma-separated subset (lm, vit)")
     return parser
 
 
@@ -159,6 +176,33 @@ def _train(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from flora.evidence.compare import EXPERIMENTS, compare
+    from flora.evidence.datasets import DataError
+
+    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    overrides = {}
+    if args.steps is not None:
+        key = {"lm": "steps", "kappa": "steps", "profile": "steps"}.get(args.experiment, "epochs")
+        overrides[key] = args.steps
+    if args.optimizers:
+        if args.experiment not in ("lm", "vit"):
+            raise TrainError("--optimizers applies to the lm and vit experiments")
+        overrides["optimizers"] = tuple(args.optimizers.split(","))
+    for name in names:
+        print(f"flora compare {name} ({'quick' if args.quick else 'full'}) ...", flush=True)
+        try:
+            written = compare(
+                name, quick=args.quick, out=args.out, seed=args.seed,
+                data_root=args.data, overrides=overrides,
+            )  # fmt: skip
+        except (DataError, ValueError, ImportError) as err:
+            raise TrainError(f"compare {name}: {err}") from err
+        for path in written:
+            print(f"  wrote {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = _build_parser()
@@ -171,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "compare":
+            return _compare(args)
         raise AssertionError(args.command)
     except TrainError as err:
         print(f"flora: error: {err}", file=sys.stderr)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 __all__ = ["GPT", "SIZES", "GPTConfig"]
@@ -75,13 +76,22 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(d, config.n_head) for _ in range(config.n_layer))
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, config.vocab_size, bias=False)
+        #: recompute each block in backward instead of keeping its activations (reentrant
+        #: ``torch.utils.checkpoint``: only the block inputs are saved)
+        self.activation_checkpointing = False
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
         """Logits ``(B, T, vocab)``, or the mean cross-entropy when ``targets`` is given."""
         positions = torch.arange(idx.shape[1], device=idx.device)
         x = self.tok(idx) + self.pos(positions)
+        checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
+        if checkpointing and not x.requires_grad:  # frozen embeddings (LoRA): reentrant
+            x.requires_grad_(True)  # checkpointing needs an input that requires grad
         for block in self.blocks:
-            x = block(x)
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True)
+            else:
+                x = block(x)
         logits = self.head(self.ln(x))
         if targets is None:
             return logits

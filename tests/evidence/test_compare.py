@@ -1,0 +1,38 @@
+"""``flora compare``: the pilot study's quick mode end to end on the real Fashion-MNIST
+(installed on first use from Debian's package registry), and the command's errors."""
+
+import json
+
+import pytest
+
+from flora.cli import main
+
+
+def test_pilot_quick_end_to_end(tmp_path, capsys):
+    assert main(["compare", "pilot", "--quick", "--out", str(tmp_path)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    payload = json.loads((tmp_path / "pilot_quick.json").read_text())
+    rows = {r["method"]: r for r in payload["rows"]}
+    assert set(rows) == {"sgd", "lora", "lora_b", "rp", "rrp"}
+    assert payload["env"]["seed"] == 0 and payload["env"]["versions"]["torch"]
+    # real data, real training: well above chance (0.1) for every method
+    assert all(r["accuracy"] > 0.5 for r in rows.values())
+    # LoRA(B) and RP are the same update (Observation 2.2)
+    assert abs(rows["lora_b"]["accuracy"] - rows["rp"]["accuracy"]) < 0.01
+    md = (tmp_path / "pilot_quick.md").read_text()
+    assert "| rrp |" in md and "Reproduce:" in md and (tmp_path / "pilot_quick.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compare", "table9"], "invalid choice"),
+        (["compare", "pilot", "--optimizers", "adamw"], "--optimizers applies to"),
+        (["compare", "lm", "--optimizers", "sophia", "--steps", "1"], "sophia"),
+        (["compare", "pilot", "--steps", "0"], "positive integer"),
+    ],
+)
+def test_compare_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flora: error:") and message in err and "\n" not in err

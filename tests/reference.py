@@ -84,7 +84,8 @@ def flora_adafactor(
     weight_decay: float,
     momentum: CompressedMomentum | None,
 ) -> Tensor:
-    """Adafactor (torch.optim.Adafactor's definition) + momentum of the clipped update."""
+    """Adafactor (torch.optim.Adafactor's definition) with momentum of the preconditioned
+    update, the momentum direction clipped (flora-opt's order, PyTorch and optax alike)."""
     theta = theta.double().clone()
     matrix = theta.dim() == 2
     r = torch.zeros(theta.shape[0], dtype=torch.float64)
@@ -104,8 +105,8 @@ def flora_adafactor(
             v = (1 - w) * v + w * g * g
             v_hat = v
         u = g / torch.clamp(torch.sqrt(v_hat), min=eps1)
-        u = u / max(1.0, _rms(u) / d)
         direction = u if momentum is None else momentum(t, u)
+        direction = direction / max(1.0, _rms(direction) / d)  # clipping after momentum
         theta = theta - alpha * direction
     return theta
 

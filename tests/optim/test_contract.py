@@ -237,15 +237,12 @@ def test_window_advances_every_kappa_and_projection_is_used(opt_spec):
     opt2 = _make(opt_spec, m2, momentum_variant="paper", **beta)
     _loss(m2, 0).backward()
     weight = m2[1].weight
-    grad, before = weight.grad.clone(), weight.detach().clone()
+    grad = weight.grad.clone()
     opt2.step()
-    if is_flora:  # u_1 = Û_1, read off a momentum-free (torch Adafactor) step: -alpha * Û_1
-        m3 = _model()
-        plain = _make(opt_spec, m3, beta1=0.0)
-        _loss(m3, 0).backward()
-        plain.step()
-        alpha = max(1e-3, (before.square().mean().sqrt()).item()) * min(0.02, 1.0)
-        u1 = (before - m3[1].weight.detach()) / alpha
+    if is_flora:  # u_1 = U_1 = G / sqrt(V_1), the preconditioned update before clipping
+        sq = grad.double().square()
+        row, col = sq.mean(dim=1), sq.mean(dim=0)  # beta2_hat_1 = 0: the first factors
+        u1 = (grad.double() / (torch.outer(row, col) / row.mean()).sqrt()).float()
     else:  # u_1 is the gradient itself
         u1 = grad
     expected = 0.5 * down(u1, opt2.projection(weight), "right")
@@ -362,11 +359,13 @@ def test_maximize_is_minimizing_the_negation(opt_spec):
 
 def test_training_reduces_loss(opt_spec):
     # kappa must be long enough that beta1**kappa * sqrt(dim / rank) < 1: each transfer
-    # inflates the momentum norm by about sqrt(dim / rank) (the paper's kappa=1 diverged)
+    # inflates the momentum norm by about sqrt(dim / rank) (the paper's kappa=1 diverged).
+    # At rank 4 of dims 24/40 Flora's clipped direction is mostly projection noise, so it
+    # needs about twice the steps of full-size momentum to get there.
     model = _model()
     opt = _make(opt_spec, model, kappa=20)
     first = _loss(model, 0).item()
-    for _ in range(40):
+    for _ in range(80):
         opt.zero_grad()
         loss = _loss(model, 0)
         loss.backward()

@@ -14,23 +14,28 @@ symbols and defaults of :class:`torch.optim.Adafactor`:
         + (1 - \hat\beta_{2,t})\,\operatorname{mean}_{\text{rows}}(G_t^2)\\
     \hat V_t &= R_t C_t / \max(\operatorname{mean}(R_t), \epsilon_1)
     \qquad\text{(vectors: a full EMA of } G_t^2)\\
-    U_t &= G_t / \max(\sqrt{\hat V_t}, \epsilon_1),\qquad
-    \hat U_t = U_t / \max(1, \operatorname{RMS}(U_t)/d)\\
-    D_t &= \text{momentum of } \hat U_t \text{ with } \beta_1
+    U_t &= G_t / \max(\sqrt{\hat V_t}, \epsilon_1)\\
+    D_t &= \text{momentum of } U_t \text{ with } \beta_1
     \quad\text{(compressed by Algorithm 2, see } \texttt{flora.momentum})\\
-    \theta_t &= \theta - \alpha_t D_t
+    \theta_t &= \theta - \alpha_t\, D_t / \max(1, \operatorname{RMS}(D_t)/d)
 
-With ``beta1=0`` there is no momentum and the update is exactly ``torch.optim.Adafactor``
-(bit for bit in float32 on CPU). Parameters the policy does not compress keep a full-size
-momentum ``exp_avg`` (``exp_avg.lerp_(Û, 1 - beta1)``).
+With ``beta1=0`` there is no momentum (:math:`D_t = U_t`) and the update is exactly
+``torch.optim.Adafactor`` (bit for bit in float32 on CPU). Parameters the policy does not
+compress keep a full-size momentum ``exp_avg`` (``exp_avg.lerp_(U, 1 - beta1)``); that
+"naive momentum" equals the official ``flora_opt.Flora(rank=None)`` (tested to 1e-5).
 
 Deviations from the paper, stated:
 
 * The base is ``torch.optim.Adafactor`` (relative step size :math:`\rho_t`, parameter-RMS
   scaling, clipping threshold ``d``), not optax's ``adafactor`` used in the paper.
-* Momentum is taken of the clipped preconditioned update :math:`\hat U_t` and then scaled by
-  :math:`\alpha_t`; optax applies its EMA after the learning rate and parameter scale. Both
-  agree when :math:`\alpha_t` is constant; ours lets a learning-rate schedule act at once.
+* Order of the steps: momentum of the preconditioned update :math:`U_t`, then update
+  clipping of the momentum direction, then the step size and parameter scale — the order of
+  both of the paper's implementations (flora-opt's optax chain and its PyTorch ``Flora``).
+  The clipping bounds the extra variance that decompression adds to :math:`D_t`; before
+  version 0.2 Flora clipped :math:`U_t` before the momentum, which let that variance through
+  and trained worse (``benchmarks/results/compare/momentum_order.md``).
+* flora-opt uses ``lr`` as a constant relative step; ours is capped, :math:`\rho_t =
+  \min(\texttt{lr}, 1/\sqrt t)` (``torch.optim.Adafactor``'s definition).
 * ``momentum_variant="history"`` (default) compresses only the history (newest term exact,
   as flora-opt's PyTorch code); ``"paper"`` is Algorithm 2 as printed. Same expectation.
 * The projection is resampled every ``kappa`` steps (at steps ``kappa, 2 kappa, ...``) and the
@@ -112,8 +117,7 @@ def flora_adafactor_update_(
 
     update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_()
     update.mul_(grad)
-    denom = max(1.0, update.norm(2).item() / ((update.numel() ** 0.5) * d))
-    _apply_direction(param, update, state, alpha, denom, beta1, projections, momentum_variant)
+    _apply_direction(param, update, state, alpha, d, beta1, projections, momentum_variant, None)
 
 
 def _apply_direction(
@@ -121,33 +125,38 @@ def _apply_direction(
     update: Tensor,
     state: dict[str, Any],
     alpha: float,
-    denom: float,
+    d: float,
     beta1: float,
     projections: tuple[Tensor, Tensor, str] | None,
     momentum_variant: str,
+    shards: ShardReduce | None,
 ) -> None:
-    """theta -= alpha * D_t, where D_t is the (compressed) momentum of update / denom."""
+    """theta -= alpha * D_t / max(1, RMS(D_t) / d), D_t the (compressed) momentum of U_t."""
     if beta1 == 0:
-        param.add_(update, alpha=-alpha / denom)
-        return
-    exp_avg = state["exp_avg"]
-    if projections is None:
-        exp_avg.lerp_(update.div_(denom), 1 - beta1)  # Û_t
+        direction = update  # exactly torch.optim.Adafactor
+    elif projections is None:
+        exp_avg = state["exp_avg"]
+        exp_avg.lerp_(update, 1 - beta1)
         direction = exp_avg
-    else:  # Û_t = update / denom, folded into the products; ``update`` becomes D_t
+    else:  # ``update`` is overwritten with D_t: no temporary of the parameter's size
         proj_old, proj_new, side = projections
         direction = compressed_ema_(
             update.view(param.shape[0], math.prod(param.shape[1:])),
-            exp_avg,
+            state["exp_avg"],
             beta=beta1,
             proj_old=proj_old,
             proj_new=proj_new,
             side=side,
             variant=momentum_variant,
-            scale=1.0 / denom,
             overwrite=True,
         ).view_as(param)
-    param.add_(direction, alpha=-alpha)
+    if shards is None:
+        denom = max(1.0, direction.norm(2).item() / ((direction.numel() ** 0.5) * d))
+    else:  # second all-reduce: ||D||^2 of the whole parameter for the clipping
+        sq = direction.square().sum().reshape(1)
+        shards.sum_(sq)
+        denom = max(1.0, sq.sqrt().item() / ((math.prod(shards.shape) ** 0.5) * d))
+    param.add_(direction, alpha=-alpha / denom)
 
 
 def _sharded_adafactor_step(
@@ -200,10 +209,7 @@ def _sharded_adafactor_step(
 
     update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_()
     update.mul_(grad)
-    sq = update.square().sum().reshape(1)
-    shards.sum_(sq)  # second all-reduce: ||U||^2 for the update clipping
-    denom = max(1.0, sq.sqrt().item() / ((numel**0.5) * d))
-    _apply_direction(param, update, state, alpha, denom, beta1, projections, momentum_variant)
+    _apply_direction(param, update, state, alpha, d, beta1, projections, momentum_variant, shards)
 
 
 class Flora(FloraOptimizerBase):

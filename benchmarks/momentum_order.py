@@ -91,8 +91,8 @@ def main() -> None:
 
     from flora.evidence.datasets import data_home, shakespeare
 
-    shakespeare()  # cached as plain text for the child processes
     text = str(data_home() / "shakespeare.txt")
+    Path(text).write_text(shakespeare(), encoding="utf-8")  # plain text for the children
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "old"
         subprocess.run(

@@ -228,7 +228,7 @@ def dcp_roundtrip(rank: int, world: int, tmpdir: str, direction: str) -> None:
     _done(rank, tmpdir)
 
 
-FSDP_OPTIMIZERS = ("adamw", "adamw_factored", "flora")
+FSDP_OPTIMIZERS = ("adamw", "adamw_factored", "flora", "flora_linear")
 DATA_WORLD = 2  # the global batch of step t is batches[2t] + batches[2t + 1], at any world size
 
 
@@ -237,8 +237,8 @@ def make_fsdp_optimizer(kind: str, named_params, **extra):
     from flora import Flora, FloraAdamW
 
     common = dict(lr=1e-2, rank=4, kappa=2, weight_decay=0.1, **extra)
-    if kind == "flora":
-        return Flora(named_params, **common)
+    if kind.startswith("flora"):  # flora_linear: the unfactored (linear-memory) base
+        return Flora(named_params, factor_second_moment=kind == "flora", **common)
     return FloraAdamW(named_params, factor_second_moment=kind == "adamw_factored", **common)
 
 

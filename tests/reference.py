@@ -83,11 +83,12 @@ def flora_adafactor(
     d: float,
     weight_decay: float,
     momentum: CompressedMomentum | None,
+    factored: bool = True,
 ) -> Tensor:
     """Adafactor (torch.optim.Adafactor's definition) with momentum of the preconditioned
     update, the momentum direction clipped (flora-opt's order, PyTorch and optax alike)."""
     theta = theta.double().clone()
-    matrix = theta.dim() == 2
+    matrix = factored and theta.dim() == 2
     r = torch.zeros(theta.shape[0], dtype=torch.float64)
     c = torch.zeros(theta.shape[-1], dtype=torch.float64)
     v = torch.zeros_like(theta)

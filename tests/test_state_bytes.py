@@ -57,3 +57,10 @@ def test_bf16_params_count_fp32_state():
     model(torch.randn(2, 96, dtype=torch.bfloat16)).float().sum().backward()
     opt.step()
     assert opt.state_bytes() == 4 * ((48 + 96) + 8 * 96 + 96) == opt.plan().state_bytes
+
+
+def test_flora_linear_memory_base_bytes():
+    # factor_second_moment=False (Table 4): a full second moment plus the compressed momentum
+    model = torch.nn.Linear(96, 48)
+    opt = _stepped(flora.Flora, model, rank=8, factor_second_moment=False)
+    assert opt.state_bytes() == 4 * (48 * 96 + 8 * 96 + 48 + 48) == opt.plan().state_bytes

@@ -16,6 +16,9 @@ from collections.abc import Sequence
 from flora.gpt import SIZES
 from flora.training import OPTIMIZERS, TrainConfig, TrainError, train
 
+#: the experiments of ``flora compare`` (flora.evidence.compare.EXPERIMENTS, kept light here)
+EXPERIMENT_NAMES = ("pilot", "accumulate", "translate", "lm", "kappa", "vit", "profile")
+
 __all__ = ["main"]
 
 
@@ -95,7 +98,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Reproduce one of the paper's experiments at small scale on real data, "
         "side by side with the peer libraries; writes a Markdown table, JSON and a plot.",
     )
-    c.add_argument("experiment", choices=["pilot", "lm", "kappa", "vit", "profile", "all"])
+    c.add_argument("experiment", choices=[*EXPERIMENT_NAMES, "all"])
     c.add_argument("--quick", action="store_true", help="the few-minutes size (2 CPU cores)")
     c.add_argument("--out", default="benchmarks/results/compare", help="results folder")
     c.add_argument("--seed", type=int, default=0)
@@ -103,7 +106,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--data", default=None, help="dataset cache (default $FLORA_DATA or ~/.cache/flora)"
     )
     c.add_argument("--steps", type=_positive_int, default=None,
-                   help="run length: steps (lm, kappa) or epochs (pilot, vit)")  # fmt: skip
+                   help="run length: epochs (pilot, vit) or steps (the others)")  # fmt: skip
     c.add_argument("--optimizers", default=None, help="comma-separated subset (lm, vit)")
     return parser
 
@@ -183,7 +186,8 @@ def _compare(args: argparse.Namespace) -> int:
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     overrides = {}
     if args.steps is not None:
-        key = {"lm": "steps", "kappa": "steps", "profile": "steps"}.get(args.experiment, "epochs")
+        per_step = ("lm", "kappa", "profile", "accumulate", "translate")
+        key = "steps" if args.experiment in per_step else "epochs"
         overrides[key] = args.steps
     if args.optimizers:
         if args.experiment not in ("lm", "vit"):

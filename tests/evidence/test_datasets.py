@@ -69,9 +69,13 @@ def test_mismatched_labels_are_refused(tmp_path, monkeypatch):
 
 
 def test_text_corpus(tmp_path):
-    (tmp_path / "shakespeare.txt").write_text("To be, or not to be", encoding="utf-8")
-    data = text_corpus("shakespeare", tmp_path, max_bytes=5)
-    assert bytes(data.tolist()) == b"To be" and data.dtype == torch.int64
+    works = tmp_path / "shakespeare-works"
+    works.mkdir()
+    (works / "hamlet.txt").write_text("To be, or not to be", encoding="utf-8")
+    (works / "tempest.txt").write_text("Full fathom five", encoding="utf-8")
+    assert list(datasets.shakespeare_works(tmp_path)) == ["hamlet", "tempest"]
+    data = text_corpus("shakespeare", tmp_path, max_bytes=24)
+    assert bytes(data.tolist()) == b"To be, or not to be\nFull" and data.dtype == torch.int64
     assert len(text_corpus("stdlib", max_bytes=1000)) == 1000
     with pytest.raises(ValueError, match="corpus"):
         text_corpus("c4")

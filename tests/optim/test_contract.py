@@ -72,6 +72,7 @@ def _make(opt_spec, model, **kw):
 
 # ---------------------------------------------------------------- bad input
 BAD = [
+    (dict(factor_second_moment="no"), TypeError, "factor_second_moment"),
     (dict(lr=-1.0), ValueError, "lr"),
     (dict(lr="fast"), TypeError, "lr"),
     (dict(rank=0), ValueError, "rank"),
@@ -106,7 +107,6 @@ ADAMW_BAD = [
     (dict(betas=(0.9, -0.1)), ValueError, "betas"),
     (dict(betas=0.9), TypeError, "betas"),
     (dict(eps=-1e-8), ValueError, "eps"),
-    (dict(factor_second_moment="no"), TypeError, "factor_second_moment"),
 ]
 
 

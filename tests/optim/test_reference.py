@@ -53,18 +53,21 @@ def _grads():
 
 
 @pytest.mark.parametrize("variant", ["history", "paper"])
+@pytest.mark.parametrize("factored", [True, False])  # False: Table 4's linear-memory base
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_flora_matches_reference(variant, dtype, tol):
+def test_flora_matches_reference(variant, factored, dtype, tol):
     grads = _grads()
     hp = dict(lr=0.05, beta1=0.9, beta2_decay=-0.8, d=1.0, weight_decay=0.01)
     init, params, projs, _opt = _run(
-        flora.Flora, dtype, grads, momentum_variant=variant, eps=(None, 1e-3), **hp
-    )
+        flora.Flora, dtype, grads, momentum_variant=variant, eps=(None, 1e-3),
+        factor_second_moment=factored, **hp,
+    )  # fmt: skip
     for key, p in params.items():
         m = _vector_momentum(0.9) if key == "vector" else _momentum(key, projs, 0.9, variant)
         ref = flora_adafactor(
-            init[key].double(), grads[key], eps1=torch.finfo(dtype).eps, eps2=1e-3, momentum=m, **hp
-        )
+            init[key].double(), grads[key], eps1=torch.finfo(dtype).eps, eps2=1e-3, momentum=m,
+            factored=factored, **hp,
+        )  # fmt: skip
         err = (p.double() - ref).abs().max().item() / ref.abs().max().item()
         assert err < tol, (key, err)
 

@@ -6,8 +6,8 @@ go to ``<out>/<experiment>_<quick|full>.{md,json,png}``.
 
 from __future__ import annotations
 
+import importlib
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,70 +19,54 @@ __all__ = ["EXPERIMENTS", "compare"]
 
 @dataclass(frozen=True)
 class Experiment:
+    """One experiment: its module under ``flora.evidence``, config class and runner."""
+
     summary: str
-    config: Callable[[bool], Any]  # quick -> config
-    runner: Callable[..., Any]  # (config, name=..., data_root=...) -> Results
+    module: str
+    config_class: str
+    runner: str = "run"
+
+    def config(self, quick: bool) -> Any:
+        cls = getattr(importlib.import_module(f"flora.evidence.{self.module}"), self.config_class)
+        return cls.quick() if quick else cls()
+
+    def run(self, cfg: Any, **kwargs: Any) -> Any:
+        module = importlib.import_module(f"flora.evidence.{self.module}")
+        return getattr(module, self.runner)(cfg, **kwargs)
 
 
-def _pilot() -> Experiment:
-    from flora.evidence import pilot
-
-    return Experiment(
+EXPERIMENTS: dict[str, Experiment] = {
+    "pilot": Experiment(
         "pilot study, Fashion-MNIST MLP: SGD / LoRA / LoRA(B) / RP / RRP (paper Figure 1)",
-        lambda quick: pilot.PilotConfig.quick() if quick else pilot.PilotConfig(),
-        pilot.run,
-    )
-
-
-def _lm() -> Experiment:
-    from flora.evidence import lm
-
-    return Experiment(
+        "pilot", "PilotConfig",
+    ),
+    "accumulate": Experiment(
+        "gradient accumulation, MiniLM fine-tuned with batch 1 and tau 16: none / naive / "
+        "LoRA(r) / Flora(r) (Table 1)",
+        "accumulate", "AccumulateConfig",
+    ),
+    "translate": Experiment(
+        "momentum from scratch, byte-level GPT on German-English pairs, BLEU: none / naive / "
+        "LoRA(r) / Flora(r) (Table 2)",
+        "translate", "TranslateConfig",
+    ),
+    "lm": Experiment(
         "LM pre-training, LLaMA-style on Shakespeare: Flora vs AdamW, Adafactor, flora-opt, "
         "GaLore, APOLLO, LoRA (Tables 2, 4, 6)",
-        lambda quick: lm.LMConfig.quick() if quick else lm.LMConfig(),
-        lm.run,
-    )
-
-
-def _kappa() -> Experiment:
-    from flora.evidence import lm
-
-    return Experiment(
-        "resampling interval kappa sweep, LM pre-training (Table 3)",
-        lambda quick: lm.LMConfig.quick() if quick else lm.LMConfig(),
-        lm.run_kappa,
-    )
-
-
-def _vit() -> Experiment:
-    from flora.evidence import vit
-
-    return Experiment(
-        "ViT on Fashion-MNIST: AdamW vs Flora / FloraAdamW (Appendix C.1)",
-        lambda quick: vit.ViTConfig.quick() if quick else vit.ViTConfig(),
-        vit.run,
-    )
-
-
-def _profile() -> Experiment:
-    from flora.evidence import profile
-
-    return Experiment(
+        "lm", "LMConfig",
+    ),
+    "kappa": Experiment(
+        "resampling interval kappa sweep, LM pre-training (Table 3)", "lm", "LMConfig", "run_kappa"
+    ),
+    "vit": Experiment(
+        "ViT on Fashion-MNIST: AdamW vs Flora / FloraAdamW (Appendix C.1)", "vit", "ViTConfig"
+    ),
+    "profile": Experiment(
         "memory by category for AdamW / LoRA / Flora, activation checkpointing and "
         "step-in-backward on and off (Appendix C.3, Figure 2)",
-        lambda quick: profile.ProfileConfig.quick() if quick else profile.ProfileConfig(),
-        profile.run,
-    )
-
-
-EXPERIMENTS: dict[str, Callable[[], Experiment]] = {
-    "pilot": _pilot,
-    "lm": _lm,
-    "kappa": _kappa,
-    "vit": _vit,
-    "profile": _profile,
-}
+        "profile", "ProfileConfig",
+    ),
+}  # fmt: skip
 
 
 def compare(
@@ -97,7 +81,7 @@ def compare(
     """Run ``experiment`` and write its results into ``out``; returns the files written."""
     if experiment not in EXPERIMENTS:
         raise ValueError(f"experiment must be one of {tuple(EXPERIMENTS)}, got {experiment!r}")
-    exp = EXPERIMENTS[experiment]()
+    exp = EXPERIMENTS[experiment]
     cfg = exp.config(quick)
     unknown = set(overrides or {}) - set(vars(cfg))
     if unknown:
@@ -107,5 +91,5 @@ def compare(
     name = f"{experiment}_{'quick' if quick else 'full'}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peers' deprecation notices
-        results = exp.runner(cfg, name=name, data_root=Path(data_root) if data_root else None)
+        results = exp.run(cfg, name=name, data_root=Path(data_root) if data_root else None)
     return results.write(out)

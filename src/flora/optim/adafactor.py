@@ -13,7 +13,7 @@ symbols and defaults of :class:`torch.optim.Adafactor`:
     C_t &= \hat\beta_{2,t} C_{t-1}
         + (1 - \hat\beta_{2,t})\,\operatorname{mean}_{\text{rows}}(G_t^2)\\
     \hat V_t &= R_t C_t / \max(\operatorname{mean}(R_t), \epsilon_1)
-    \qquad\text{(vectors: a full EMA of } G_t^2)\\
+    \qquad\text{(vectors, or } \texttt{factor\_second\_moment=False}\text{: a full EMA of } G_t^2)\\
     U_t &= G_t / \max(\sqrt{\hat V_t}, \epsilon_1)\\
     D_t &= \text{momentum of } U_t \text{ with } \beta_1
     \quad\text{(compressed by Algorithm 2, see } \texttt{flora.momentum})\\
@@ -31,9 +31,9 @@ Deviations from the paper, stated:
 * Order of the steps: momentum of the preconditioned update :math:`U_t`, then update
   clipping of the momentum direction, then the step size and parameter scale — the order of
   both of the paper's implementations (flora-opt's optax chain and its PyTorch ``Flora``).
-  The clipping bounds the extra variance that decompression adds to :math:`D_t`; before
-  version 0.2 Flora clipped :math:`U_t` before the momentum, which let that variance through
-  and trained worse (``benchmarks/results/compare/momentum_order.md``).
+  The clipping bounds the extra variance that decompression adds to :math:`D_t`. Until
+  commit 58cd4b4 Flora clipped :math:`U_t` before the momentum, which let that variance
+  through; ``benchmarks/results/momentum_order.md`` compares the two orders.
 * flora-opt uses ``lr`` as a constant relative step; ours is capped, :math:`\rho_t =
   \min(\texttt{lr}, 1/\sqrt t)` (``torch.optim.Adafactor``'s definition).
 * ``momentum_variant="history"`` (default) compresses only the history (newest term exact,
@@ -57,6 +57,7 @@ from flora.momentum import compressed_ema_
 from flora.optim.base import (
     FloraOptimizerBase,
     ShardReduce,
+    check_bool,
     check_real,
     factored_numel,
     factored_zeros,
@@ -68,7 +69,7 @@ __all__ = ["Flora", "flora_adafactor_update_"]
 def flora_adafactor_update_(
     param: Tensor,  # updated in place; float32/float64 (callers upcast fp16/bf16)
     grad: Tensor,  # same shape and dtype as param
-    state: dict[str, Any],  # step:int, row_var/col_var or variance, optional exp_avg
+    state: dict[str, Any],  # step:int, row_var/col_var (factored) or variance, opt. exp_avg
     *,
     lr: float,
     beta1: float,
@@ -102,7 +103,7 @@ def flora_adafactor_update_(
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
 
-    if grad.dim() > 1:
+    if "row_var" in state:  # factored second moment
         row_var, col_var = state["row_var"], state["col_var"]  # (..., m, 1), (..., 1, n)
         row_mean = torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1))
         row_var.lerp_(row_mean, one_minus_beta2_t)
@@ -178,8 +179,9 @@ def _sharded_adafactor_step(
     """The same step on a row shard. Only a matrix's factors span the sharded dimension
     (rows): for >2-d tensors the factors are per leading index and stay local."""
     numel = math.prod(shards.shape)
-    matrix = grad.dim() == 2
-    if grad.dim() > 1:
+    factored = "row_var" in state
+    matrix = factored and grad.dim() == 2
+    if factored:
         row_var, col_var = state["row_var"], state["col_var"]
         row_var.lerp_(grad.square().mean(dim=-1, keepdim=True), one_minus_beta2_t)
     # one all-reduce: ||theta||^2 and, for a matrix, the column sums of G^2 and the sum of R
@@ -198,7 +200,7 @@ def _sharded_adafactor_step(
         col_var.lerp_(sums[1:-1].div(rows).view_as(col_var), one_minus_beta2_t)
         var_estimate = row_var @ col_var
         var_estimate.div_(sums[-1:].div(rows).clamp_(min=eps1))
-    elif grad.dim() > 1:
+    elif factored:
         col_var.lerp_(grad.square().mean(dim=-2, keepdim=True), one_minus_beta2_t)
         var_estimate = row_var @ col_var
         var_estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
@@ -230,6 +232,9 @@ class Flora(FloraOptimizerBase):
             the state dtype), ``eps2`` floors the parameter RMS. Default ``(None, 1e-3)``.
         d: update clipping threshold (>= 1). Default ``1.0``.
         weight_decay: decoupled weight decay coefficient. Default ``0``.
+        factor_second_moment: Adafactor's row/column factors for tensors with >= 2 dims
+            (sublinear memory, default ``True``); ``False`` keeps a full-size second moment
+            (the paper's "linear-memory" variant of Table 4).
         rank: rank ``r`` of the compressed momentum. Default ``32``.
         kappa: resample the projection every ``kappa`` steps. Default ``1000`` (paper).
         seed: user seed of all projections. Default ``0``.
@@ -265,6 +270,7 @@ class Flora(FloraOptimizerBase):
         d: float = 1.0,
         weight_decay: float = 0.0,
         *,
+        factor_second_moment: bool = True,
         rank: int = 32,
         kappa: int = 1000,
         seed: int = 0,
@@ -284,6 +290,7 @@ class Flora(FloraOptimizerBase):
             eps=eps,
             d=d,
             weight_decay=weight_decay,
+            factor_second_moment=factor_second_moment,
             rank=rank,
             kappa=kappa,
             seed=seed,
@@ -308,19 +315,22 @@ class Flora(FloraOptimizerBase):
         if eps[0] is not None:
             check_real(f"{where}eps[0]", eps[0], 0.0, float("inf"), high_open=False)
         check_real(f"{where}eps[1]", eps[1], 0.0, float("inf"), high_open=False)
+        check_bool(f"{where}factor_second_moment", group["factor_second_moment"])
 
     def _uses_momentum(self, group: dict[str, Any]) -> bool:
         return group["beta1"] > 0
 
     def _second_moment_numel(self, group: dict[str, Any], shape: tuple[int, ...]) -> int:
-        return factored_numel(shape) if len(shape) >= 2 else math.prod(shape)
+        if group["factor_second_moment"] and len(shape) >= 2:
+            return factored_numel(shape)
+        return math.prod(shape)
 
     def _update(
         self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
     ) -> None:
         if "step" not in state:
             state["step"] = 0
-            if grad.dim() > 1:
+            if grad.dim() > 1 and group["factor_second_moment"]:
                 state["row_var"], state["col_var"] = factored_zeros(grad)
             else:
                 state["variance"] = torch.zeros_like(grad, memory_format=torch.preserve_format)

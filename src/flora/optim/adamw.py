@@ -34,6 +34,7 @@ from flora.momentum import compressed_ema_
 from flora.optim.base import (
     FloraOptimizerBase,
     ShardReduce,
+    check_bool,
     check_real,
     factored_numel,
     factored_zeros,
@@ -189,11 +190,7 @@ class FloraAdamW(FloraOptimizerBase):
         check_real(f"{where}betas[0]", betas[0], 0.0, 1.0, high_open=True)
         check_real(f"{where}betas[1]", betas[1], 0.0, 1.0, high_open=True)
         check_real(f"{where}eps", group["eps"], 0.0, float("inf"), high_open=False)
-        if not isinstance(group["factor_second_moment"], bool):
-            raise TypeError(
-                f"{where}factor_second_moment must be a bool, "
-                f"got {type(group['factor_second_moment']).__name__}"
-            )
+        check_bool(f"{where}factor_second_moment", group["factor_second_moment"])
 
     def _uses_momentum(self, group: dict[str, Any]) -> bool:
         return group["betas"][0] > 0

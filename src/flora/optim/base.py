@@ -72,6 +72,12 @@ def check_real(name: str, value: object, low: float, high: float, *, high_open: 
         raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {v}")
 
 
+def check_bool(name: str, value: object) -> None:
+    """Raise TypeError naming ``name`` unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def factored_numel(shape: tuple[int, ...]) -> int:
     """Elements of Adafactor's row and column factors for a tensor with >= 2 dims."""
     numel = math.prod(shape)
@@ -192,8 +198,7 @@ class FloraOptimizerBase(Optimizer):
         if seed < 0:
             raise ValueError(f"{where}seed must be >= 0, got {seed}")
         for flag in ("compress", "maximize", "cache_projection"):
-            if not isinstance(group[flag], bool):
-                raise TypeError(f"{where}{flag} must be a bool, got {type(group[flag]).__name__}")
+            check_bool(f"{where}{flag}", group[flag])
         choices = (
             ("side", SIDE_OPTIONS),
             ("momentum_variant", MOMENTUM_VARIANTS),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +47,12 @@ class PilotConfig:
     train_limit: int | None = None
     test_limit: int | None = None
     evals_per_epoch: int = 4
+    extra_ranks: tuple[int, ...] = (32, 128)  # LoRA and RRP again at these ranks
     seed: int = 0
 
     @classmethod
     def quick(cls) -> PilotConfig:
-        return cls(epochs=2, lrs=(0.03, 0.1))
+        return cls(epochs=2, lrs=(0.03, 0.1), extra_ranks=())
 
 
 def _projection(rank: int, dim: int, layer: int, window: int, seed: int) -> Tensor:
@@ -138,7 +139,12 @@ def train_one(
                     eff = _effective(weights, a_mats, b_mats) if lora else weights
                     curve.append((step / steps_per_epoch, _accuracy(eff, biases, xt_flat, test[1])))
     seconds = time.perf_counter() - start
-    return {"accuracy": curve[-1][1], "curve": curve, "seconds_per_step": seconds / max(step, 1)}
+    out = {"accuracy": curve[-1][1], "curve": curve, "seconds_per_step": seconds / max(step, 1)}
+    if method == "lora":  # how far A moved: Observation 2.2 assumes it barely does
+        a0 = [_projection(cfg.rank, w.shape[1], i, 0, cfg.seed) for i, w in enumerate(weights)]
+        drift = [float((a.detach() - b).norm() / b.norm()) for a, b in zip(a_mats, a0, strict=True)]
+        out["a_drift"] = sum(drift) / len(drift)
+    return out
 
 
 def run(cfg: PilotConfig, *, name: str, data_root=None) -> Results:
@@ -157,17 +163,23 @@ def run(cfg: PilotConfig, *, name: str, data_root=None) -> Results:
             ("accuracy", "test accuracy (best lr)"),
             ("all", "test accuracy at each lr"),
             ("time_ratio", "time/step vs SGD"),
+            ("a_drift", "LoRA: ‖A_T − A_0‖ / ‖A_0‖"),
         ],
         seed=cfg.seed,
         curve_axes=("epoch", "test accuracy"),
     )
     runs = {m: {lr: train_one(m, lr, cfg, train, test) for lr in cfg.lrs} for m in METHODS}
+    for r in cfg.extra_ranks:  # the investigation: does a larger rank close the gaps?
+        for m in ("lora", "rrp"):
+            at_rank = replace(cfg, rank=r)
+            runs[f"{m} r={r}"] = {lr: train_one(m, lr, at_rank, train, test) for lr in cfg.lrs}
     sgd_time = sum(r["seconds_per_step"] for r in runs["sgd"].values()) / len(cfg.lrs)
-    for m in METHODS:
+    for m in runs:
         best_lr = max(cfg.lrs, key=lambda lr: runs[m][lr]["accuracy"])
         best = runs[m][best_lr]
         res.rows.append(
             {
+                "a_drift": best.get("a_drift"),
                 "method": m,
                 "best_lr": best_lr,
                 "accuracy": best["accuracy"],
@@ -185,10 +197,29 @@ def run(cfg: PilotConfig, *, name: str, data_root=None) -> Results:
         if acc["rrp"] > low and acc["sgd"] - acc["rrp"] < acc["rrp"] - low
         else "does NOT hold"
     )
+    drift = next(r for r in res.rows if r["method"] == "lora")["a_drift"]
     res.notes += [
         f"{cfg.epochs} epochs, batch {cfg.batch_size}, {len(train[0]):,} training and "
         f"{len(test[0]):,} test images, kappa {cfg.kappa} for rrp, step sizes {list(cfg.lrs)}.",
         f"Paper's ordering (RRP ≈ SGD, clearly above LoRA ≈ LoRA(B) ≈ RP) {verdict} here: "
         f"SGD {acc['sgd']:.4f}, RRP {acc['rrp']:.4f}, best of LoRA/LoRA(B)/RP {low:.4f}.",
+        f"RRP is {acc['rrp'] - max(acc['lora_b'], acc['rp']):+.4f} above the fixed projection "
+        f"(LoRA(B) = RP, as Observation 2.2 says). LoRA's A moved by {drift:.0%} of its norm "
+        "at its best step size; Observation 2.2 (LoRA ≈ LoRA(B)) assumes it barely moves"
+        + (
+            f", so here LoRA ({acc['lora']:.4f}) is not LoRA(B) ({acc['lora_b']:.4f})."
+            if drift > 0.1
+            else f": LoRA {acc['lora']:.4f}, LoRA(B) {acc['lora_b']:.4f}."
+        ),
     ]
+    if cfg.extra_ranks:
+        at = ", ".join(
+            f"r={r}: LoRA {acc[f'lora r={r}']:.4f}, RRP {acc[f'rrp r={r}']:.4f}"
+            for r in cfg.extra_ranks
+        )
+        res.notes.append(
+            f"Rank {cfg.rank} vs larger ranks ({at}). A resampled projection adds variance "
+            "(1 + n/r) times the gradient's at every step, so RRP needs a smaller step size "
+            "than SGD at low rank."
+        )
     return res

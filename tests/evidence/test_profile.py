@@ -34,8 +34,11 @@ def test_step_in_backward_holds_one_gradient_and_ac_saves_less():
 
 
 def test_flora_and_lora_shrink_their_categories():
+    total, largest, _ = _param_stats(TINY)
     plain = measure("AdamW", "adamw", False, False, TINY)
     fl = measure("Flora", "flora", False, False, TINY)
+    assert fl["gradients"] == total  # all decompressed at the optimizer step
+    assert measure("Flora sib", "flora", False, True, TINY)["gradients"] == largest
     assert fl["optimizer_state"] < plain["optimizer_state"] / 3
     assert fl["accumulation"] < plain["accumulation"]
     assert fl["parameters"] == plain["parameters"]

@@ -5,9 +5,10 @@ and the step-in-backward mode on and off.
 Exact accounting (no allocator readings, so identical on every run and machine):
 
 * **parameters** — every parameter (LoRA: base weights plus adapters);
-* **gradients** — the largest total of live ``.grad`` tensors seen during backward, read in a
-  post-accumulate-grad hook of every parameter (registered before the accumulator's, so it
-  sees each gradient before the accumulator compresses and frees it);
+* **gradients** — the largest total of live ``.grad`` tensors, read in a post-accumulate-grad
+  hook of every parameter (registered before the accumulator's, so it sees each gradient
+  before the accumulator compresses and frees it) and at each ``optimizer.step()``, when
+  every decompressed gradient is alive (never, in step-in-backward mode);
 * **accumulation** — what is held between micro-batches to accumulate: the ``.grad`` tensors
   of plain accumulation, or ``GradientAccumulator.buffer_bytes()`` (compressed buffers plus
   the gradients of uncompressed parameters);
@@ -171,7 +172,8 @@ def measure(label: str, optimizer: str, ac: bool, sib: bool, cfg: ProfileConfig)
             if i < cfg.accumulate - 1:  # what waits for the next micro-batch
                 held = acc.buffer_bytes() if acc is not None else meter.live_grad_bytes()
                 accumulation = max(accumulation, held)
-        if not sib:
+        if not sib:  # every (decompressed) gradient is alive now, at the optimizer step
+            meter.grad_peak = max(meter.grad_peak, meter.live_grad_bytes())
             opt.step()
         opt.zero_grad(set_to_none=True)
     if ac:

@@ -10,6 +10,7 @@ Bad input gives one ``flora: error: ...`` line on stderr and exit status 2, neve
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from collections.abc import Sequence
 
@@ -108,6 +109,13 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=_positive_int, default=None,
                    help="run length: epochs (pilot, vit) or steps (the others)")  # fmt: skip
     c.add_argument("--optimizers", default=None, help="comma-separated subset (lm, vit)")
+    c.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set optimizer=adafactor --set ranks=(32,)",
+    )
+    c.add_argument("--tag", default=None, help="suffix of the result files, for a variant")
     return parser
 
 
@@ -193,12 +201,22 @@ def _compare(args: argparse.Namespace) -> int:
         if args.experiment not in ("lm", "vit"):
             raise TrainError("--optimizers applies to the lm and vit experiments")
         overrides["optimizers"] = tuple(args.optimizers.split(","))
+    for item in args.set or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise TrainError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[key] = text  # a bare word: a string
+    if args.tag is not None and not args.tag.replace("-", "").replace("_", "").isalnum():
+        raise TrainError(f"--tag must be letters, digits, '-' or '_', got {args.tag!r}")
     for name in names:
         print(f"flora compare {name} ({'quick' if args.quick else 'full'}) ...", flush=True)
         try:
             written = compare(
                 name, quick=args.quick, out=args.out, seed=args.seed,
-                data_root=args.data, overrides=overrides,
+                data_root=args.data, overrides=overrides, tag=args.tag,
             )  # fmt: skip
         except (DataError, ValueError, ImportError) as err:
             raise TrainError(f"compare {name}: {err}") from err

@@ -36,3 +36,28 @@ def test_compare_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("flora: error:") and message in err and "\n" not in err
+
+
+def test_set_overrides_and_tag(tmp_path, capsys, monkeypatch):
+    import flora.evidence.compare as compare_module
+
+    seen = {}
+
+    def fake_compare(name, **kwargs):
+        seen.update(kwargs, name=name)
+        return []
+
+    monkeypatch.setattr(compare_module, "compare", fake_compare)
+    argv = ["compare", "accumulate", "--quick", "--set", "optimizer=adafactor"]
+    argv += ["--set", "ranks=(32,)", "--set", "lr=0.01", "--tag", "adafactor"]
+    assert main(argv) == 0
+    assert seen["overrides"] == {"optimizer": "adafactor", "ranks": (32,), "lr": 0.01}
+    assert seen["tag"] == "adafactor" and seen["name"] == "accumulate"
+    assert main(["compare", "pilot", "--set", "epochs"]) == 2
+    assert main(["compare", "pilot", "--tag", "../x"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_unknown_setting_is_refused(capsys):
+    assert main(["compare", "pilot", "--quick", "--set", "colour=red"]) == 2
+    assert "no setting(s) ['colour']" in capsys.readouterr().err

@@ -77,8 +77,13 @@ def compare(
     seed: int = 0,
     data_root: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    tag: str | None = None,
 ) -> list[Path]:
-    """Run ``experiment`` and write its results into ``out``; returns the files written."""
+    """Run ``experiment`` and write its results into ``out``; returns the files written.
+
+    ``overrides`` replace fields of the experiment's config (``ValueError`` for an unknown
+    one); ``tag`` is appended to the file names (``lm_quick_<tag>.md``) so that a variant
+    does not overwrite the standard results."""
     if experiment not in EXPERIMENTS:
         raise ValueError(f"experiment must be one of {tuple(EXPERIMENTS)}, got {experiment!r}")
     exp = EXPERIMENTS[experiment]
@@ -88,7 +93,7 @@ def compare(
         raise ValueError(f"{experiment} has no setting(s) {sorted(unknown)}")
     cfg = replace(cfg, seed=seed, **(overrides or {}))
     torch.manual_seed(seed)
-    name = f"{experiment}_{'quick' if quick else 'full'}"
+    name = f"{experiment}_{'quick' if quick else 'full'}" + (f"_{tag}" if tag else "")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peers' deprecation notices
         results = exp.run(cfg, name=name, data_root=Path(data_root) if data_root else None)

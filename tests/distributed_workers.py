@@ -189,15 +189,30 @@ def _train_steps(model, opt, batches):
         opt.zero_grad()
 
 
+def _dcp_save(model, opt, path: str) -> None:
+    """DCP-save model and optimizer state (this rank's part of it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+
+
+def _dcp_load(model, opt, path: str) -> None:
+    """DCP-load what ``_dcp_save`` wrote, at any world size, into ``model`` and ``opt``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
 def dcp_roundtrip(rank: int, world: int, tmpdir: str, direction: str) -> None:
     """``save``: 3 DDP steps at this world size, then DCP-save model and optimizer (and a
     torch.save reference on rank 0). ``load``: DCP-load what a single process saved, then
     write the loaded optimizer state for comparison."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_state_dict,
-        set_state_dict,
-    )
 
     _init(rank, world, tmpdir)
     try:
@@ -205,17 +220,11 @@ def dcp_roundtrip(rank: int, world: int, tmpdir: str, direction: str) -> None:
         ddp = DistributedDataParallel(model)
         if direction == "save":
             _train_steps(ddp, opt, make_batches(3))  # same batches on every rank
-            msd, osd = get_state_dict(model, opt)
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{tmpdir}/dcp_world{world}")
+            _dcp_save(model, opt, f"{tmpdir}/dcp_world{world}")
             if rank == 0:
                 torch.save(opt.state_dict(), f"{tmpdir}/reference.pt")
         else:
-            msd, osd = get_state_dict(model, opt)
-            state = {"model": msd, "optim": osd}
-            dcp.load(state, checkpoint_id=f"{tmpdir}/dcp_world1")
-            set_state_dict(
-                model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"]
-            )
+            _dcp_load(model, opt, f"{tmpdir}/dcp_world1")
             _train_steps(ddp, opt, make_batches(5)[3:])
             if rank == 0:
                 torch.save(
@@ -307,8 +316,6 @@ def fsdp2_dcp(rank: int, world: int, tmpdir: str, phase: str, kind: str) -> None
     """``save``: 3 FSDP2 steps, DCP-save model and optimizer at this world size, then 3 more
     steps. ``load``: DCP-load what the other world size saved, then the same 3 more steps.
     Rank 0 writes the full optimizer state after loading/saving and the final parameters."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     _init(rank, world, tmpdir)
     try:
@@ -317,15 +324,9 @@ def fsdp2_dcp(rank: int, world: int, tmpdir: str, phase: str, kind: str) -> None
         opt = make_fsdp_optimizer(kind, model.named_parameters())
         if phase == "save":
             _fsdp_train(model, opt, batches, range(3), rank, world)
-            msd, osd = get_state_dict(model, opt)
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{tmpdir}/dcp_{world}")
+            _dcp_save(model, opt, f"{tmpdir}/dcp_{world}")
         else:
-            msd, osd = get_state_dict(model, opt)
-            loaded = {"model": msd, "optim": osd}
-            dcp.load(loaded, checkpoint_id=f"{tmpdir}/dcp_{DATA_WORLD // world}")
-            set_state_dict(
-                model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"]
-            )
+            _dcp_load(model, opt, f"{tmpdir}/dcp_{DATA_WORLD // world}")
         state = _full_state(opt)
         _fsdp_train(model, opt, batches, range(3, 6), rank, world)
         full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}

@@ -3,7 +3,8 @@ by ``flora compare accumulate``)."""
 
 import pytest
 
-from flora.evidence.accumulate import AccumulateConfig, passages, train_one
+from flora.evidence import datasets
+from flora.evidence.accumulate import AccumulateConfig, passages, run, train_one
 
 WORKS = {
     "a": "HEADER " * 20 + " ".join(f"alpha{i}" for i in range(400)) + " LICENCE" * 40,
@@ -37,17 +38,37 @@ CFG = AccumulateConfig(works=("a", "b"), max_tokens=24, accumulate=3, steps=2, r
 
 def test_accumulation_bytes_per_method(data):
     pytest.importorskip("transformers")
-    rows = {m: train_one(m, CFG, *data, pretrained=False) for m in ("none", "naive", "flora-4")}
+    rows = {
+        m: train_one(m, 1e-4, CFG, *data, pretrained=False) for m in ("none", "naive", "flora-4")
+    }
     assert rows["none"]["accumulation_bytes"] == 0  # nothing waits: one update per example
     assert rows["naive"]["accumulation_bytes"] == rows["naive"]["trainable_bytes"]
     assert 0 < rows["flora-4"]["accumulation_bytes"] < rows["naive"]["accumulation_bytes"]
     assert all(0 <= r["accuracy"] <= 1 for r in rows.values())
     pytest.importorskip("peft")
-    lora = train_one("lora-4", CFG, *data, pretrained=False)
+    lora = train_one("lora-4", 1e-3, CFG, *data, pretrained=False)
     assert lora["accumulation_bytes"] == lora["trainable_bytes"] < rows["naive"]["trainable_bytes"]
 
 
 @pytest.mark.parametrize("method", ["flora", "lora-x", "sgd-4", "naive-4"])
 def test_bad_method_is_refused(method, data):
     with pytest.raises((ValueError, TypeError)):
-        train_one(method, CFG, *data, pretrained=False)
+        train_one(method, 1e-4, CFG, *data, pretrained=False)
+
+
+def test_run_sweeps_step_sizes_and_reports_the_best(monkeypatch):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    monkeypatch.setattr(datasets, "shakespeare_works", lambda root=None: WORKS)
+    cfg = AccumulateConfig(
+        works=("a", "b"), max_tokens=24, accumulate=2, steps=2, ranks=(4,), test_per_work=5,
+        lrs=(1e-5, 1e-3), lora_lrs=(1e-2,),
+    )  # fmt: skip
+    res = run(cfg, name="t", pretrained=False)
+    assert [r["method"] for r in res.rows] == ["none", "naive", "lora-4", "flora-4"]
+    for row in res.rows:
+        points = dict(p.split(": ") for p in row["sweep"].split(", "))
+        lrs = cfg.lora_lrs if row["method"].startswith("lora") else cfg.lrs
+        assert list(map(float, points)) == list(lrs)
+        assert row["accuracy"] == pytest.approx(max(map(float, points.values())), abs=5e-4)
+        assert float(points[f"{row['lr']:g}"]) == pytest.approx(row["accuracy"], abs=5e-4)

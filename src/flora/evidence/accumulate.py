@@ -8,8 +8,10 @@ and ``tau = 16`` micro-batches per optimizer step, comparing
   in full), plain accumulation of the adapters' gradients;
 * ``flora-r`` — :class:`flora.GradientAccumulator` of rank r (Algorithm 1) for the whole model;
 
-all with ``torch.optim.AdamW`` (or ``optimizer="adafactor"``: ``torch.optim.Adafactor``).
-"Accumulation bytes" is what waits between micro-batches.
+all with ``torch.optim.AdamW`` (or ``optimizer="adafactor"``: ``torch.optim.Adafactor``),
+each method over a small step-size sweep (``lrs``; ``lora_lrs`` for LoRA), the best test
+accuracy reported and every point kept. "Accumulation bytes" is what waits between
+micro-batches.
 
 The task is real text with real labels: which of eight Shakespeare plays a passage of about
 400 characters comes from (the first 80% of each play, after its Gutenberg header, trains;
@@ -29,9 +31,10 @@ import torch
 from torch import nn
 
 from flora.evidence.memory import optimizer_state_bytes, parameter_bytes
+from flora.evidence.methods import best_of_sweep, methods, parse_method, ratios_to_naive
 from flora.evidence.report import Results
 
-__all__ = ["AccumulateConfig", "methods", "parse_method", "passages", "run", "train_one"]
+__all__ = ["AccumulateConfig", "passages", "run", "train_one"]
 
 WORKS = ("hamlet", "macbeth", "othello", "lear", "tempest", "twelfth_night",
          "midsummer_nights_dream", "julius_caesar")  # fmt: skip
@@ -46,15 +49,15 @@ class AccumulateConfig:
     accumulate: int = 16
     steps: int = 150
     ranks: tuple[int, ...] = (8, 32, 128, 256)
-    lr: float = 1e-4
-    lora_lr: float = 1e-3
+    lrs: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3)
+    lora_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     test_per_work: int = 100
     optimizer: str = "adamw"  # or "adafactor" (torch.optim.Adafactor, the paper's base)
     seed: int = 0
 
     @classmethod
     def quick(cls) -> AccumulateConfig:
-        return cls(max_tokens=64, steps=25, test_per_work=40)
+        return cls(max_tokens=64, steps=25, test_per_work=40, lrs=(1e-4, 3e-4, 1e-3))
 
 
 def passages(
@@ -125,40 +128,23 @@ def _accuracy(model: nn.Module, tokenizer: Any, test, max_tokens: int) -> float:
     return correct / len(test)
 
 
-def parse_method(method: str) -> tuple[str, int]:
-    """``"none"``, ``"naive"``, ``"lora-<r>"`` or ``"flora-<r>"`` -> (kind, rank or 0)."""
-    kind, _, rank_text = method.partition("-")
-    ranked = kind in ("lora", "flora")
-    if kind not in ("none", "naive", "lora", "flora") or ranked != rank_text.isdigit():
-        raise ValueError(f"method must be none, naive, lora-<r> or flora-<r>, got {method!r}")
-    return kind, int(rank_text) if ranked else 0
-
-
-def methods(ranks: tuple[int, ...]) -> list[str]:
-    """Table 1/2's rows: none, naive, then LoRA and Flora at each rank."""
-    return ["none", "naive", *(f"lora-{r}" for r in ranks), *(f"flora-{r}" for r in ranks)]
-
-
-def ratios_to_naive(rows: list[dict[str, Any]], pairs: dict[str, str]) -> None:
-    """Set ``row[new] = row[key] / naive_row[key]`` for each ``new: key`` of ``pairs``."""
-    naive = next(r for r in rows if r["method"] == "naive")
-    for row in rows:
-        for new, key in pairs.items():
-            row[new] = row[key] / naive[key] if naive[key] else None
+def _listing(values: tuple[float, ...]) -> str:
+    return ", ".join(f"{v:g}" for v in values)
 
 
 def _grad_bytes(params: list[torch.Tensor]) -> int:
     return sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
 
 
-def train_one(method: str, cfg: AccumulateConfig, train, test, pretrained: bool = True) -> dict:
-    """One method (``none``, ``naive``, ``lora-<r>``, ``flora-<r>``); returns accuracy,
-    accumulation/state/parameter bytes and seconds per micro-batch."""
+def train_one(
+    method: str, lr: float, cfg: AccumulateConfig, train, test, pretrained: bool = True
+) -> dict:
+    """One method (``none``, ``naive``, ``lora-<r>``, ``flora-<r>``) at step size ``lr``;
+    returns accuracy, accumulation/state/parameter bytes and seconds per micro-batch."""
     import flora
 
     kind, rank = parse_method(method)
     model, tokenizer = _model(len(cfg.works), pretrained)
-    lr = cfg.lr
     if kind == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -166,7 +152,6 @@ def train_one(method: str, cfg: AccumulateConfig, train, test, pretrained: bool 
             r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, modules_to_save=["classifier"]
         )
         model = get_peft_model(model, lora)
-        lr = cfg.lora_lr
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
@@ -198,6 +183,7 @@ def train_one(method: str, cfg: AccumulateConfig, train, test, pretrained: bool 
     seconds = (time.perf_counter() - start) / len(order)
     return {
         "method": method,
+        "lr": lr,
         "accuracy": _accuracy(model, tokenizer, test, cfg.max_tokens),
         "accumulation_bytes": held,
         "state_bytes": optimizer_state_bytes(opt),
@@ -214,7 +200,12 @@ def run(cfg: AccumulateConfig, *, name: str, data_root=None, pretrained: bool = 
     test = [
         x for label in range(len(cfg.works)) for x in [t for t in test if t[1] == label][:per_work]
     ]
-    rows = [train_one(m, cfg, train, test, pretrained) for m in methods(cfg.ranks)]
+    rows = []
+    for method in methods(cfg.ranks):
+        lrs = cfg.lora_lrs if method.startswith("lora") else cfg.lrs
+        sweep = [train_one(method, lr, cfg, train, test, pretrained) for lr in lrs]
+        describe = lambda r: f"{r['accuracy']:.3f}"  # noqa: E731
+        rows.append(best_of_sweep(sweep, "accuracy", lower=False, describe=describe))
     ratios = {"accumulation_ratio": "accumulation_bytes", "time_ratio": "seconds_per_micro_batch"}
     ratios_to_naive(rows, ratios)
     res = Results(
@@ -223,6 +214,8 @@ def run(cfg: AccumulateConfig, *, name: str, data_root=None, pretrained: bool = 
         columns=[
             ("method", "method"),
             ("accuracy", "test accuracy"),
+            ("lr", "best lr"),
+            ("sweep", "accuracy at each lr"),
             ("accumulation_bytes", "accumulation bytes"),
             ("accumulation_ratio", "vs naive"),
             ("trainable_bytes", "trainable param bytes"),
@@ -237,7 +230,8 @@ def run(cfg: AccumulateConfig, *, name: str, data_root=None, pretrained: bool = 
         f"({', '.join(cfg.works)}) a ~{cfg.passage_chars}-character passage is from; "
         f"{len(train):,} training passages, {len(test):,} test passages; {cfg.max_tokens} "
         f"tokens, {cfg.steps} optimizer steps of {cfg.accumulate} micro-batches of 1 "
-        f"(none: {cfg.steps * cfg.accumulate} steps of 1); {cfg.optimizer} lr {cfg.lr:g} "
-        f"(LoRA {cfg.lora_lr:g}, alpha = r). Chance is {1 / len(cfg.works):.3f}."
+        f"(none: {cfg.steps * cfg.accumulate} steps of 1); {cfg.optimizer}, constant step "
+        f"size, best of {_listing(cfg.lrs)} (LoRA: {_listing(cfg.lora_lrs)}; alpha = r). "
+        f"Chance is {1 / len(cfg.works):.3f}."
     )
     return res

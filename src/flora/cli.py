@@ -18,7 +18,10 @@ from flora.gpt import SIZES
 from flora.training import OPTIMIZERS, TrainConfig, TrainError, train
 
 #: the experiments of ``flora compare`` (flora.evidence.compare.EXPERIMENTS, kept light here)
-EXPERIMENT_NAMES = ("pilot", "accumulate", "translate", "lm", "kappa", "vit", "profile")
+EXPERIMENT_NAMES = (
+    "pilot", "accumulate", "translate", "translate-accumulate", "summarize", "lm", "kappa", "vit",
+    "profile",
+)  # fmt: skip
 
 __all__ = ["main"]
 
@@ -194,8 +197,7 @@ def _compare(args: argparse.Namespace) -> int:
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     overrides = {}
     if args.steps is not None:
-        per_step = ("lm", "kappa", "profile", "accumulate", "translate")
-        key = "steps" if args.experiment in per_step else "epochs"
+        key = "epochs" if args.experiment in ("pilot", "vit") else "steps"
         overrides[key] = args.steps
     if args.optimizers:
         if args.experiment not in ("lm", "vit"):

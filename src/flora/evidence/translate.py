@@ -68,7 +68,7 @@ class TranslateConfig:
     max_tokens: int = 64  # German + <sep> + English + </s>
     batch: int = 32
     steps: int = 2000
-    lrs: tuple[float, ...] = (1e-2, 3e-2)
+    lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     ranks: tuple[int, ...] = (8, 32, 128)
     kappa: int = 200
     test_pairs: int = 500
@@ -88,6 +88,7 @@ class TranslateAccumulateConfig(TranslateConfig):
     batch: int = 1
     accumulate: int = 16
     steps: int = 1000
+    lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1)  # few updates: larger steps than Table 2's
 
     @classmethod
     def quick(cls) -> TranslateAccumulateConfig:

@@ -51,7 +51,7 @@ class SummarizeConfig:
     target_tokens: int = 24
     batch: int = 32
     steps: int = 3000
-    lrs: tuple[float, ...] = (1e-2, 3e-2)
+    lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     ranks: tuple[int, ...] = (8, 32, 128)
     kappa: int = 200
     train_pairs: int = 0  # 0: all
@@ -61,7 +61,8 @@ class SummarizeConfig:
     @classmethod
     def quick(cls) -> SummarizeConfig:
         return cls(d_model=128, num_layers=2, vocab_size=4096, source_tokens=96, steps=400,
-                   ranks=(8, 32), kappa=100, train_pairs=20000, test_pairs=200)  # fmt: skip
+                   lrs=(1e-2, 3e-2), ranks=(8, 32), kappa=100, train_pairs=20000,
+                   test_pairs=200)  # fmt: skip
 
 
 def rouge(hypotheses: list[str], references: list[str]) -> dict[str, float]:

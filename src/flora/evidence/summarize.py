@@ -16,8 +16,8 @@ source package's binaries) are all on the same side of the train/test split.
 
 from __future__ import annotations
 
-import time
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Any
 

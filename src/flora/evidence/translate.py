@@ -35,6 +35,7 @@ from torch import nn
 
 from flora.evidence.memory import optimizer_state_bytes
 from flora.evidence.methods import (
+    best_of_sweep,
     methods,
     momentum_optimizer,
     parse_method,
@@ -275,9 +276,8 @@ def _sweep(cfg: TranslateConfig, tokenizer, train, test) -> list[dict[str, Any]]
     rows = []
     for method in methods(cfg.ranks):
         points = [train_one(method, lr, cfg, tokenizer, train, test) for lr in cfg.lrs]
-        best = dict(min(points, key=lambda r: r["loss"]))
-        best["sweep"] = ", ".join(f"{r['lr']:g}: {r['loss']:.3f} / {r['bleu']:.2f}" for r in points)
-        rows.append(best)
+        describe = lambda r: f"{r['loss']:.3f} / {r['bleu']:.2f}"  # noqa: E731
+        rows.append(best_of_sweep(points, "loss", lower=True, describe=describe))
     ratios_to_naive(rows, {"state_ratio": "state_bytes", "time_ratio": "seconds"})
     return rows
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from flora.evidence.memory import optimizer_state_bytes, parameter_bytes
-from flora.evidence.methods import best_of_sweep, methods, parse_method, ratios_to_naive
+from flora.evidence.methods import best_rows, parse_method, ratios_to_naive
 from flora.evidence.report import Results
 
 __all__ = ["AccumulateConfig", "passages", "run", "train_one"]
@@ -202,12 +202,14 @@ def run(cfg: AccumulateConfig, *, name: str, data_root=None, pretrained: bool = 
     test = [
         x for label in range(len(cfg.works)) for x in [t for t in test if t[1] == label][:per_work]
     ]
-    rows = []
-    for method in methods(cfg.ranks):
-        lrs = cfg.lora_lrs if method.startswith("lora") else cfg.lrs
-        sweep = [train_one(method, lr, cfg, train, test, pretrained) for lr in lrs]
-        describe = lambda r: f"{r['accuracy']:.3f}"  # noqa: E731
-        rows.append(best_of_sweep(sweep, "accuracy", lower=False, describe=describe))
+    rows = best_rows(
+        cfg.ranks,
+        lambda method: cfg.lora_lrs if method.startswith("lora") else cfg.lrs,
+        lambda method, lr: train_one(method, lr, cfg, train, test, pretrained),
+        "accuracy",
+        lower=False,
+        describe=lambda r: f"{r['accuracy']:.3f}",
+    )
     ratios = {"accumulation_ratio": "accumulation_bytes", "time_ratio": "seconds_per_micro_batch"}
     ratios_to_naive(rows, ratios)
     res = Results(

@@ -9,7 +9,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["best_of_sweep", "methods", "momentum_optimizer", "parse_method", "ratios_to_naive"]
+__all__ = [
+    "best_of_sweep",
+    "best_rows",
+    "methods",
+    "momentum_optimizer",
+    "parse_method",
+    "ratios_to_naive",
+]
 
 
 def parse_method(method: str) -> tuple[str, int]:
@@ -62,3 +69,20 @@ def best_of_sweep(
     best = dict((min if lower else max)(points, key=lambda r: r[key]))
     best["sweep"] = ", ".join(f"{r['lr']:g}: {describe(r)}" for r in points)
     return best
+
+
+def best_rows(
+    ranks: tuple[int, ...],
+    lrs: Callable[[str], tuple[float, ...]],
+    train: Callable[[str, float], dict[str, Any]],
+    key: str,
+    *,
+    lower: bool,
+    describe: Callable[[dict], str],
+) -> list[dict[str, Any]]:
+    """One row per method of :func:`methods` (``ranks``): ``train(method, lr)`` at each of
+    ``lrs(method)``, the best by ``key`` kept with the whole sweep (:func:`best_of_sweep`)."""
+    return [
+        best_of_sweep([train(m, lr) for lr in lrs(m)], key, lower=lower, describe=describe)
+        for m in methods(ranks)
+    ]

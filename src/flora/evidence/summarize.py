@@ -27,8 +27,7 @@ from torch import nn
 
 from flora.evidence.memory import optimizer_state_bytes
 from flora.evidence.methods import (
-    best_of_sweep,
-    methods,
+    best_rows,
     momentum_optimizer,
     parse_method,
     ratios_to_naive,
@@ -205,11 +204,14 @@ def run(cfg: SummarizeConfig, *, name: str, data_root=None) -> Results:
     if cfg.train_pairs:
         train = train[: cfg.train_pairs]
     tokenizer = train_bpe((t for pair in train for t in pair), cfg.vocab_size)
-    rows = []
-    for method in methods(cfg.ranks):
-        points = [train_one(method, lr, cfg, tokenizer, train, test) for lr in cfg.lrs]
-        describe = lambda r: f"{r['loss']:.3f} / {r['rougeL']:.1f}"  # noqa: E731
-        rows.append(best_of_sweep(points, "loss", lower=True, describe=describe))
+    rows = best_rows(
+        cfg.ranks,
+        lambda method: cfg.lrs,
+        lambda method, lr: train_one(method, lr, cfg, tokenizer, train, test),
+        "loss",
+        lower=True,
+        describe=lambda r: f"{r['loss']:.3f} / {r['rougeL']:.1f}",
+    )
     ratios_to_naive(rows, {"state_ratio": "state_bytes", "time_ratio": "seconds"})
     res = Results(
         name=name,

@@ -35,8 +35,7 @@ from torch import nn
 
 from flora.evidence.memory import optimizer_state_bytes
 from flora.evidence.methods import (
-    best_of_sweep,
-    methods,
+    best_rows,
     momentum_optimizer,
     parse_method,
     ratios_to_naive,
@@ -273,11 +272,14 @@ def _data(cfg: TranslateConfig, data_root) -> tuple[Any, list[Pair], list[Pair]]
 
 
 def _sweep(cfg: TranslateConfig, tokenizer, train, test) -> list[dict[str, Any]]:
-    rows = []
-    for method in methods(cfg.ranks):
-        points = [train_one(method, lr, cfg, tokenizer, train, test) for lr in cfg.lrs]
-        describe = lambda r: f"{r['loss']:.3f} / {r['bleu']:.2f}"  # noqa: E731
-        rows.append(best_of_sweep(points, "loss", lower=True, describe=describe))
+    rows = best_rows(
+        cfg.ranks,
+        lambda method: cfg.lrs,
+        lambda method, lr: train_one(method, lr, cfg, tokenizer, train, test),
+        "loss",
+        lower=True,
+        describe=lambda r: f"{r['loss']:.3f} / {r['bleu']:.2f}",
+    )
     ratios_to_naive(rows, {"state_ratio": "state_bytes", "time_ratio": "seconds"})
     return rows
 

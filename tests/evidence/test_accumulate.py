@@ -62,7 +62,7 @@ def test_run_sweeps_step_sizes_and_reports_the_best(monkeypatch):
     monkeypatch.setattr(datasets, "shakespeare_works", lambda root=None: WORKS)
     cfg = AccumulateConfig(
         works=("a", "b"), max_tokens=24, accumulate=2, steps=2, ranks=(4,), test_per_work=5,
-        lrs=(1e-5, 1e-3), lora_lrs=(1e-2,),
+        lrs=(1e-5, 1e-3), lora_lrs=(1e-2,), widen=0,
     )  # fmt: skip
     res = run(cfg, name="t", pretrained=False)
     assert [r["method"] for r in res.rows] == ["none", "naive", "lora-4", "flora-4"]

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from flora.evidence.memory import optimizer_state_bytes, parameter_bytes
-from flora.evidence.methods import best_rows, parse_method, ratios_to_naive
+from flora.evidence.methods import best_rows, edge_note, parse_method, plot_sweeps, ratios_to_naive
 from flora.evidence.report import Results
 
 __all__ = ["AccumulateConfig", "passages", "run", "train_one"]
@@ -53,6 +53,7 @@ class AccumulateConfig:
     ranks: tuple[int, ...] = (8, 32, 128, 256)
     lrs: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3)
     lora_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    widen: int = 2  # step sizes tried past a sweep edge while the best sits on it
     test_per_work: int = 100
     optimizer: str = "adamw"  # or "adafactor" (torch.optim.Adafactor, the paper's base)
     seed: int = 0
@@ -209,6 +210,7 @@ def run(cfg: AccumulateConfig, *, name: str, data_root=None, pretrained: bool = 
         "accuracy",
         lower=False,
         describe=lambda r: f"{r['accuracy']:.3f}",
+        extend=cfg.widen,
     )
     ratios = {"accumulation_ratio": "accumulation_bytes", "time_ratio": "seconds_per_micro_batch"}
     ratios_to_naive(rows, ratios)
@@ -235,7 +237,10 @@ def run(cfg: AccumulateConfig, *, name: str, data_root=None, pretrained: bool = 
         f"{len(train):,} training passages, {len(test):,} test passages; {cfg.max_tokens} "
         f"tokens, {cfg.steps} optimizer steps of {cfg.accumulate} micro-batches of 1 "
         f"(none: {cfg.steps * cfg.accumulate} steps of 1); {cfg.optimizer}, constant step "
-        f"size, best of {_listing(cfg.lrs)} (LoRA: {_listing(cfg.lora_lrs)}; alpha = r). "
-        f"Chance is {1 / len(cfg.works):.3f}."
+        f"size, best of a sweep from {_listing(cfg.lrs)} (LoRA: {_listing(cfg.lora_lrs)}; "
+        f"alpha = r). Chance is {1 / len(cfg.works):.3f}."
     )
+    res.notes.append(edge_note(rows, cfg.widen))
+    plot_sweeps(res, rows, "accuracy", "test accuracy", "accumulation_ratio",
+                "accumulation bytes / naive accumulation")  # fmt: skip
     return res

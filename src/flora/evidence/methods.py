@@ -12,10 +12,13 @@ import torch
 __all__ = [
     "best_of_sweep",
     "best_rows",
+    "edge_note",
     "methods",
     "momentum_optimizer",
     "parse_method",
+    "plot_sweeps",
     "ratios_to_naive",
+    "sweep",
 ]
 
 
@@ -61,13 +64,56 @@ def ratios_to_naive(rows: list[dict[str, Any]], pairs: dict[str, str]) -> None:
             row[new] = row[key] / naive[key] if naive[key] else None
 
 
+def sweep(
+    train: Callable[[float], dict[str, Any]],
+    lrs: tuple[float, ...],
+    key: str,
+    *,
+    lower: bool,
+    extend: int = 2,
+) -> list[dict[str, Any]]:
+    """``train(lr)`` at each of ``lrs``, then, while the best by ``key`` sits on the smallest or
+    largest step size tried, one more step size past that edge (at the ratio of the grid's two
+    outermost points on that side), at most ``extend`` per side. Returns every point, by
+    ascending step size. Ties go to the smaller step size, so a flat sweep extends downwards."""
+    grid = sorted(lrs)
+    points = [train(lr) for lr in grid]
+    added = {0: 0, -1: 0}
+    while len(grid) > 1:
+        best = _best_index(points, key, lower)
+        side = 0 if best == 0 else -1 if best == len(points) - 1 else None
+        if side is None or added[side] >= extend:
+            break
+        added[side] += 1
+        if side == 0:
+            lr = points[0]["lr"] * grid[0] / grid[1]
+            points.insert(0, train(lr))
+        else:
+            lr = points[-1]["lr"] * grid[-1] / grid[-2]
+            points.append(train(lr))
+    return points
+
+
+def _best_index(points: list[dict[str, Any]], key: str, lower: bool) -> int:
+    values = [p[key] for p in points]
+    return values.index(min(values) if lower else max(values))
+
+
 def best_of_sweep(
     points: list[dict[str, Any]], key: str, *, lower: bool, describe: Callable[[dict], str]
 ) -> dict[str, Any]:
-    """The best of ``points`` (one per step size) by ``key`` (the first of equals, i.e. the
-    smaller step size), with ``"sweep"`` listing ``"<lr>: <describe(point)>"`` for all."""
-    best = dict((min if lower else max)(points, key=lambda r: r[key]))
+    """The best of ``points`` (one per step size, ascending) by ``key`` (the first of equals,
+    i.e. the smaller step size), with ``"sweep"`` listing ``"<lr>: <describe(point)>"`` for
+    all, ``"points"`` the numbers of every point, and ``"lr_at_edge"`` whether the best is the
+    smallest or largest step size tried."""
+    index = _best_index(points, key, lower)
+    best = dict(points[index])
     best["sweep"] = ", ".join(f"{r['lr']:g}: {describe(r)}" for r in points)
+    best["points"] = [
+        {k: v for k, v in r.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        for r in points
+    ]
+    best["lr_at_edge"] = len(points) > 1 and index in (0, len(points) - 1)
     return best
 
 
@@ -79,10 +125,47 @@ def best_rows(
     *,
     lower: bool,
     describe: Callable[[dict], str],
+    extend: int = 2,
 ) -> list[dict[str, Any]]:
-    """One row per method of :func:`methods` (``ranks``): ``train(method, lr)`` at each of
-    ``lrs(method)``, the best by ``key`` kept with the whole sweep (:func:`best_of_sweep`)."""
+    """One row per method of :func:`methods` (``ranks``): ``train(method, lr)`` over
+    :func:`sweep` from ``lrs(method)``, the best by ``key`` kept with every point
+    (:func:`best_of_sweep`)."""
     return [
-        best_of_sweep([train(m, lr) for lr in lrs(m)], key, lower=lower, describe=describe)
+        best_of_sweep(
+            sweep(lambda lr, m=m: train(m, lr), lrs(m), key, lower=lower, extend=extend),
+            key,
+            lower=lower,
+            describe=describe,
+        )
         for m in methods(ranks)
     ]
+
+
+def edge_note(rows: list[dict[str, Any]], extend: int = 2) -> str:
+    """One sentence on how the sweeps were widened and which best step sizes still sit on an
+    edge of what was tried (there the true optimum may lie further out)."""
+    edged = [f"{r['method']} ({r['lr']:g})" for r in rows if r.get("lr_at_edge")]
+    return (
+        f"Each sweep is widened by up to {extend} step sizes past an edge while its best sits "
+        "there; "
+        + (
+            f"best still on an edge of what was tried: {', '.join(edged)}."
+            if edged
+            else "every best step size is inside its sweep."
+        )
+    )
+
+
+def plot_sweeps(
+    res: Any, rows: list[dict[str, Any]], key: str, label: str, memory_key: str, memory: str
+) -> None:
+    """Plot ``key`` against the step size for every method's sweep (left) and each method's
+    best ``key`` against ``row[memory_key]`` (right) on :class:`~flora.evidence.report.Results`
+    ``res``."""
+    for row in rows:
+        res.curves[row["method"]] = [(p["lr"], p[key]) for p in row["points"]]
+        if row.get(memory_key) is not None:
+            res.points[row["method"]] = (row[memory_key], row[key])
+    res.curve_axes = ("step size", label)
+    res.curve_log_x = True
+    res.point_axes = (memory, label)

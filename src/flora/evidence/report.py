@@ -81,7 +81,10 @@ class Results:
     notes: list[str] = field(default_factory=list)
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # label -> (x, y)
     curve_axes: tuple[str, str] = ("step", "value")
+    curve_log_x: bool = False
     bars: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> category -> bytes
+    points: dict[str, tuple[float, float]] = field(default_factory=dict)  # label -> (x, y)
+    point_axes: tuple[str, str] = ("memory", "value")
 
     def markdown(self, env: dict[str, Any]) -> str:
         lines = [f"# {self.title}", "", f"Reproduce: `{env['command']}`", ""]
@@ -112,6 +115,7 @@ class Results:
         written = [folder / f"{self.name}.md", folder / f"{self.name}.json"]
         payload = {"title": self.title, "env": env, "rows": self.rows, "curves": self.curves}
         payload["bars"] = self.bars
+        payload["points"] = self.points
         written[1].write_text(json.dumps(payload, indent=1, default=str) + "\n")
         png = self._plot(folder / f"{self.name}.png")
         self.plotted = png is not None
@@ -121,7 +125,10 @@ class Results:
         return written
 
     def _plot(self, path: Path) -> Path | None:
-        if not (self.curves or self.bars):
+        """Curves or memory bars on the left, labelled points (e.g. quality against memory)
+        on the right; one panel when only one of them is set."""
+        panels = [p for p in ("curves" if self.curves else "bars", "points") if getattr(self, p)]
+        if not panels:
             return None
         try:
             import matplotlib
@@ -130,28 +137,41 @@ class Results:
             import matplotlib.pyplot as plt
         except ImportError:
             return None
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        if self.bars:  # stacked horizontal bars, one per label, in MiB
-            labels = list(self.bars)
-            categories = list(next(iter(self.bars.values())))
-            left = [0.0] * len(labels)
-            for cat in categories:
-                widths = [self.bars[label][cat] / 2**20 for label in labels]
-                ax.barh(labels, widths, left=left, label=cat.replace("_", " "))
-                left = [a + b for a, b in zip(left, widths, strict=True)]
-            ax.invert_yaxis()
-            ax.set_xlabel("MiB")
-        else:
-            for label, points in self.curves.items():
-                if points:
-                    xs, ys = zip(*points, strict=True)
-                    ax.plot(xs, ys, label=label)
-            ax.set_xlabel(self.curve_axes[0])
-            ax.set_ylabel(self.curve_axes[1])
-        ax.set_title(self.title, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.2), squeeze=False)
+        for ax, panel in zip(axes[0], panels, strict=True):
+            getattr(self, f"_draw_{panel}")(ax)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(self.title, fontsize=9)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+    def _draw_bars(self, ax) -> None:  # stacked horizontal bars, one per label, in MiB
+        labels = list(self.bars)
+        categories = list(next(iter(self.bars.values())))
+        left = [0.0] * len(labels)
+        for cat in categories:
+            widths = [self.bars[label][cat] / 2**20 for label in labels]
+            ax.barh(labels, widths, left=left, label=cat.replace("_", " "))
+            left = [a + b for a, b in zip(left, widths, strict=True)]
+        ax.invert_yaxis()
+        ax.set_xlabel("MiB")
+
+    def _draw_curves(self, ax) -> None:
+        for label, curve in self.curves.items():
+            if curve:
+                xs, ys = zip(*curve, strict=True)
+                ax.plot(xs, ys, "o-" if len(curve) < 12 else "-", label=label, ms=3)
+        if self.curve_log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(self.curve_axes[0])
+        ax.set_ylabel(self.curve_axes[1])
+
+    def _draw_points(self, ax) -> None:
+        for label, (x, y) in self.points.items():
+            ax.plot([x], [y], "o", label=label)
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(self.point_axes[0])
+        ax.set_ylabel(self.point_axes[1])

@@ -28,8 +28,10 @@ from torch import nn
 from flora.evidence.memory import optimizer_state_bytes
 from flora.evidence.methods import (
     best_rows,
+    edge_note,
     momentum_optimizer,
     parse_method,
+    plot_sweeps,
     ratios_to_naive,
 )
 from flora.evidence.report import Results
@@ -51,6 +53,7 @@ class SummarizeConfig:
     batch: int = 32
     steps: int = 3000
     lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
+    widen: int = 2  # step sizes tried past a sweep edge while the best sits on it
     ranks: tuple[int, ...] = (8, 32, 128)
     kappa: int = 200
     train_pairs: int = 0  # 0: all
@@ -211,6 +214,7 @@ def run(cfg: SummarizeConfig, *, name: str, data_root=None) -> Results:
         "loss",
         lower=True,
         describe=lambda r: f"{r['loss']:.3f} / {r['rougeL']:.1f}",
+        extend=cfg.widen,
     )
     ratios_to_naive(rows, {"state_ratio": "state_bytes", "time_ratio": "seconds"})
     res = Results(
@@ -238,9 +242,9 @@ def run(cfg: SummarizeConfig, *, name: str, data_root=None) -> Results:
         f"{cfg.num_heads} heads, a {cfg.vocab_size}-id byte-level BPE trained on the training "
         f"pairs; sources cut at {cfg.source_tokens} tokens, synopses at {cfg.target_tokens}. "
         f"{len(train):,} training and {len(test):,} test pairs; batch {cfg.batch}, "
-        f"{cfg.steps} steps, kappa {cfg.kappa}. Best of a step-size sweep "
-        f"({', '.join(f'{x:g}' for x in cfg.lrs)}, Adafactor's relative step cap) by held-out "
-        f"loss. Greedy decoding; rouge-score F1 x 100 with stemming."
+        f"{cfg.steps} steps, kappa {cfg.kappa}. Best by held-out loss of a step-size "
+        f"sweep (Adafactor's relative step cap) from {', '.join(f'{x:g}' for x in cfg.lrs)}. "
+        f"Greedy decoding; rouge-score F1 x 100 with stemming."
     )
     value = {r["method"]: (r["loss"], r["rougeL"]) for r in rows}
     flora_best = min(v for k, v in value.items() if k.startswith("flora"))
@@ -259,4 +263,7 @@ def run(cfg: SummarizeConfig, *, name: str, data_root=None) -> Results:
         )
         + "."
     )
+    res.notes.append(edge_note(rows, cfg.widen))
+    plot_sweeps(res, rows, "loss", "held-out loss", "state_ratio",
+                "optimizer state bytes / naive momentum")  # fmt: skip
     return res

@@ -48,12 +48,18 @@ def test_unknown_optimizer_is_refused():
 
 def test_run_reports_best_lr_and_keeps_every_run():
     pytest.importorskip("transformers")
-    cfg = replace(TINY, optimizers=("adamw", "flora"), lr_slice=slice(0, 2))
+    cfg = replace(TINY, optimizers=("adamw", "flora"), lr_slice=slice(0, 2), widen=1)
     res = lm.run(cfg, name="t")
     assert [r["optimizer"] for r in res.rows] == ["adamw", "flora"]
     for row in res.rows:
-        assert len(row["runs"]) == 2
-        assert row["val_loss"] == min(r["val_loss"] for r in row["runs"])
+        # two step sizes always have the best on an edge: one more past it, then no more
+        lrs = [p["lr"] for p in row["points"]]
+        grid = lm.OPTIMIZERS[row["optimizer"]][1][:2]
+        assert len(lrs) == 3 and lrs == sorted(lrs) and set(grid) < set(lrs)
+        assert row["val_loss"] == min(p["val_loss"] for p in row["points"])
+        assert row["lr_at_edge"] == (row["lr"] in (lrs[0], lrs[-1]))
+        assert len(row["sweep"].split(", ")) == 3
+    assert "widened by up to 1 step sizes" in res.notes[1]
     assert res.rows[0]["state_ratio"] == 1.0 and res.rows[1]["state_ratio"] < 1.0
     kappa = lm.run_kappa(replace(cfg, kappas=(1, 1000)), name="k")
     assert [r["kappa"] for r in kappa.rows] == [1, 1000]

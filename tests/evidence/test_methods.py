@@ -82,6 +82,10 @@ def test_sweep_widens_past_the_edge_where_the_best_sits():
     assert len(sweep(train, (0.01, 0.03, 0.1), "loss", lower=True)) == 3 and len(calls) == 3
     train, calls = _quadratic(1.0)  # one step size: no ratio to widen by
     assert len(sweep(train, (0.5,), "loss", lower=True)) == 1
+    # a diverged (NaN) point is the worst, so the sweep widens away from it
+    nan = sweep(lambda lr: {"lr": lr, "loss": math.nan if lr > 0.05 else lr}, (0.01, 0.1),
+                "loss", lower=True)  # fmt: skip
+    assert [p["lr"] for p in nan] == pytest.approx([0.0001, 0.001, 0.01, 0.1])
     # higher is better: the optimum of -loss is found the same way
     up = sweep(lambda lr: {"lr": lr, "q": -abs(math.log10(lr))}, (0.01, 0.1), "q", lower=False)
     assert [p["lr"] for p in up] == pytest.approx([0.01, 0.1, 1.0, 10.0])

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from flora.evidence.memory import optimizer_state_bytes, parameter_bytes
+from flora.evidence.methods import best_of_sweep, edge_note, sweep
 from flora.evidence.report import Results
 
 __all__ = ["OPTIMIZERS", "LMConfig", "run", "run_kappa", "train_one"]
@@ -76,6 +77,7 @@ class LMConfig:
     evals: int = 10
     optimizers: tuple[str, ...] = tuple(OPTIMIZERS)
     lr_slice: slice | None = None  # run only this part of each sweep (None: all of it)
+    widen: int = 2  # step sizes tried past a sweep edge while the best sits on it
     kappas: tuple[int, ...] = (1, 10, 100, 1000, 10000)
     kappa_lr: float = 3e-2
     seed: int = 0
@@ -257,10 +259,17 @@ def run(cfg: LMConfig, *, name: str, data_root=None) -> Results:
     if unknown:
         raise ValueError(f"optimizers must be among {tuple(OPTIMIZERS)}, got {unknown}")
     train, val = _data(cfg, data_root)
-    runs = {o: [train_one(o, lr, cfg, train, val) for lr in cfg.lrs(o)] for o in cfg.optimizers}
+    runs = {}
+    for o in cfg.optimizers:
+        runs[o] = sweep(lambda lr, o=o: train_one(o, lr, cfg, train, val), cfg.lrs(o),
+                        "val_loss", lower=True, extend=cfg.widen)  # fmt: skip
+    best = {
+        o: best_of_sweep(rs, "val_loss", lower=True, describe=lambda r: f"{r['val_ppl']:.3f}")
+        for o, rs in runs.items()
+    }
     base = runs.get("adamw") or next(iter(runs.values()))
     base_state = base[0]["state_bytes"]
-    best_lr = {o: min(rs, key=_loss_key)["lr"] for o, rs in runs.items()}
+    best_lr = {o: b["lr"] for o, b in best.items()}
     seconds = _step_seconds(cfg, best_lr, train)
     base_time = seconds[base[0]["optimizer"]]
     res = Results(
@@ -280,20 +289,18 @@ def run(cfg: LMConfig, *, name: str, data_root=None) -> Results:
         seed=cfg.seed,
         curve_axes=("step", "held-out loss (nats/byte)"),
     )
-    for o, rs in runs.items():
-        best = min(rs, key=_loss_key)
+    for o, b in best.items():
         res.rows.append(
             {
-                **{k: v for k, v in best.items() if k != "curve"},
+                **{k: v for k, v in b.items() if k != "curve"},
                 "package": OPTIMIZERS[o][0],
-                "state_ratio": best["state_bytes"] / base_state if base_state else None,
+                "state_ratio": b["state_bytes"] / base_state if base_state else None,
                 "time_ratio": seconds[o] / base_time,
-                "sweep": ", ".join(f"{r['lr']:g}: {r['val_ppl']:.3f}" for r in rs),
-                "runs": [{k: v for k, v in r.items()} for r in rs],
             }
         )
-        res.curves[f"{o} (lr {best['lr']:g})"] = best["curve"]
+        res.curves[f"{o} (lr {b['lr']:g})"] = b["curve"]
     res.notes.append(_describe(cfg, train))
+    res.notes.append(edge_note(res.rows, cfg.widen, "optimizer"))
     res.notes += _lm_findings(res.rows)
     return res
 

@@ -4,6 +4,7 @@ the accumulation, translation and summarization experiments."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -95,7 +96,9 @@ def sweep(
 
 
 def _best_index(points: list[dict[str, Any]], key: str, lower: bool) -> int:
-    values = [p[key] for p in points]
+    """Index of the best point by ``key``, the first of equals; NaN (diverged) is the worst."""
+    worst = math.inf if lower else -math.inf
+    values = [worst if math.isnan(p[key]) else p[key] for p in points]
     return values.index(min(values) if lower else max(values))
 
 
@@ -141,10 +144,10 @@ def best_rows(
     ]
 
 
-def edge_note(rows: list[dict[str, Any]], extend: int = 2) -> str:
-    """One sentence on how the sweeps were widened and which best step sizes still sit on an
-    edge of what was tried (there the true optimum may lie further out)."""
-    edged = [f"{r['method']} ({r['lr']:g})" for r in rows if r.get("lr_at_edge")]
+def edge_note(rows: list[dict[str, Any]], extend: int = 2, label: str = "method") -> str:
+    """One sentence on how the sweeps were widened and which best step sizes (rows named by
+    ``row[label]``) still sit on an edge of what was tried: the optimum may lie further out."""
+    edged = [f"{r[label]} ({r['lr']:g})" for r in rows if r.get("lr_at_edge")]
     return (
         f"Each sweep is widened by up to {extend} step sizes past an edge while its best sits "
         "there; "

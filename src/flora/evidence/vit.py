@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flora.evidence.memory import optimizer_state_bytes
+from flora.evidence.methods import best_of_sweep, edge_note, sweep
 from flora.evidence.report import Results
 
 __all__ = ["OPTIMIZERS", "ViTConfig", "run"]
@@ -43,7 +44,8 @@ class ViTConfig:
     train_limit: int | None = None
     evals_per_epoch: int = 2
     optimizers: tuple[str, ...] = tuple(OPTIMIZERS)
-    lr_slice: slice | None = None
+    lr_slice: slice | None = None  # run only this part of each sweep (None: all of it)
+    widen: int = 2  # step sizes tried past a sweep edge while the best sits on it
     seed: int = 0
 
     @classmethod
@@ -159,12 +161,15 @@ def run(cfg: ViTConfig, *, name: str, data_root=None) -> Results:
     test = (test_images.unsqueeze(1), test_labels)
     runs = {}
     for o in cfg.optimizers:
-        sweep = OPTIMIZERS[o][cfg.lr_slice] if cfg.lr_slice else OPTIMIZERS[o]
-        runs[o] = [train_one(o, lr, cfg, train, test) for lr in sweep]
+        lrs = OPTIMIZERS[o][cfg.lr_slice] if cfg.lr_slice else OPTIMIZERS[o]
+        runs[o] = sweep(lambda lr, o=o: train_one(o, lr, cfg, train, test), lrs, "accuracy",
+                        lower=False, extend=cfg.widen)  # fmt: skip
+    best = {
+        o: best_of_sweep(rs, "accuracy", lower=False, describe=lambda r: f"{r['accuracy']:.4f}")
+        for o, rs in runs.items()
+    }
     base = runs.get("adamw") or next(iter(runs.values()))
-    seconds = _step_seconds(
-        cfg, {o: max(rs, key=lambda r: r["accuracy"])["lr"] for o, rs in runs.items()}, train
-    )
+    seconds = _step_seconds(cfg, {o: b["lr"] for o, b in best.items()}, train)
     base_time = seconds[base[0]["optimizer"]]
     res = Results(
         name=name,
@@ -181,24 +186,22 @@ def run(cfg: ViTConfig, *, name: str, data_root=None) -> Results:
         seed=cfg.seed,
         curve_axes=("epoch", "test accuracy"),
     )
-    for o, rs in runs.items():
-        best = max(rs, key=lambda r: r["accuracy"])
+    for o, b in best.items():
         res.rows.append(
             {
-                **{k: v for k, v in best.items() if k != "curve"},
-                "state_ratio": best["state_bytes"] / base[0]["state_bytes"],
+                **{k: v for k, v in b.items() if k != "curve"},
+                "state_ratio": b["state_bytes"] / base[0]["state_bytes"],
                 "time_ratio": seconds[o] / base_time,
-                "sweep": ", ".join(f"{r['lr']:g}: {r['accuracy']:.4f}" for r in rs),
-                "runs": [{k: v for k, v in r.items() if k != "curve"} for r in rs],
             }
         )
-        res.curves[f"{o} (lr {best['lr']:g})"] = best["curve"]
+        res.curves[f"{o} (lr {b['lr']:g})"] = b["curve"]
     res.notes.append(
         f"ViT: hidden {cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads, MLP "
         f"{cfg.intermediate}, patches {cfg.patch}×{cfg.patch}; {len(images):,} training and "
         f"{len(test_images):,} test images, {cfg.epochs} epoch(s), batch {cfg.batch}, one-cycle "
         f"schedule; Flora rank {cfg.rank}, kappa {cfg.kappa}."
     )
+    res.notes.append(edge_note(res.rows, cfg.widen, "optimizer"))
     acc = {r["optimizer"]: r["accuracy"] for r in res.rows}
     if "flora" in acc and "adamw" in acc:
         res.notes.append(

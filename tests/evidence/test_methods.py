@@ -7,7 +7,9 @@ import pytest
 from flora.evidence.methods import (
     best_of_sweep,
     best_rows,
+    chosen_methods,
     edge_note,
+    headline,
     methods,
     parse_method,
     plot_sweeps,
@@ -34,7 +36,7 @@ def test_best_rows_sweeps_each_method_and_keeps_every_point():
         return {"method": method, "lr": lr, "loss": abs(lr - (0.1 if "flora" in method else 0.01))}
 
     lrs = {"lora-4": (0.5,)}
-    rows = best_rows((4,), lambda m: lrs.get(m, (0.01, 0.1)), train, "loss", lower=True,
+    rows = best_rows(methods((4,)), lambda m: lrs.get(m, (0.01, 0.1)), train, "loss", lower=True,
                      describe=lambda r: f"{r['loss']:.2f}", extend=0)  # fmt: skip
     assert [r["method"] for r in rows] == methods((4,))
     assert calls == [("none", 0.01), ("none", 0.1), ("naive", 0.01), ("naive", 0.1),
@@ -44,10 +46,10 @@ def test_best_rows_sweeps_each_method_and_keeps_every_point():
     assert rows[3]["points"] == [pytest.approx({"lr": 0.01, "loss": 0.09}), {"lr": 0.1, "loss": 0}]
     assert [r["lr_at_edge"] for r in rows] == [True, True, False, True]
     # higher is better: the other end of each sweep; ties go to the smaller step size
-    high = best_rows((4,), lambda m: (0.01, 0.1), train, "loss", lower=False, describe=str,
+    high = best_rows(methods((4,)), lambda m: (0.01, 0.1), train, "loss", lower=False, describe=str,
                      extend=0)  # fmt: skip
     assert [r["lr"] for r in high] == [0.1, 0.1, 0.1, 0.01]
-    tied = best_rows((), lambda m: (0.3, 0.2), lambda m, lr: {"lr": lr, "q": 1}, "q",
+    tied = best_rows(methods(()), lambda m: (0.3, 0.2), lambda m, lr: {"lr": lr, "q": 1}, "q",
                      lower=False, describe=str, extend=0)  # fmt: skip
     assert [r["lr"] for r in tied] == [0.2, 0.2]  # swept in ascending order
 
@@ -110,3 +112,24 @@ def test_plot_sweeps_sets_the_sweep_curves_and_the_memory_points(tmp_path):
     assert res.curve_log_x and res.point_axes == ("state / naive", "held-out loss")
     pytest.importorskip("matplotlib")
     assert [p.name for p in res.write(tmp_path)][-1] == "sweeps.png"
+
+
+def test_chosen_methods_default_to_the_tables_rows_and_need_naive():
+    assert chosen_methods((), (8,)) == methods((8,))
+    assert chosen_methods(("naive", "flora-64"), (8,)) == ["naive", "flora-64"]
+    with pytest.raises(ValueError, match="methods must include 'naive'"):
+        chosen_methods(("none", "flora-64"), (8,))
+    with pytest.raises(ValueError, match="method must be"):
+        chosen_methods(("naive", "flora"), (8,))
+
+
+def test_headline_picks_the_best_flora_and_lora_rows_present():
+    rows = [{"method": m, "loss": v} for m, v in
+            [("none", 3.0), ("naive", 2.0), ("lora-8", 2.6), ("lora-32", 2.4), ("flora-8", 2.5),
+             ("flora-32", 2.2)]]  # fmt: skip
+    assert [(n, r["method"]) for n, r in headline(rows, "loss", lower=True)] == [
+        ("none", "none"), ("naive", "naive"), ("best Flora", "flora-32"), ("best LoRA", "lora-32")
+    ]  # fmt: skip
+    assert headline(rows, "loss", lower=False)[2][1]["method"] == "flora-8"
+    only = headline([rows[1], rows[5]], "loss", lower=True)
+    assert [n for n, _ in only] == ["naive", "best Flora"]

@@ -33,7 +33,14 @@ import torch
 from torch import nn
 
 from flora.evidence.memory import optimizer_state_bytes, parameter_bytes
-from flora.evidence.methods import best_rows, edge_note, parse_method, plot_sweeps, ratios_to_naive
+from flora.evidence.methods import (
+    best_rows,
+    chosen_methods,
+    edge_note,
+    parse_method,
+    plot_sweeps,
+    ratios_to_naive,
+)
 from flora.evidence.report import Results
 
 __all__ = ["AccumulateConfig", "passages", "run", "train_one"]
@@ -51,6 +58,7 @@ class AccumulateConfig:
     accumulate: int = 16
     steps: int = 150
     ranks: tuple[int, ...] = (8, 32, 128, 256)
+    methods: tuple[str, ...] = ()  # rows to run; (): none, naive, lora-r, flora-r per rank
     lrs: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3)
     lora_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     widen: int = 2  # step sizes tried past a sweep edge while the best sits on it
@@ -204,7 +212,7 @@ def run(cfg: AccumulateConfig, *, name: str, data_root=None, pretrained: bool = 
         x for label in range(len(cfg.works)) for x in [t for t in test if t[1] == label][:per_work]
     ]
     rows = best_rows(
-        cfg.ranks,
+        chosen_methods(cfg.methods, cfg.ranks),
         lambda method: cfg.lora_lrs if method.startswith("lora") else cfg.lrs,
         lambda method, lr: train_one(method, lr, cfg, train, test, pretrained),
         "accuracy",

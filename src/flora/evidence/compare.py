@@ -1,6 +1,6 @@
 """``flora compare``: run one experiment of the evidence harness and write its results.
 
-Each experiment has a ``quick`` size (a few minutes on 2 CPU cores) and a full size; results
+Each experiment has a ``quick`` size (3 to 60 minutes on 2 CPU cores) and a full size; results
 go to ``<out>/<experiment>_<quick|full>.{md,json,png}``.
 """
 

@@ -13,7 +13,9 @@ import torch
 __all__ = [
     "best_of_sweep",
     "best_rows",
+    "chosen_methods",
     "edge_note",
+    "headline",
     "methods",
     "momentum_optimizer",
     "parse_method",
@@ -35,6 +37,17 @@ def parse_method(method: str) -> tuple[str, int]:
 def methods(ranks: tuple[int, ...]) -> list[str]:
     """Table 1/2's rows: none, naive, then LoRA and Flora at each rank."""
     return ["none", "naive", *(f"lora-{r}" for r in ranks), *(f"flora-{r}" for r in ranks)]
+
+
+def chosen_methods(chosen: Iterable[str], ranks: tuple[int, ...]) -> list[str]:
+    """The rows to run: ``chosen`` (checked) if any, else :func:`methods` of ``ranks``. The
+    ratios columns are to ``naive``, so it must be among them."""
+    names = list(chosen) or methods(ranks)
+    for name in names:
+        parse_method(name)
+    if "naive" not in names:
+        raise ValueError(f"methods must include 'naive' (the ratios are to it), got {names}")
+    return names
 
 
 def momentum_optimizer(
@@ -121,7 +134,7 @@ def best_of_sweep(
 
 
 def best_rows(
-    ranks: tuple[int, ...],
+    names: Iterable[str],
     lrs: Callable[[str], tuple[float, ...]],
     train: Callable[[str, float], dict[str, Any]],
     key: str,
@@ -130,7 +143,7 @@ def best_rows(
     describe: Callable[[dict], str],
     extend: int = 2,
 ) -> list[dict[str, Any]]:
-    """One row per method of :func:`methods` (``ranks``): ``train(method, lr)`` over
+    """One row per method of ``names``: ``train(method, lr)`` over
     :func:`sweep` from ``lrs(method)``, the best by ``key`` kept with every point
     (:func:`best_of_sweep`)."""
     return [
@@ -140,8 +153,19 @@ def best_rows(
             lower=lower,
             describe=describe,
         )
-        for m in methods(ranks)
+        for m in names
     ]
+
+
+def headline(rows: list[dict[str, Any]], key: str, *, lower: bool) -> list[tuple[str, dict]]:
+    """``(label, row)`` for ``none`` and ``naive`` and the best Flora and LoRA rows by ``key``,
+    those of them that were run: the comparison the paper's Tables 1 and 2 make."""
+    out = [(r["method"], r) for m in ("none", "naive") for r in rows if r["method"] == m]
+    for kind, label in (("flora", "best Flora"), ("lora", "best LoRA")):
+        group = [r for r in rows if r["method"].startswith(f"{kind}-")]
+        if group:
+            out.append((label, group[_best_index(group, key, lower)]))
+    return out
 
 
 def edge_note(rows: list[dict[str, Any]], extend: int = 2, label: str = "method") -> str:

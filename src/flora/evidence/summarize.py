@@ -28,7 +28,9 @@ from torch import nn
 from flora.evidence.memory import optimizer_state_bytes
 from flora.evidence.methods import (
     best_rows,
+    chosen_methods,
     edge_note,
+    headline,
     momentum_optimizer,
     parse_method,
     plot_sweeps,
@@ -55,6 +57,7 @@ class SummarizeConfig:
     lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     widen: int = 2  # step sizes tried past a sweep edge while the best sits on it
     ranks: tuple[int, ...] = (8, 32, 128)
+    methods: tuple[str, ...] = ()  # rows to run; (): none, naive, lora-r, flora-r per rank
     kappa: int = 200
     train_pairs: int = 0  # 0: all
     test_pairs: int = 500
@@ -208,7 +211,7 @@ def run(cfg: SummarizeConfig, *, name: str, data_root=None) -> Results:
         train = train[: cfg.train_pairs]
     tokenizer = train_bpe((t for pair in train for t in pair), cfg.vocab_size)
     rows = best_rows(
-        cfg.ranks,
+        chosen_methods(cfg.methods, cfg.ranks),
         lambda method: cfg.lrs,
         lambda method, lr: train_one(method, lr, cfg, tokenizer, train, test),
         "loss",
@@ -246,20 +249,12 @@ def run(cfg: SummarizeConfig, *, name: str, data_root=None) -> Results:
         f"sweep (Adafactor's relative step cap) from {', '.join(f'{x:g}' for x in cfg.lrs)}. "
         f"Greedy decoding; rouge-score F1 x 100 with stemming."
     )
-    value = {r["method"]: (r["loss"], r["rougeL"]) for r in rows}
-    flora_best = min(v for k, v in value.items() if k.startswith("flora"))
-    lora_best = min(v for k, v in value.items() if k.startswith("lora"))
     res.notes.append(
         "Paper (Table 2): Flora(r) close to naive momentum, above LoRA(r) and no momentum. "
         "Here (held-out loss / ROUGE-L): "
         + ", ".join(
-            f"{label} {v[0]:.3f} / {v[1]:.1f}"
-            for label, v in (
-                ("none", value["none"]),
-                ("naive", value["naive"]),
-                ("best Flora", flora_best),
-                ("best LoRA", lora_best),
-            )
+            f"{name} {r['loss']:.3f} / {r['rougeL']:.1f}"
+            for name, r in headline(rows, "loss", lower=True)
         )
         + "."
     )

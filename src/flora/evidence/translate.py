@@ -36,7 +36,9 @@ from torch import nn
 from flora.evidence.memory import optimizer_state_bytes
 from flora.evidence.methods import (
     best_rows,
+    chosen_methods,
     edge_note,
+    headline,
     momentum_optimizer,
     parse_method,
     plot_sweeps,
@@ -73,6 +75,7 @@ class TranslateConfig:
     lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     widen: int = 2  # step sizes tried past a sweep edge while the best sits on it
     ranks: tuple[int, ...] = (8, 32, 128)
+    methods: tuple[str, ...] = ()  # rows to run; (): none, naive, lora-r, flora-r per rank
     kappa: int = 200
     test_pairs: int = 500
     seed: int = 0
@@ -276,7 +279,7 @@ def _data(cfg: TranslateConfig, data_root) -> tuple[Any, list[Pair], list[Pair]]
 
 def _sweep(cfg: TranslateConfig, tokenizer, train, test) -> list[dict[str, Any]]:
     rows = best_rows(
-        cfg.ranks,
+        chosen_methods(cfg.methods, cfg.ranks),
         lambda method: cfg.lrs,
         lambda method, lr: train_one(method, lr, cfg, tokenizer, train, test),
         "loss",
@@ -300,14 +303,8 @@ def _describe(cfg: TranslateConfig, train, test) -> str:
 
 
 def _verdict(rows: list[dict[str, Any]], key: str, label: str) -> str:
-    value = {r["method"]: r[key] for r in rows}
-    lower = key == "loss"
-    pick = min if lower else max
-    return (
-        f"{label}: none {value['none']:.3f}, naive {value['naive']:.3f}, best Flora "
-        f"{pick(v for k, v in value.items() if k.startswith('flora')):.3f}, best LoRA "
-        f"{pick(v for k, v in value.items() if k.startswith('lora')):.3f}."
-    )
+    best = headline(rows, key, lower=key == "loss")
+    return f"{label}: " + ", ".join(f"{name} {r[key]:.3f}" for name, r in best) + "."
 
 
 def run(cfg: TranslateConfig, *, name: str, data_root=None) -> Results:

@@ -124,7 +124,7 @@ def best_of_sweep(
     smallest or largest step size tried."""
     index = _best_index(points, key, lower)
     best = dict(points[index])
-    best["sweep"] = ", ".join(f"{r['lr']:g}: {describe(r)}" for r in points)
+    best["sweep"] = ", ".join(f"{r['lr']:.3g}: {describe(r)}" for r in points)
     best["points"] = [
         {k: v for k, v in r.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         for r in points
@@ -171,7 +171,7 @@ def headline(rows: list[dict[str, Any]], key: str, *, lower: bool) -> list[tuple
 def edge_note(rows: list[dict[str, Any]], extend: int = 2, label: str = "method") -> str:
     """One sentence on how the sweeps were widened and which best step sizes (rows named by
     ``row[label]``) still sit on an edge of what was tried: the optimum may lie further out."""
-    edged = [f"{r[label]} ({r['lr']:g})" for r in rows if r.get("lr_at_edge")]
+    edged = [f"{r[label]} ({r['lr']:.3g})" for r in rows if r.get("lr_at_edge")]
     return (
         f"Each sweep is widened by up to {extend} step sizes past an edge while its best sits "
         "there; "

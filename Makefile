@@ -26,7 +26,7 @@ bench: bench-setup
 	$(PY) benchmarks/optimizer_step.py
 	$(PY) benchmarks/accumulation.py
 
-# the paper's experiments at their quick size, side by side with the peers (about 2 h on 2 cores)
+# the paper's experiments at their quick size, side by side with the peers (about 3 h on 2 cores)
 compare: bench-setup
 	.venv/bin/flora compare all --quick
 

@@ -1,7 +1,7 @@
 """``flora compare``: run one experiment of the evidence harness and write its results.
 
-Each experiment has a ``quick`` size (3 to 60 minutes on 2 CPU cores) and a full size; results
-go to ``<out>/<experiment>_<quick|full>.{md,json,png}``.
+Each experiment has a ``quick`` size (3 to 40 minutes on 2 CPU cores) and a full size;
+results go to ``<out>/<experiment>_<quick|full>.{md,json,png}``.
 """
 
 from __future__ import annotations

@@ -23,11 +23,13 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flora.evidence.methods import best_of_sweep, edge_note, sweep
 from flora.evidence.report import Results
 from flora.projection import projection_matrix
 
@@ -48,6 +50,7 @@ class PilotConfig:
     test_limit: int | None = None
     evals_per_epoch: int = 4
     extra_ranks: tuple[int, ...] = (32, 128)  # LoRA and RRP again at these ranks
+    widen: int = 2  # step sizes tried past a sweep edge while the best sits on it
     seed: int = 0
 
     @classmethod
@@ -139,7 +142,8 @@ def train_one(
                     eff = _effective(weights, a_mats, b_mats) if lora else weights
                     curve.append((step / steps_per_epoch, _accuracy(eff, biases, xt_flat, test[1])))
     seconds = time.perf_counter() - start
-    out = {"accuracy": curve[-1][1], "curve": curve, "seconds_per_step": seconds / max(step, 1)}
+    out = {"lr": lr, "accuracy": curve[-1][1], "curve": curve,
+           "seconds_per_step": seconds / max(step, 1)}  # fmt: skip
     if method == "lora":  # how far A moved: Observation 2.2 assumes it barely does
         a0 = [_projection(cfg.rank, w.shape[1], i, 0, cfg.seed) for i, w in enumerate(weights)]
         drift = [float((a.detach() - b).norm() / b.norm()) for a, b in zip(a_mats, a0, strict=True)]
@@ -159,37 +163,41 @@ def run(cfg: PilotConfig, *, name: str, data_root=None) -> Results:
         title=f"Pilot study (Figure 1): Fashion-MNIST, 784-256-10 MLP, SGD, rank {cfg.rank}",
         columns=[
             ("method", "method"),
-            ("best_lr", "best lr"),
+            ("lr", "best lr"),
             ("accuracy", "test accuracy (best lr)"),
-            ("all", "test accuracy at each lr"),
+            ("sweep", "test accuracy at each lr"),
             ("time_ratio", "time/step vs SGD"),
             ("a_drift", "LoRA: ‖A_T − A_0‖ / ‖A_0‖"),
         ],
         seed=cfg.seed,
         curve_axes=("epoch", "test accuracy"),
     )
-    runs = {m: {lr: train_one(m, lr, cfg, train, test) for lr in cfg.lrs} for m in METHODS}
+
+    def swept(method: str, at: PilotConfig) -> list[dict[str, Any]]:
+        return sweep(lambda lr: train_one(method, lr, at, train, test), cfg.lrs, "accuracy",
+                     lower=False, extend=cfg.widen)  # fmt: skip
+
+    runs = {m: swept(m, cfg) for m in METHODS}
     for r in cfg.extra_ranks:  # the investigation: does a larger rank close the gaps?
         for m in ("lora", "rrp"):
-            at_rank = replace(cfg, rank=r)
-            runs[f"{m} r={r}"] = {lr: train_one(m, lr, at_rank, train, test) for lr in cfg.lrs}
-    sgd_time = sum(r["seconds_per_step"] for r in runs["sgd"].values()) / len(cfg.lrs)
-    for m in runs:
-        best_lr = max(cfg.lrs, key=lambda lr: runs[m][lr]["accuracy"])
-        best = runs[m][best_lr]
+            runs[f"{m} r={r}"] = swept(m, replace(cfg, rank=r))
+    sgd_time = sum(r["seconds_per_step"] for r in runs["sgd"]) / len(runs["sgd"])
+    for m, points in runs.items():
+        best = best_of_sweep(points, "accuracy", lower=False,
+                             describe=lambda r: f"{r['accuracy']:.4f}")  # fmt: skip
         res.rows.append(
             {
                 "a_drift": best.get("a_drift"),
                 "method": m,
-                "best_lr": best_lr,
+                "lr": best["lr"],
                 "accuracy": best["accuracy"],
-                "all": ", ".join(f"{lr:g}: {runs[m][lr]['accuracy']:.4f}" for lr in cfg.lrs),
-                "time_ratio": sum(r["seconds_per_step"] for r in runs[m].values())
-                / len(cfg.lrs)
-                / sgd_time,
+                "sweep": best["sweep"],
+                "lr_at_edge": best["lr_at_edge"],
+                "points": best["points"],
+                "time_ratio": sum(r["seconds_per_step"] for r in points) / len(points) / sgd_time,
             }
         )
-        res.curves[f"{m} (lr {best_lr:g})"] = best["curve"]
+        res.curves[f"{m} (lr {best['lr']:g})"] = best["curve"]
     acc = {row["method"]: row["accuracy"] for row in res.rows}
     low = max(acc["lora"], acc["lora_b"], acc["rp"])
     verdict = (
@@ -200,7 +208,8 @@ def run(cfg: PilotConfig, *, name: str, data_root=None) -> Results:
     drift = next(r for r in res.rows if r["method"] == "lora")["a_drift"]
     res.notes += [
         f"{cfg.epochs} epochs, batch {cfg.batch_size}, {len(train[0]):,} training and "
-        f"{len(test[0]):,} test images, kappa {cfg.kappa} for rrp, step sizes {list(cfg.lrs)}.",
+        f"{len(test[0]):,} test images, kappa {cfg.kappa} for rrp, step sizes from "
+        f"{list(cfg.lrs)}. " + edge_note(res.rows, cfg.widen),
         f"Paper's ordering (RRP ≈ SGD, clearly above LoRA ≈ LoRA(B) ≈ RP) {verdict} here: "
         f"SGD {acc['sgd']:.4f}, RRP {acc['rrp']:.4f}, best of LoRA/LoRA(B)/RP {low:.4f}.",
         f"RRP is {acc['rrp'] - max(acc['lora_b'], acc['rp']):+.4f} above the fixed projection "

@@ -125,9 +125,9 @@ class Results:
         return written
 
     def _plot(self, path: Path) -> Path | None:
-        """Curves or memory bars on the left, labelled points (e.g. quality against memory)
-        on the right; one panel when only one of them is set."""
-        panels = [p for p in ("curves" if self.curves else "bars", "points") if getattr(self, p)]
+        """Memory bars (or, without them, curves) on the left, labelled points (e.g. quality
+        against memory) on the right; one panel when only one of them is set."""
+        panels = [p for p in ("bars" if self.bars else "curves", "points") if getattr(self, p)]
         if not panels:
             return None
         try:

@@ -3,13 +3,15 @@ r"""Compressed exponential moving average (the paper's Algorithm 2), as a pure t
 State: a compressed momentum :math:`M` (``(r, n)`` on the left side, ``(m, r)`` on the right)
 that lives in the basis of the projection :math:`P` of its window. At every step, with
 :math:`u_t` the update the base optimizer applies momentum to, :math:`P'` the projection of
-the current window (equal to :math:`P` unless the window just changed) and
+the current window (``proj_next`` when the window changes at this step — the caller says so
+by passing it —, otherwise :math:`P` itself) and
 :math:`\operatorname{down}, \operatorname{up}` from :mod:`flora.projection`:
 
 ``variant="paper"`` — Algorithm 2 as printed:
 
 .. math::
-    M &\leftarrow \operatorname{transfer}_{P \to P'}(M) \quad\text{(only if } P' \ne P)\\
+    M &\leftarrow \operatorname{transfer}_{P \to P'}(M)
+        \quad\text{(only when the window changes)}\\
     M &\leftarrow \beta M + (1 - \beta)\operatorname{down}_{P'}(u_t)\\
     d_t &= \operatorname{up}_{P'}(M)
 
@@ -18,7 +20,8 @@ exactly and only the history is compressed, which has the same expectation and l
 
 .. math::
     d_t &= (1 - \beta) u_t + \beta \operatorname{up}_{P}(M)\\
-    M &\leftarrow \operatorname{transfer}_{P \to P'}(M) \quad\text{(only if } P' \ne P)\\
+    M &\leftarrow \operatorname{transfer}_{P \to P'}(M)
+        \quad\text{(only when the window changes)}\\
     M &\leftarrow \beta M + (1 - \beta)\operatorname{down}_{P'}(u_t)
 
 :math:`d_t` is the direction the optimizer then scales and applies.
@@ -46,8 +49,8 @@ def compressed_ema_(
     momentum: Tensor,  # (r, n) left / (m, r) right; modified in place
     *,
     beta: float,
-    proj_old: Tensor,  # (r, m) left / (r, n) right: basis ``momentum`` is stored in
-    proj_new: Tensor,  # same shape: basis of the current window (may be ``proj_old``)
+    proj: Tensor,  # (r, m) left / (r, n) right: basis ``momentum`` is stored in
+    proj_next: Tensor | None = None,  # same shape: the new window's basis, if it changes now
     side: str,
     variant: str = "history",
     scale: float = 1.0,
@@ -58,12 +61,18 @@ def compressed_ema_(
     ``u_t = scale * update`` (the scale lets a caller fold a clipping factor into the
     products). With ``overwrite=True`` the direction is written into ``update`` and no
     temporary of the parameter's size is allocated; otherwise ``update`` is left untouched.
+
+    The momentum is transferred to a new basis exactly when ``proj_next`` is given; passing
+    the current projection again (even an equal copy) would transfer it to itself, which is
+    not the identity (:math:`P P^\top \ne I`), so the caller states the window change.
     """
     if variant not in VARIANTS:
         raise ValueError(f"momentum_variant must be one of {VARIANTS}, got {variant!r}")
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    resampled = proj_new is not proj_old
+    resampled = proj_next is not None
+    proj_old = proj
+    proj_new = proj_next if proj_next is not None else proj
     left = side == "left"
     w_new = (1 - beta) * scale  # weight of the newest update
     if variant == "history":

@@ -26,6 +26,8 @@ class PlanRow:
     state_bytes: int  # what this optimizer keeps for the parameter
     uncompressed_bytes: int  # what the same optimizer keeps with compression off
     adamw_bytes: int  # what torch.optim.AdamW keeps (exp_avg + exp_avg_sq)
+    #: beta1^kappa * sqrt(1 + (d+1)/r) of a compressed momentum (>= 1: can grow unbounded)
+    growth: float | None = None
 
 
 @dataclass
@@ -67,7 +69,13 @@ class Plan:
             (
                 r.name,
                 "x".join(map(str, r.shape)) or "scalar",
-                "yes" if r.compressed else f"no ({r.reason})",
+                (
+                    "yes"
+                    if r.growth is None or r.growth < 1
+                    else f"yes, UNSTABLE (growth {r.growth:.2f} >= 1)"
+                )
+                if r.compressed
+                else f"no ({r.reason})",
                 r.side or "-" if r.compressed else "-",
                 str(r.rank) if r.compressed else "-",
                 format_bytes(r.state_bytes),

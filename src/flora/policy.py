@@ -16,18 +16,35 @@ Rules, applied in this order to a parameter of shape ``shape`` named ``name``:
 
 Embeddings and output heads are matrices and are compressed by these rules unless excluded by
 name; unlike flora-opt there is no hidden aspect-ratio cut-off.
+
+Checks shared by the optimizers, the accumulator and the DDP hook: parameter names must be
+unique (names key the projections; two parameters under one name would share one and their
+compression noise would be correlated), a pattern that matches no parameter is warned about,
+and :func:`momentum_growth` says when a compressed momentum can grow without bound.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from flora.projection import DISTRIBUTIONS
 
-__all__ = ["SIDES", "Decision", "check_options", "compile_patterns", "decide", "matrix_shape"]
+__all__ = [
+    "SIDES",
+    "Decision",
+    "check_options",
+    "check_unique_names",
+    "compile_patterns",
+    "decide",
+    "matrix_shape",
+    "momentum_growth",
+    "warn_unmatched_patterns",
+]
 
 SIDES = ("auto", "left", "right")
 
@@ -88,6 +105,45 @@ def compile_patterns(exclude: str | Sequence[str] | None) -> tuple[str, ...]:
         except re.error as err:
             raise ValueError(f"exclude pattern {pattern!r} is not a valid regex: {err}") from err
     return patterns
+
+
+def check_unique_names(names: Iterable[str], what: str) -> None:
+    """Raise ValueError listing the names that occur more than once."""
+    dupes = sorted(n for n, c in Counter(names).items() if c > 1)
+    if dupes:
+        raise ValueError(
+            f"{what} must be unique (they key the projections), but "
+            + ", ".join(repr(n) for n in dupes[:5])
+            + (" ..." if len(dupes) > 5 else "")
+            + " occur more than once; e.g. prefix each module's names"
+        )
+
+
+def warn_unmatched_patterns(
+    patterns: Sequence[str], names: Sequence[str], what: str, *, stacklevel: int = 3
+) -> None:
+    """Warn (UserWarning) about each regex of ``patterns`` that ``re.search`` finds in none
+    of ``names``, showing a few of the names."""
+    unmatched = [pat for pat in patterns if not any(re.search(pat, n) for n in names)]
+    if unmatched and names:
+        sample = ", ".join(list(names)[:4]) + (", ..." if len(names) > 4 else "")
+        warnings.warn(
+            f"{what} pattern(s) {unmatched} match no parameter name (names look like: {sample})",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def momentum_growth(beta1: float, kappa: int, dim: int, rank: int) -> float:
+    r"""How much a compressed momentum's noise can grow per window: :math:`\beta_1^\kappa
+    \sqrt{1 + (d+1)/r}`.
+
+    Each transfer to a new projection multiplies the stale momentum's error by about
+    :math:`\sqrt{1 + (d+1)/r}` (``d`` the compressed dimension, ``r`` the rank) while the
+    momentum decays by :math:`\beta_1^\kappa` over a window; at 1 or more the compressed
+    momentum can grow without bound (e.g. ``rank=4, kappa=2`` on an 8x64 matrix).
+    """
+    return float(beta1) ** kappa * math.sqrt(1 + (dim + 1) / rank)
 
 
 def check_options(

@@ -261,9 +261,26 @@ def test_cache_projection_changes_nothing(opt_spec):
 
 
 # ---------------------------------------------------------------- non-finite, AMP, schedules
-def test_nonfinite_gradient_is_skipped_with_a_warning(opt_spec):
+def test_nonfinite_gradient_skips_the_whole_step_by_default(opt_spec):
     model = _model()
     opt = _make(opt_spec, model)
+    _steps(model, opt, 0, 2)
+    state_before = copy.deepcopy(opt.state_dict()["state"])
+    params_before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    _loss(model, 5).backward()
+    model[1].weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="whole step was skipped"):
+        opt.step()
+    for p, before in zip(model.parameters(), params_before, strict=True):
+        assert torch.equal(p, before)  # no parameter moved, the finite ones neither
+    _same_state(state_before, opt.state_dict()["state"])  # step counters stay equal
+    assert opt.skipped_steps == 1
+
+
+def test_nonfinite_skip_parameter_skips_only_the_offender(opt_spec):
+    model = _model()
+    opt = _make(opt_spec, model, nonfinite="skip_parameter")
     _steps(model, opt, 0, 2)
     state_before = copy.deepcopy(opt.state[model[1].weight])
     weight_before = model[1].weight.detach().clone()
@@ -271,21 +288,44 @@ def test_nonfinite_gradient_is_skipped_with_a_warning(opt_spec):
     opt.zero_grad()
     _loss(model, 5).backward()
     model[1].weight.grad[0, 0] = float("nan")
-    with pytest.warns(RuntimeWarning, match="non-finite"):
+    with pytest.warns(RuntimeWarning, match="skip_parameter"):
         opt.step()
     assert torch.equal(model[1].weight, weight_before)
     state = opt.state[model[1].weight]
     assert state.pop("nonfinite_skips") == 1
     _same_state({0: state_before}, {0: state})
     assert not torch.equal(model[3].weight, other_before)  # the others still step
+    assert opt.skipped_steps == 0
 
 
-def test_nonfinite_gradient_can_raise(opt_spec):
+def test_nonfinite_gradient_can_raise_before_any_update(opt_spec):
     model = _model()
     opt = _make(opt_spec, model, nonfinite="raise")
     _loss(model, 0).backward()
-    model[3].weight.grad[1, 1] = float("inf")
-    with pytest.raises(FloatingPointError, match=r"3\.weight"):
+    model[3].weight.grad[1, 1] = float("inf")  # the last matrix: the others come first
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match=r"3\.weight.*no parameter was updated"):
+        opt.step()
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+    assert all(not s for s in opt.state.values())
+
+
+def test_nonfinite_policy_of_one_group_raise_wins(opt_spec):
+    """Groups may differ: a 'raise' group's offender raises even if another group skips."""
+    model = _model()
+    cls, defaults = opt_spec
+    groups = [
+        {"params": list(model[1].named_parameters("1")), "nonfinite": "raise"},
+        {"params": list(model[3].named_parameters("3"))},
+    ]
+    opt = cls(groups, **{**defaults, "rank": 4})
+    _loss(model, 0).backward()
+    model[3].weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="whole step"):
+        opt.step()  # the offender's group skips
+    model[1].weight.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
         opt.step()
 
 

@@ -59,7 +59,6 @@ from flora.optim.base import (
     ShardReduce,
     check_bool,
     check_real,
-    factored_numel,
     factored_zeros,
 )
 
@@ -78,7 +77,7 @@ def flora_adafactor_update_(
     eps2: float,
     d: float,
     weight_decay: float,
-    projections: tuple[Tensor, Tensor, str] | None,  # (P_old, P_new, side) if compressed
+    projections: tuple[Tensor, Tensor | None, str] | None,  # (P, P_next, side) if compressed
     momentum_variant: str,
     shards: ShardReduce | None = None,  # FSDP2: param/grad/state are this rank's rows
 ) -> None:
@@ -97,6 +96,8 @@ def flora_adafactor_update_(
             param, grad, state, one_minus_beta2_t, rho_t, lr, eps1, eps2, d, weight_decay,
             projections, momentum_variant, beta1, shards,
         )  # fmt: skip
+        return
+    if param.numel() == 0:  # nothing to update (and no RMS to take)
         return
     alpha = max(eps2, param.norm(2).item() / (param.numel() ** 0.5)) * rho_t
 
@@ -128,7 +129,7 @@ def _apply_direction(
     alpha: float,
     d: float,
     beta1: float,
-    projections: tuple[Tensor, Tensor, str] | None,
+    projections: tuple[Tensor, Tensor | None, str] | None,
     momentum_variant: str,
     shards: ShardReduce | None,
 ) -> None:
@@ -140,13 +141,13 @@ def _apply_direction(
         exp_avg.lerp_(update, 1 - beta1)
         direction = exp_avg
     else:  # ``update`` is overwritten with D_t: no temporary of the parameter's size
-        proj_old, proj_new, side = projections
+        proj, proj_next, side = projections
         direction = compressed_ema_(
-            update.view(param.shape[0], math.prod(param.shape[1:])),
+            update.reshape(param.shape[0], math.prod(param.shape[1:])),
             state["exp_avg"],
             beta=beta1,
-            proj_old=proj_old,
-            proj_new=proj_new,
+            proj=proj,
+            proj_next=proj_next,
             side=side,
             variant=momentum_variant,
             overwrite=True,
@@ -171,7 +172,7 @@ def _sharded_adafactor_step(
     eps2: float,
     d: float,
     weight_decay: float,
-    projections: tuple[Tensor, Tensor, str] | None,
+    projections: tuple[Tensor, Tensor | None, str] | None,
     momentum_variant: str,
     beta1: float,
     shards: ShardReduce,
@@ -243,12 +244,18 @@ class Flora(FloraOptimizerBase):
         side: ``"auto"`` (compress the smaller dimension), ``"left"`` or ``"right"``.
         momentum_variant: ``"history"`` (default) or ``"paper"``; see :mod:`flora.momentum`.
         distribution: ``"gaussian"`` (paper) or ``"rademacher"`` projection entries.
-        nonfinite: ``"skip"`` (default: a parameter with a NaN/Inf gradient is not updated,
-            a ``RuntimeWarning`` is issued and ``state["nonfinite_skips"]`` counts it) or
-            ``"raise"`` (``FloatingPointError``).
+        nonfinite: what a NaN/Inf gradient does, decided for the whole step before any
+            update: ``"skip"`` (default, GradScaler's convention: the whole step is skipped,
+            a ``RuntimeWarning`` is issued and ``optimizer.skipped_steps`` counts it),
+            ``"skip_parameter"`` (only the offending parameters are not updated;
+            ``state["nonfinite_skips"]`` counts it; their step counters then fall behind) or
+            ``"raise"`` (``FloatingPointError``, no parameter updated).
         cache_projection: keep each parameter's current projection in memory instead of
             regenerating it every step (faster; memory in ``plan().projection_cache_bytes``).
         maximize: maximize the objective instead of minimizing.
+        check_replicas: under ``torch.distributed`` with several processes, check at the
+            first ``step()`` that every process uses the same settings (a collective: every
+            process must call ``step()``). Default ``True``.
 
     Example:
         >>> import torch, flora
@@ -282,6 +289,7 @@ class Flora(FloraOptimizerBase):
         nonfinite: str = "skip",
         cache_projection: bool = False,
         maximize: bool = False,
+        check_replicas: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -303,7 +311,7 @@ class Flora(FloraOptimizerBase):
             cache_projection=cache_projection,
             maximize=maximize,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, check_replicas=check_replicas)
 
     def _validate_hyperparameters(self, group: dict[str, Any], where: str) -> None:
         check_real(f"{where}beta1", group["beta1"], 0.0, 1.0, high_open=True)
@@ -320,10 +328,15 @@ class Flora(FloraOptimizerBase):
     def _uses_momentum(self, group: dict[str, Any]) -> bool:
         return group["beta1"] > 0
 
-    def _second_moment_numel(self, group: dict[str, Any], shape: tuple[int, ...]) -> int:
+    def _beta1(self, group: dict[str, Any]) -> float:
+        return float(group["beta1"])
+
+    def _second_moment_shapes(
+        self, group: dict[str, Any], shape: tuple[int, ...]
+    ) -> dict[str, tuple[int, ...]]:
         if group["factor_second_moment"] and len(shape) >= 2:
-            return factored_numel(shape)
-        return math.prod(shape)
+            return {"row_var": (*shape[:-1], 1), "col_var": (*shape[:-2], 1, shape[-1])}
+        return {"variance": shape}
 
     def _update(
         self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]

@@ -36,7 +36,6 @@ from flora.optim.base import (
     ShardReduce,
     check_bool,
     check_real,
-    factored_numel,
     factored_zeros,
 )
 
@@ -53,7 +52,7 @@ def flora_adamw_update_(
     beta2: float,
     eps: float,
     weight_decay: float,
-    projections: tuple[Tensor, Tensor, str] | None,  # (P_old, P_new, side) if compressed
+    projections: tuple[Tensor, Tensor | None, str] | None,  # (P, P_next, side) if compressed
     momentum_variant: str,
     shards: ShardReduce | None = None,  # FSDP2: param/grad/state are this rank's rows
 ) -> None:
@@ -75,13 +74,13 @@ def flora_adamw_update_(
         exp_avg = state["exp_avg"]
         exp_avg.lerp_(grad, 1 - beta1)
     else:
-        proj_old, proj_new, side = projections
+        proj, proj_next, side = projections
         exp_avg = compressed_ema_(
             grad.reshape(param.shape[0], math.prod(param.shape[1:])),
             state["exp_avg"],
             beta=beta1,
-            proj_old=proj_old,
-            proj_new=proj_new,
+            proj=proj,
+            proj_next=proj_next,
             side=side,
             variant=momentum_variant,
         ).view_as(param)
@@ -129,7 +128,7 @@ class FloraAdamW(FloraOptimizerBase):
         factor_second_moment: keep :math:`v` as Adafactor's row/column factors for tensors
             with >= 2 dims (sublinear memory) instead of full size. Default ``False``.
         rank, kappa, seed, compress, exclude, side, momentum_variant, distribution,
-        nonfinite, cache_projection, maximize: as in :class:`flora.Flora`.
+        nonfinite, cache_projection, maximize, check_replicas: as in :class:`flora.Flora`.
 
     Example:
         >>> import torch, flora
@@ -162,6 +161,7 @@ class FloraAdamW(FloraOptimizerBase):
         nonfinite: str = "skip",
         cache_projection: bool = False,
         maximize: bool = False,
+        check_replicas: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -181,7 +181,7 @@ class FloraAdamW(FloraOptimizerBase):
             cache_projection=cache_projection,
             maximize=maximize,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, check_replicas=check_replicas)
 
     def _validate_hyperparameters(self, group: dict[str, Any], where: str) -> None:
         betas = group["betas"]
@@ -195,10 +195,15 @@ class FloraAdamW(FloraOptimizerBase):
     def _uses_momentum(self, group: dict[str, Any]) -> bool:
         return group["betas"][0] > 0
 
-    def _second_moment_numel(self, group: dict[str, Any], shape: tuple[int, ...]) -> int:
+    def _beta1(self, group: dict[str, Any]) -> float:
+        return float(group["betas"][0])
+
+    def _second_moment_shapes(
+        self, group: dict[str, Any], shape: tuple[int, ...]
+    ) -> dict[str, tuple[int, ...]]:
         if group["factor_second_moment"] and len(shape) >= 2:
-            return factored_numel(shape)
-        return math.prod(shape)
+            return {"row_var": (*shape[:-1], 1), "col_var": (*shape[:-2], 1, shape[-1])}
+        return {"exp_avg_sq": shape}
 
     def _update(
         self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]

@@ -11,8 +11,28 @@ Per-parameter state holds only tensors and Python ints:
 * ``step`` — number of updates applied to this parameter;
 * for a compressed momentum: ``key`` (stable parameter key), ``side`` (0 = left, 1 = right),
   ``window`` (index of the current projection) and ``window_start`` (step at which it began);
-* ``nonfinite_skips`` — only once a non-finite gradient was skipped;
+* ``nonfinite_skips`` — only once this parameter's update was skipped with
+  ``nonfinite="skip_parameter"``;
 * the subclass's tensors.
+
+Non-finite gradients are found for the whole step before any parameter is touched (one
+reduction per gradient and one host sync): ``nonfinite="skip"`` (default, GradScaler's
+convention) skips the whole step, so every parameter's step counter stays equal;
+``"skip_parameter"`` skips only the offending parameters; ``"raise"`` raises
+``FloatingPointError`` with no parameter updated.
+
+``load_state_dict`` follows ``torch.optim.Optimizer`` (its pre- and post-hooks run, in order),
+then matches the saved parameters by name when both sides have names (a reordered group is
+re-matched; a different set of names is refused, naming the differences), validates the saved
+groups like the constructor and every state against the policy (keys, shapes, side, rank,
+projection key) before anything changes, and keeps float32 state for fp16/bf16 parameters
+(torch would cast it to the parameter's dtype); other floating state takes the parameter's
+dtype, as in torch.
+
+Under ``torch.distributed`` with more than one process, the first ``step()`` checks (one
+``all_gather_object``) that every process uses the same settings, and raises ``ValueError``
+naming the first setting that differs (``check_replicas=False`` turns this off, e.g. when not
+every process calls ``step()``).
 
 Under FSDP2 (``fully_shard``: DTensor parameters sharded by rows, ``Shard(0)``) every update
 runs on the rank's own rows. The state tensors are DTensors too — row-wise states (momentum
@@ -40,14 +60,22 @@ except ImportError:  # pragma: no cover
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 from flora.plan import Plan, PlanRow
-from flora.policy import Decision, compile_patterns, decide
+from flora.policy import (
+    Decision,
+    check_unique_names,
+    compile_patterns,
+    decide,
+    momentum_growth,
+    warn_unmatched_patterns,
+)
 from flora.projection import DISTRIBUTIONS, parameter_key, projection_matrix
+from flora.replicas import check_same_settings
 
 __all__ = ["FloraOptimizerBase", "ShardReduce"]
 
 _SIDE_CODES = {"left": 0, "right": 1}
 _SIDE_NAMES = ("left", "right")
-NONFINITE_POLICIES = ("skip", "raise")
+NONFINITE_POLICIES = ("skip", "skip_parameter", "raise")
 MOMENTUM_VARIANTS = ("history", "paper")
 SIDE_OPTIONS = ("auto", "left", "right")
 
@@ -64,6 +92,8 @@ def _is_real(value: object) -> bool:
 
 def check_real(name: str, value: object, low: float, high: float, *, high_open: bool) -> None:
     """Raise TypeError/ValueError naming ``name`` unless ``low <= value <= high`` (or ``<``)."""
+    if isinstance(value, Tensor) and value.numel() != 1:
+        raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
     if not _is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)  # type: ignore[arg-type]
@@ -76,12 +106,6 @@ def check_bool(name: str, value: object) -> None:
     """Raise TypeError naming ``name`` unless ``value`` is a bool."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-
-
-def factored_numel(shape: tuple[int, ...]) -> int:
-    """Elements of Adafactor's row and column factors for a tensor with >= 2 dims."""
-    numel = math.prod(shape)
-    return numel // shape[-1] + numel // shape[-2]
 
 
 def factored_zeros(grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,13 +125,16 @@ def _all_finite(grads: list[Tensor]) -> list[bool]:
 
     A NaN or Inf entry makes the sum non-finite; a finite tensor whose sum overflows is
     confirmed by the exact (four-pass) ``isfinite`` check, so there are no false verdicts.
+    Only that rare case costs a second host sync.
     """
     device = grads[0].device
     sums = torch.stack([g.sum().to(device=device, dtype=torch.float32) for g in grads])
     verdict = torch.isfinite(sums).tolist()
-    for i, ok in enumerate(verdict):
-        if not ok:
-            verdict[i] = bool(torch.isfinite(grads[i]).all())
+    suspects = [i for i, ok in enumerate(verdict) if not ok]
+    if suspects:
+        exact = torch.stack([torch.isfinite(grads[i]).all().to(device) for i in suspects])
+        for i, ok in zip(suspects, exact.tolist(), strict=True):
+            verdict[i] = bool(ok)
     return verdict
 
 
@@ -164,13 +191,20 @@ class FloraOptimizerBase(Optimizer):
     #: which projection stream the momentum uses (accumulation uses another)
     projection_stream = "momentum"
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(
+        self, params: Iterable[Any], defaults: dict[str, Any], *, check_replicas: bool = True
+    ) -> None:
+        check_bool("check_replicas", check_replicas)
         self._validate_group(defaults, "")
         # stable parameter key -> ((seed, key, window, rank, dim), projection)
         self._projection_cache: dict[int, tuple[tuple[int, ...], Tensor]] = {}
         self._option_names = tuple(defaults)
         self._shards: ShardReduce | None = None  # set while _update runs on an FSDP2 shard
         self._current_param: Tensor | None = None  # the parameter _update is working on
+        self._replicas_unchecked = check_replicas  # checked across processes at first step
+        #: whole steps skipped because of non-finite gradients (``nonfinite="skip"``), since
+        #: construction (not part of ``state_dict``)
+        self.skipped_steps = 0
         super().__init__(params, defaults)
         self._report_policy()
 
@@ -212,9 +246,16 @@ class FloraOptimizerBase(Optimizer):
         self._validate_hyperparameters(group, where)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group like ``torch.optim.Optimizer``; it is validated before it is kept, so
+        after an error the optimizer is unchanged and a corrected group can be added."""
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        index = len(self.param_groups) - 1
+        try:
+            self._check_new_group(self.param_groups[-1], len(self.param_groups) - 1)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+
+    def _check_new_group(self, group: dict[str, Any], index: int) -> None:
         self._validate_group(group, f"param_groups[{index}].")
         for p in group["params"]:
             if p.is_complex():
@@ -224,12 +265,19 @@ class FloraOptimizerBase(Optimizer):
                 )
         if group["exclude"] and "param_names" not in group:
             raise ValueError("exclude patterns need parameter names: pass model.named_parameters()")
+        if "param_names" in group:  # names key the projections: two must never share one
+            check_unique_names(
+                [n for g in self.param_groups for n in g.get("param_names", ())],
+                f"{type(self).__name__} parameter names",
+            )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_projection_cache", {})
         self.__dict__.setdefault("_shards", None)
         self.__dict__.setdefault("_current_param", None)
+        self.__dict__.setdefault("_replicas_unchecked", False)
+        self.__dict__.setdefault("skipped_steps", 0)
         for key in self.__dict__.get("_option_names", ()):  # options added in later versions
             for group in self.param_groups:
                 group.setdefault(key, self.defaults[key])
@@ -279,8 +327,19 @@ class FloraOptimizerBase(Optimizer):
     def _uses_momentum(self, group: dict[str, Any]) -> bool:
         raise NotImplementedError
 
+    def _beta1(self, group: dict[str, Any]) -> float:
+        """Subclass hook: the momentum coefficient of ``group``."""
+        raise NotImplementedError
+
+    def _growth(self, group: dict[str, Any], d: Decision) -> float | None:
+        """beta1^kappa * sqrt(1 + (d+1)/r) for a compressed parameter with momentum, else None
+        (see :func:`flora.policy.momentum_growth`)."""
+        if not (d.compressed and self._uses_momentum(group)):
+            return None
+        return momentum_growth(self._beta1(group), group["kappa"], d.compressed_dim, d.rank)  # type: ignore[arg-type]
+
     def _report_policy(self) -> None:
-        too_small, matrices, compressed = [], 0, 0
+        too_small, unstable, matrices, compressed = [], [], 0, 0
         for group, name, p in self._named_params():
             d = self._decide(group, name, p)
             if p.dim() >= 2 and group["compress"] and self._uses_momentum(group):
@@ -288,7 +347,25 @@ class FloraOptimizerBase(Optimizer):
                 compressed += d.compressed
                 if not d.compressed and d.rank is not None:
                     too_small.append(f"{name} {tuple(p.shape)}")
+            growth = self._growth(group, d)
+            if growth is not None and growth >= 1:
+                unstable.append(f"{name} ({growth:.2f})")
+        for group in self.param_groups:
+            warn_unmatched_patterns(
+                group["exclude"], group.get("param_names", ()), "exclude", stacklevel=5
+            )
         cls = type(self).__name__
+        if unstable:
+            warnings.warn(
+                f"{cls}: the compressed momentum can grow without bound for "
+                f"{len(unstable)} parameter(s): beta1**kappa * sqrt(1 + (d+1)/rank) >= 1 for "
+                + ", ".join(unstable[:5])
+                + (" ..." if len(unstable) > 5 else "")
+                + ". Each resampling multiplies the stale momentum's noise by "
+                "sqrt(1 + (d+1)/rank); raise kappa or rank. See optimizer.plan().",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         shown = ", ".join(too_small[:5]) + (" ..." if len(too_small) > 5 else "")
         if matrices and not compressed:
             warnings.warn(
@@ -368,19 +445,20 @@ class FloraOptimizerBase(Optimizer):
 
     def _momentum_projections(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], step: int
-    ) -> tuple[Tensor, Tensor, str]:
-        """(P of the stored momentum, P for step ``step``, side); advances the window.
+    ) -> tuple[Tensor, Tensor | None, str]:
+        """(P of the stored momentum, P of the new window or None, side); advances the window.
 
         A new window starts when ``step - window_start >= kappa``: with a constant kappa at
-        steps ``kappa, 2 kappa, ...`` (Algorithm 2: "if t is a multiple of kappa").
+        steps ``kappa, 2 kappa, ...`` (Algorithm 2: "if t is a multiple of kappa"); only then
+        is the second entry a matrix, and the momentum is transferred to it.
         """
         side = _SIDE_NAMES[state["side"]]
-        proj_old = self._projection(p, group, state, state["window"])
+        proj = self._projection(p, group, state, state["window"])
         if step - state["window_start"] < group["kappa"]:
-            return proj_old, proj_old, side
+            return proj, None, side
         state["window"] += 1
         state["window_start"] = step
-        return proj_old, self._projection(p, group, state, state["window"]), side
+        return proj, self._projection(p, group, state, state["window"]), side
 
     def _init_momentum(
         self, p: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
@@ -402,14 +480,10 @@ class FloraOptimizerBase(Optimizer):
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     # ------------------------------------------------------------------ plan
-    def _second_moment_numel(self, group: dict[str, Any], shape: tuple[int, ...]) -> int:
-        """Subclass hook: elements of the second-moment state of a parameter of ``shape``."""
-        raise NotImplementedError
-
     def _state_numel(self, group: dict[str, Any], d: Decision) -> tuple[int, int]:
         """(elements of state, elements with compression off) for one parameter."""
         numel = math.prod(d.shape)
-        second = self._second_moment_numel(group, d.shape)
+        second = sum(map(math.prod, self._second_moment_shapes(group, d.shape).values()))
         if not self._uses_momentum(group):
             return second, second
         momentum = math.prod(d.state_shape) if d.compressed else numel  # type: ignore[arg-type]
@@ -420,6 +494,12 @@ class FloraOptimizerBase(Optimizer):
         plan = Plan(type(self).__name__)
         for group, name, p in self._named_params():
             d = self._decide(group, name, p)
+            if not p.requires_grad:  # never has a gradient, so never gets state
+                plan.rows.append(
+                    PlanRow(name, tuple(p.shape), False, "frozen (requires_grad=False)",
+                            None, None, 0, 0, 0)
+                )  # fmt: skip
+                continue
             itemsize = torch.empty((), dtype=state_dtype(p)).element_size()
             numel, full = self._state_numel(group, d)
             compressed = d.compressed and self._uses_momentum(group)
@@ -434,6 +514,7 @@ class FloraOptimizerBase(Optimizer):
                     state_bytes=numel * itemsize,
                     uncompressed_bytes=full * itemsize,
                     adamw_bytes=2 * p.numel() * p.element_size(),
+                    growth=self._growth(group, d) if compressed else None,
                 )
             )
             if compressed and group["cache_projection"]:
@@ -455,24 +536,192 @@ class FloraOptimizerBase(Optimizer):
         return sum(t.numel() * t.element_size() for _, t in self._projection_cache.values())
 
     # ------------------------------------------------------------------ state dict
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like ``torch.optim.Optimizer`` but keep each state tensor's saved dtype.
+    def _second_moment_shapes(
+        self, group: dict[str, Any], shape: tuple[int, ...]
+    ) -> dict[str, tuple[int, ...]]:
+        """Subclass hook: the second-moment state tensors of a parameter of ``shape``."""
+        raise NotImplementedError
 
-        ``torch.optim.Optimizer`` casts floating state to the parameter's dtype; Flora keeps
-        float32 state for fp16/bf16 parameters, so tensors are re-copied from ``state_dict``
-        with their own dtype onto the parameter's device.
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like ``torch.optim.Optimizer``, with names, validation and Flora's dtypes.
+
+        Order: the registered pre-hooks; then (as the last pre-hook) matching by parameter
+        name and validation of every group and state — nothing is changed if it fails;
+        torch's positional load; then, before the registered post-hooks, each floating state
+        tensor is re-copied from the (hook-processed) ``state_dict`` in the state dtype
+        (float32 for fp16/bf16 parameters, else the parameter's dtype), so what a post-hook
+        does is kept.
         """
-        super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
+        loaded: dict[str, Any] = {}
+
+        def pre_hook(optimizer: Optimizer, sd: dict[str, Any]) -> dict[str, Any]:
+            sd = self._match_by_name(sd)
+            self._check_loaded(sd)
+            loaded["sd"] = sd
+            return sd
+
+        def post_hook(optimizer: Optimizer) -> None:
+            self._restore_dtypes(loaded["sd"])
+
+        pre = self.register_load_state_dict_pre_hook(pre_hook)
+        post = self.register_load_state_dict_post_hook(post_hook, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+        self._projection_cache.clear()
+
+    def _match_by_name(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """Reorder each saved group's parameters to this optimizer's order by their names."""
+        saved_groups = sd["param_groups"]
+        cls = type(self).__name__
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            n = len(saved_groups) if isinstance(saved_groups, list) else "no list of"
+            raise ValueError(
+                f"state_dict has {n} parameter group(s), this {cls} has {len(self.param_groups)}"
+            )
+        new_groups = []
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+                raise ValueError(f"state_dict param_groups[{i}] is not a parameter group")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"state_dict param_groups[{i}] holds {len(saved['params'])} parameters, "
+                    f"this {cls}'s holds {len(group['params'])}"
+                )
+            names, saved_names = group.get("param_names"), saved.get("param_names")
+            if names is None or saved_names is None or list(names) == list(saved_names):
+                new_groups.append(saved)
+                continue
+            if len(set(saved_names)) != len(saved_names) or set(names) != set(saved_names):
+                missing = sorted(set(names) - set(saved_names))
+                extra = sorted(set(saved_names) - set(names))
+                raise ValueError(
+                    f"state_dict param_groups[{i}] holds other parameters than this {cls}: "
+                    f"missing {missing[:5]}, unexpected {extra[:5]}"
+                    + ("" if missing or extra else " (duplicate names in the state_dict)")
+                )
+            by_name = dict(zip(saved_names, saved["params"], strict=True))
+            new_groups.append(
+                {**saved, "params": [by_name[n] for n in names], "param_names": list(names)}
+            )
+        return {**sd, "param_groups": new_groups}
+
+    def _check_loaded(self, sd: dict[str, Any]) -> None:
+        """Validate the saved groups like the constructor, and every state against the
+        policy those groups imply; raise ValueError naming the group or parameter."""
+        groups = []
+        for i, saved in enumerate(sd["param_groups"]):
+            group = {**self.defaults, **saved}  # options added in later versions: defaults
+            try:
+                self._validate_group(dict(group), f"state_dict param_groups[{i}].")
+            except TypeError as err:  # a bad saved value is a bad state_dict: one error type
+                raise ValueError(f"{err} (a state saved by another optimizer?)") from err
+            groups.append(group)
+        where_of: dict[Any, tuple[dict[str, Any], str, Tensor]] = {}
+        position = 0
+        for group, current, saved in zip(
+            groups, self.param_groups, sd["param_groups"], strict=True
+        ):
+            names = current.get("param_names")
+            for j, (saved_id, p) in enumerate(zip(saved["params"], current["params"], strict=True)):
+                where_of[saved_id] = (group, names[j] if names else f"param{position}", p)
+                position += 1
+        state = sd["state"]
+        if not isinstance(state, dict):
+            raise ValueError("state_dict['state'] must be a dict")
+        for saved_id, st in state.items():
+            if saved_id not in where_of:
+                raise ValueError(f"state_dict holds state for an unknown parameter id {saved_id!r}")
+            group, name, p = where_of[saved_id]
+            self._check_param_state(group, name, p, st)
+
+    def _check_param_state(self, group: dict[str, Any], name: str, p: Tensor, st: Any) -> None:
+        cls = type(self).__name__
+        where = f"state_dict: state of {name!r}"
+        if not isinstance(st, dict):
+            raise ValueError(f"{where} is not a dict")
+        if not st:
+            return
+        step = st.get("step")
+        if not _is_int(step) or step < 0:
+            raise ValueError(
+                f"{where}: 'step' must be a non-negative int, got {type(step).__name__} "
+                f"(a state saved by another optimizer than {cls}?)"
+            )
+        shape = tuple(p.shape)
+        expected: dict[str, tuple[int, ...]] = dict(self._second_moment_shapes(group, shape))
+        d = self._decide(group, name, p)
+        ints = {"step", "nonfinite_skips"}
+        if self._uses_momentum(group) and "exp_avg" in st:
+            if d.compressed:
+                for key in ("key", "side", "window", "window_start"):
+                    if not _is_int(st.get(key)):
+                        raise ValueError(
+                            f"{where}: a full-size momentum, but {cls} compresses it now "
+                            f"({d.reason}); load into an optimizer with the same settings"
+                        )
+                saved_side = st["side"]
+                if saved_side not in (0, 1) or _SIDE_NAMES[saved_side] != d.side:
+                    saved = _SIDE_NAMES[saved_side] if saved_side in (0, 1) else saved_side
+                    raise ValueError(
+                        f"{where}: momentum compressed on the {saved} side, this {cls} "
+                        f"compresses it on the {d.side} ({d.reason}); pass side={saved!r} "
+                        "(under FSDP2 row-sharded matrices are compressed on the right)"
+                    )
+                if st["key"] != self._key_of(group, name):
+                    raise ValueError(
+                        f"{where}: saved with the projection key of another parameter name or "
+                        "position, so its momentum would be decoded with another projection"
+                    )
+                if st["window_start"] > step or st["window"] < 0:
+                    raise ValueError(f"{where}: inconsistent window {st['window']}")
+                ints |= {"key", "side", "window", "window_start"}
+                expected["exp_avg"] = d.state_shape  # type: ignore[assignment]
+            else:
+                if "side" in st:
+                    raise ValueError(
+                        f"{where}: a compressed momentum, but {cls} keeps it full size now "
+                        f"({d.reason}); load into an optimizer with the same settings"
+                    )
+                expected["exp_avg"] = shape
+        for key, value in st.items():
+            if key in ints:
+                if not _is_int(value):
+                    raise ValueError(f"{where}: {key!r} must be an int")
+                continue
+            if key not in expected:
+                raise ValueError(
+                    f"{where}: unexpected entry {key!r} (a state saved by another optimizer "
+                    f"or with other settings than this {cls}?)"
+                )
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                raise ValueError(f"{where}: {key!r} must be a floating-point tensor")
+            if tuple(value.shape) != tuple(expected[key]):
+                raise ValueError(
+                    f"{where}: {key!r} has shape {tuple(value.shape)}, expected "
+                    f"{tuple(expected[key])}"
+                )
+        missing = [k for k in self._second_moment_shapes(group, shape) if k not in st]
+        if missing:
+            raise ValueError(f"{where}: missing {missing}")
+
+    def _restore_dtypes(self, sd: dict[str, Any]) -> None:
+        """Re-copy floating state from ``sd`` in the state dtype (torch cast it to the
+        parameter's dtype, which would round float32 state of bf16 parameters)."""
+        saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params, strict=True):
-            saved = state_dict["state"].get(saved_id)
-            if saved is None:
+            saved = sd["state"].get(saved_id)
+            if not saved:
                 continue
+            dtype = state_dtype(p)
             for key, value in saved.items():
-                if isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device, dtype=value.dtype, copy=True)
-        self._projection_cache.clear()
+                if isinstance(value, Tensor) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
 
     # ------------------------------------------------------------------ step
     def _update(
@@ -508,6 +757,8 @@ class FloraOptimizerBase(Optimizer):
                 raise RuntimeError(
                     f"{type(self).__name__} does not support complex gradients ({name})"
                 )
+        if self._replicas_unchecked:
+            self._check_replicas(named)
         if not named:
             return loss
         # FSDP2: work on each rank's shard; decisions use the global shape (see _decide)
@@ -519,23 +770,14 @@ class FloraOptimizerBase(Optimizer):
         finite = _all_finite([g for _, g in locals_])
         if any(sharded):  # every rank must take the same skip decision
             finite = self._agree(named, sharded, finite)
+        if not all(finite) and self._skip_whole_step(named, finite):
+            return loss
         for (group, name, p), ok, is_sharded, (local, local_grad) in zip(
             named, finite, sharded, locals_, strict=True
         ):
             state = self.state[p]
-            if not ok:
-                if group["nonfinite"] == "raise":
-                    raise FloatingPointError(
-                        f"{type(self).__name__}: non-finite gradient for parameter {name!r} "
-                        "(nonfinite='raise')"
-                    )
+            if not ok:  # nonfinite="skip_parameter"
                 state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
-                warnings.warn(
-                    f"{type(self).__name__}: non-finite gradient for parameter {name!r}; "
-                    "its update was skipped (nonfinite='skip')",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
                 continue
             grad = local_grad if not group["maximize"] else -local_grad
             dtype = state_dtype(p)  # fp32 math for fp16/bf16 parameters, rounded once
@@ -555,6 +797,57 @@ class FloraOptimizerBase(Optimizer):
             if work is not local:
                 local.copy_(work)
         return loss
+
+    def _skip_whole_step(
+        self, named: list[tuple[dict[str, Any], str, Tensor]], finite: list[bool]
+    ) -> bool:
+        """Apply the ``nonfinite`` policies of the offending parameters before any update:
+        raise if one says ``"raise"``, skip the step if one says ``"skip"`` (True), else warn
+        that only those parameters are skipped (``"skip_parameter"``, False)."""
+        cls = type(self).__name__
+        bad = [
+            (g["nonfinite"], name) for (g, name, _), ok in zip(named, finite, strict=True) if not ok
+        ]
+        shown = ", ".join(repr(n) for _, n in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        if any(policy == "raise" for policy, _ in bad):
+            raise FloatingPointError(
+                f"{cls}: non-finite gradient for parameter(s) {shown}; no parameter was "
+                "updated (nonfinite='raise')"
+            )
+        if any(policy == "skip" for policy, _ in bad):
+            self.skipped_steps += 1
+            warnings.warn(
+                f"{cls}: non-finite gradient for parameter(s) {shown}; the whole step was "
+                "skipped (nonfinite='skip')",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return True
+        warnings.warn(
+            f"{cls}: non-finite gradient for parameter(s) {shown}; their updates were "
+            "skipped (nonfinite='skip_parameter')",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+
+    def _check_replicas(self, named: list[tuple[dict[str, Any], str, Tensor]]) -> None:
+        """First step under torch.distributed: every process must use the same settings."""
+        self._replicas_unchecked = False
+        process_group = None
+        for _, _, p in named:
+            if _is_sharded(p):
+                process_group = p.device_mesh.get_group()
+                break
+        settings: dict[str, Any] = {"optimizer": type(self).__name__}
+        for i, group in enumerate(self.param_groups):
+            for key in self._option_names:
+                value = group[key]
+                settings[f"param_groups[{i}].{key}"] = (
+                    float(value) if isinstance(value, Tensor) else value
+                )
+            settings[f"param_groups[{i}].parameters"] = len(group["params"])
+        check_same_settings(settings, what=type(self).__name__, group=process_group)
 
     @staticmethod
     def _shard_reduce(p: Tensor) -> ShardReduce:

@@ -336,3 +336,45 @@ def fsdp2_dcp(rank: int, world: int, tmpdir: str, phase: str, kind: str) -> None
     finally:
         dist.destroy_process_group()
     _done(rank, tmpdir)
+
+
+def replica_mismatch(rank: int, world: int, tmpdir: str) -> None:
+    """Settings that differ across ranks, each caught by the settings check: a per-rank seed
+    for the accumulator, the DDP hook and the optimizer, and a per-rank accumulation rank
+    (which would otherwise abort inside gloo). Saves each error message per rank."""
+    from flora import Flora
+    from flora.distributed import FloraCommState
+
+    _init(rank, world, tmpdir)
+    try:
+        model = make_model()
+        ddp = DistributedDataParallel(model)
+        errors: dict[str, str] = {}
+        attempts = {
+            "accumulator_seed": lambda: GradientAccumulator(ddp, 2, rank=4, seed=rank),
+            "accumulator_rank": lambda: GradientAccumulator(ddp, 2, rank=4 + rank),
+            "comm_hook_seed": lambda: FloraCommState(ddp, rank=4, seed=rank),
+        }
+        for key, attempt in attempts.items():
+            try:
+                attempt()
+                errors[key] = ""
+            except ValueError as err:
+                errors[key] = str(err)
+        opt = Flora(model.named_parameters(), rank=4, seed=rank)
+        loss_of(ddp, make_batches(1)[0]).backward()
+        try:
+            opt.step()
+            errors["optimizer_seed"] = ""
+        except ValueError as err:
+            errors["optimizer_seed"] = str(err)
+        same = Flora(model.named_parameters(), rank=4, seed=7)
+        same.step()  # equal settings pass (and are checked only once)
+        errors["moved"] = str(not torch.equal(model.fc.weight, make_model().fc.weight))
+        acc = GradientAccumulator(ddp, 2, rank=4, seed=3)  # equal settings pass
+        errors["accumulator_ok"] = repr(acc)
+        torch.save(errors, Path(tmpdir) / f"errors_{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    _done(rank, tmpdir)

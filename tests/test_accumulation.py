@@ -493,6 +493,56 @@ def test_load_state_dict_rejects_other_settings():
         acc.load_state_dict({"cycle": 0})
 
 
+def test_a_refused_state_leaves_the_accumulator_unchanged():
+    """A (1, 2) buffer used to be broadcast into every row, and a failed load left the
+    accumulator half-loaded (cycle and position changed, buffers zeroed)."""
+    model = make_model()
+    acc = GradientAccumulator(model, TAU, rank=4)
+    batches = make_batches(2)
+    with acc.micro_batch():
+        loss_of(model, batches[0]).backward()
+    good = acc.state_dict()
+    name = next(iter(good["buffers"]))
+    for bad_value in (torch.ones(1, 2), torch.ones(1, good["buffers"][name].shape[1])):
+        bad = {**good, "cycle": 5, "buffers": {**good["buffers"], name: bad_value}}
+        with pytest.raises(ValueError, match=rf"buffer of '{name}' has shape"):
+            acc.load_state_dict(bad)
+    for bad, match in [
+        ({**good, "position": -1}, "position"),
+        ({**good, "seen": ["nope"]}, "lacks: \\['nope'\\]"),
+        ({**good, "buffers": {}}, "missing or not a float tensor"),
+        ({**good, "grads": {"norm.weight": torch.ones(3)}}, "norm.weight' has shape"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            acc.load_state_dict(bad)
+    assert (acc.cycle, acc.position) == (0, 1)
+    after = acc.state_dict()
+    for key, value in good["buffers"].items():
+        assert torch.equal(after["buffers"][key], value)
+    with acc.micro_batch():  # and the cycle goes on
+        loss_of(model, batches[1]).backward()
+
+
+def test_micro_batch_after_remove_raises():
+    model = make_model()
+    acc = GradientAccumulator(model, TAU, rank=4, reduction="mean")
+    acc.remove()
+    with pytest.raises(RuntimeError, match=r"micro_batch\(\) after remove\(\)"), acc.micro_batch():
+        pass
+    with pytest.raises(RuntimeError, match="after remove"):
+        acc.finish_cycle()
+
+
+def test_duplicate_names_and_unmatched_patterns():
+    enc, dec = nn.Linear(16, 12), nn.Linear(16, 12)
+    with pytest.raises(ValueError, match="'bias', 'weight' occur more than once"):
+        GradientAccumulator(list(enc.named_parameters()) + list(dec.named_parameters()), TAU)
+    tied = [*enc.named_parameters(), ("again", enc.weight)]  # one tensor twice: fine
+    GradientAccumulator(tied, TAU, rank=4)
+    with pytest.warns(UserWarning, match=r"\['lm_head'\] match no parameter"):
+        GradientAccumulator(make_model(), TAU, rank=4, exclude=["lm_head"])
+
+
 # ---------------------------------------------------------------- memory
 def test_buffer_bytes_are_exact_and_sublinear():
     model = make_model()

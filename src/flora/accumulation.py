@@ -57,8 +57,16 @@ from torch.optim import Optimizer
 
 from flora.optim.base import state_dtype
 from flora.plan import Plan, PlanRow
-from flora.policy import Decision, check_options, compile_patterns, decide
+from flora.policy import (
+    Decision,
+    check_options,
+    check_unique_names,
+    compile_patterns,
+    decide,
+    warn_unmatched_patterns,
+)
 from flora.projection import parameter_key, projection_matrix, up
+from flora.replicas import check_same_settings
 
 __all__ = ["AccumulationMemory", "GradientAccumulator"]
 
@@ -125,6 +133,21 @@ def _named_parameters(
     if all(isinstance(x, Tensor) for x in items):
         return [(f"param{i}", p) for i, p in enumerate(items) if p.requires_grad], False, None
     raise TypeError("params must be a module, model.named_parameters() or an iterable of tensors")
+
+
+def _check_tensor(
+    value: Any, shape: tuple[int, ...] | None, dtype: torch.dtype | None, name: str
+) -> None:
+    """Refuse a saved buffer or gradient that is not a floating tensor of ``shape``."""
+    if not isinstance(value, Tensor) or not value.is_floating_point():
+        raise ValueError(f"state_dict: the buffer of {name!r} is missing or not a float tensor")
+    if tuple(value.shape) != tuple(shape):  # type: ignore[arg-type]
+        raise ValueError(
+            f"state_dict: the buffer of {name!r} has shape {tuple(value.shape)}, "
+            f"expected {tuple(shape)}"  # type: ignore[arg-type]
+        )
+    if dtype is not None and value.dtype != dtype:
+        raise ValueError(f"state_dict: the buffer of {name!r} is {value.dtype}, expected {dtype}")
 
 
 class GradientAccumulator:
@@ -260,10 +283,16 @@ class GradientAccumulator:
 
         self._slots: list[_Slot] = []
         seen_ids: set[int] = set()
+        distinct = []
         for name, p in named:
-            if id(p) in seen_ids:
+            if id(p) in seen_ids:  # one tensor listed twice (tied weights): managed once
                 continue
             seen_ids.add(id(p))
+            distinct.append((name, p))
+        check_unique_names([n for n, _ in distinct], "GradientAccumulator parameter names")
+        if has_names:
+            warn_unmatched_patterns(patterns, [n for n, _ in distinct], "exclude")
+        for name, p in distinct:
             if p.is_complex():
                 raise TypeError(f"complex parameters are not supported ({name})")
             d = decide(name, p.shape, rank=rank, compress=compress, exclude=patterns, side=side)
@@ -280,8 +309,16 @@ class GradientAccumulator:
         self.last_communicated_bytes = 0  #: bytes all-reduced at the end of the last cycle
         self._active = False
         self._last = False
+        self._removed = False
         self._flats: list[Tensor] = []
         self._norm_sq: Tensor | None = None
+        # before any hook is registered, so a refused accumulator leaves nothing behind
+        if self._group is not None:  # every replica must draw the same projections
+            check_same_settings(
+                {**self._settings(), "parameters": [s.name for s in self._slots]},
+                what="GradientAccumulator",
+                group=self._group,
+            )
         self._handles = [
             s.param.register_post_accumulate_grad_hook(self._hook)
             for s in self._slots
@@ -305,10 +342,17 @@ class GradientAccumulator:
             )
 
     def remove(self) -> None:
-        """Remove the hooks; backward passes are then plain PyTorch again."""
+        """Remove the hooks; backward passes are then plain PyTorch again, and
+        :meth:`micro_batch` and :meth:`finish_cycle` raise (they would no longer compress
+        the matrices while still dividing the vectors' gradients with ``reduction="mean"``)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._removed = True
+
+    def _check_not_removed(self, what: str) -> None:
+        if self._removed:
+            raise RuntimeError(f"GradientAccumulator.{what} after remove(): the hooks are gone")
 
     def _slot(self, param: Tensor | str) -> _Slot:
         for s in self._slots:
@@ -384,6 +428,7 @@ class GradientAccumulator:
         """
         if not isinstance(last, bool):
             raise TypeError(f"last must be a bool, got {type(last).__name__}")
+        self._check_not_removed("micro_batch()")
         if self._active:
             raise RuntimeError("micro_batch() contexts cannot be nested")
         self._begin(last)
@@ -420,6 +465,7 @@ class GradientAccumulator:
     def finish_cycle(self) -> None:
         """End the current cycle now (after at least one micro-batch), e.g. when the data
         ran out and the last micro-batch was not marked ``last=True``."""
+        self._check_not_removed("finish_cycle()")
         if self._active:
             raise RuntimeError("finish_cycle() cannot be called inside micro_batch()")
         if self.position == 0:
@@ -650,12 +696,23 @@ class GradientAccumulator:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the settings and compressed parameters must match."""
+        """Restore :meth:`state_dict`; the settings and compressed parameters must match.
+
+        Everything is validated (settings, position, which parameters were seen, every
+        buffer's and gradient's shape and dtype) before anything changes, so a refused
+        ``state_dict`` leaves the accumulator as it was.
+        """
         if self._active:
             raise RuntimeError("load_state_dict() cannot be called inside micro_batch()")
         if not isinstance(state_dict, dict) or state_dict.get("version") != _STATE_VERSION:
             raise ValueError("state_dict is not a GradientAccumulator state (version mismatch)")
+        missing = {"cycle", "position", "settings", "compressed", "seen", "buffers", "grads"}
+        missing -= set(state_dict)
+        if missing:
+            raise ValueError(f"state_dict lacks {sorted(missing)}")
         saved = state_dict["settings"]
+        if not isinstance(saved, dict):
+            raise ValueError("state_dict['settings'] must be a dict")
         for key, value in self._settings().items():
             if saved.get(key) != value:
                 raise ValueError(
@@ -665,24 +722,44 @@ class GradientAccumulator:
         names = [s.name for s in self._slots if s.compressed]
         if list(state_dict["compressed"]) != names:
             raise ValueError("state_dict compresses different parameters than this accumulator")
-        position = int(state_dict["position"])
+        cycle, position = state_dict["cycle"], state_dict["position"]
+        for key, value in (("cycle", cycle), ("position", position)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state_dict {key} must be a non-negative int, got {value!r}")
         if not 0 <= position < self.steps:
             raise ValueError(f"state_dict position {position} is outside [0, {self.steps})")
+        managed = {s.name: s for s in self._slots}
+        seen, buffers, grads = state_dict["seen"], state_dict["buffers"], state_dict["grads"]
+        if not isinstance(buffers, dict) or not isinstance(grads, dict):
+            raise ValueError("state_dict buffers and grads must be dicts")
+        unknown = sorted({*seen, *grads} - set(managed))
+        if unknown:
+            raise ValueError(f"state_dict names parameters this accumulator lacks: {unknown}")
+        if position > 0:
+            for s in self._slots:
+                if s.compressed:
+                    _check_tensor(buffers.get(s.name), s.decision.state_shape, s.dtype, s.name)
+            for name, g in grads.items():
+                s = managed[name]
+                if s.compressed:
+                    raise ValueError(f"state_dict holds a full gradient for compressed {name!r}")
+                _check_tensor(g, tuple(s.param.shape), None, name)
+        # valid: apply
         self._release()
-        self.cycle = int(state_dict["cycle"])
-        self.position = position
+        self.cycle, self.position = cycle, position
         self.sync_gradients = False
         if position == 0:
             return
         self._allocate()
-        seen = set(state_dict["seen"])
         for s in self._slots:
             s.seen = s.name in seen
             if s.compressed:
-                s.buffer.copy_(state_dict["buffers"][s.name])  # type: ignore[union-attr]
+                s.buffer.copy_(buffers[s.name])  # type: ignore[union-attr]
                 continue
-            saved_grad = state_dict["grads"].get(s.name)
+            saved_grad = grads.get(s.name)
             value = None if saved_grad is None else saved_grad.to(s.param.device, copy=True)
+            if value is not None and not self.step_in_backward:
+                value = value.to(s.param.dtype)
             if self.step_in_backward:
                 s.buffer = value
             else:

@@ -36,8 +36,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from flora.optim.base import state_dtype
-from flora.policy import check_options, compile_patterns, decide
+from flora.policy import check_options, compile_patterns, decide, warn_unmatched_patterns
 from flora.projection import down, parameter_key, projection_matrix, up
+from flora.replicas import check_same_settings
 
 __all__ = ["FloraCommState", "flora_comm_hook"]
 
@@ -86,6 +87,23 @@ class FloraCommState:
                     name, p.shape, rank=rank, compress=compress, exclude=patterns, side=side
                 )
                 self.keys[id(p)] = parameter_key(name)
+        names = [n for n, p in ddp.module.named_parameters() if p.requires_grad]
+        warn_unmatched_patterns(patterns, names, "exclude")
+        # every replica must draw the same projections: a differing seed would make them
+        # drift apart, a differing rank abort inside the all-reduce
+        check_same_settings(
+            {
+                "rank": rank,
+                "seed": seed,
+                "compress": compress,
+                "exclude": list(patterns),
+                "side": side,
+                "distribution": distribution,
+                "parameters": names,
+            },
+            what="FloraCommState",
+            group=self.process_group,
+        )
 
     def projection(self, param: Tensor, iteration: int | None = None) -> Tensor | None:
         """The projection ``param``'s gradient uses in ``iteration`` (default: the next)."""

@@ -160,3 +160,17 @@ def test_accelerate_accumulate_loop_equals_micro_batch_api():
     assert acc.cycle == 3 and acc.position == 0
     for a, b in zip(ref.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_target_modules_that_match_nothing_warn():
+    """The old README snippet, target_modules=["attn", "mlp"], compresses nothing of a BERT."""
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64,
+    )  # fmt: skip
+    bert = transformers.BertModel(config)
+    args = transformers.TrainingArguments(output_dir="unused", report_to=[])
+    with pytest.warns(UserWarning, match=r"\['attn', 'mlp'\] match no module.*encoder\.layer"):
+        create_flora_optimizer(bert, args, rank=4, target_modules=["attn", "mlp"])
+    with pytest.warns(UserWarning, match=r"\['mlp'\] match no module"):
+        create_flora_optimizer(bert, args, rank=4, target_modules=["attention", "mlp"])

@@ -6,6 +6,7 @@ Trainer::
 
     args = TrainingArguments(..., learning_rate=3e-4, weight_decay=0.01,
                              gradient_accumulation_steps=16, max_grad_norm=1.0)
+    # GPT-2 names; LLaMA: ["self_attn", "mlp"]; BERT: ["attention", "intermediate", "output"]
     optimizer = create_flora_optimizer(model, args, rank=32, target_modules=["attn", "mlp"])
     trainer = Trainer(model=model, args=args, train_dataset=ds,
                       optimizers=(optimizer, None),          # Trainer builds the scheduler
@@ -37,6 +38,7 @@ accelerate::
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,6 +71,27 @@ def _is_target(param_name: str, targets: str | Sequence[str] | None) -> bool:
     return any(t in module for t in targets)
 
 
+def _warn_unmatched_targets(targets: str | Sequence[str] | None, names: list[str]) -> None:
+    """Warn about each target that selects no parameter, with a few module names to copy."""
+    if targets is None or not names:
+        return
+    # a string is one regex; a list's entries are substrings, each checked on its own
+    entries = [targets] if isinstance(targets, str) else [[t] for t in targets]
+    unmatched = [e for e in entries if not any(_is_target(n, e) for n in names)]
+    unmatched = [e if isinstance(e, str) else e[0] for e in unmatched]
+    if unmatched:
+        # distinct module names in model order, layer indices folded: "encoder.layer.*.x"
+        modules = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n.rsplit(".", 1)[0] + ".")[:-1]
+                                     for n in names if "." in n))  # fmt: skip
+        warnings.warn(
+            f"target_modules {unmatched} match no module of this model, so those parameters "
+            f"keep uncompressed state; module names look like: {', '.join(modules[:8])}"
+            + (", ..." if len(modules) > 8 else ""),
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def create_flora_optimizer(
     model: nn.Module,
     args: Any,
@@ -89,6 +112,7 @@ def create_flora_optimizer(
     if optimizer not in ("flora", "flora-adamw"):
         raise ValueError(f"optimizer must be 'flora' or 'flora-adamw', got {optimizer!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    _warn_unmatched_targets(target_modules, [n for n, _ in named])
     groups: dict[tuple[bool, bool], list[tuple[str, nn.Parameter]]] = {}
     for name, p in named:
         key = (_is_target(name, target_modules), p.dim() >= 2)

@@ -5,7 +5,7 @@ PY := .venv/bin/python
 
 train:
 	scripts/bootstrap.sh plot
-	.venv/bin/flora train
+	.venv/bin/flora train --overwrite
 
 test:
 	scripts/bootstrap.sh test
@@ -28,7 +28,7 @@ bench: bench-setup
 
 # the paper's experiments at their quick size, side by side with the peers (about 3 h on 2 cores)
 compare: bench-setup
-	.venv/bin/flora compare all --quick
+	.venv/bin/flora compare all --quick --out benchmarks/results/compare
 
 clean:
 	rm -rf .venv .pytest_cache build src/*.egg-info runs

@@ -1,8 +1,11 @@
 """Sharded training with FSDP2 (fully_shard): Flora's states are sharded by rows like the
 parameters, and a torch.distributed.checkpoint can be loaded at another world size.
 
-    torchrun --nproc-per-node 2 examples/fsdp2_gpt.py     # gloo on CPU, nccl on GPUs
-    torchrun --nproc-per-node 1 examples/fsdp2_gpt.py --resume ckpt   # reshard 2 -> 1
+    torchrun --nproc-per-node 2 examples/fsdp2_gpt.py --save ckpt   # gloo on CPU, nccl on GPUs
+    torchrun --nproc-per-node 1 examples/fsdp2_gpt.py --resume ckpt --steps 30   # reshard 2 -> 1
+
+The checkpoint holds the step, so a resumed run continues counting (to ``--steps`` in all).
+Only rank 0 prints; the per-rank state sizes are gathered to it first.
 """
 
 import argparse
@@ -22,7 +25,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--steps", type=int, default=20)
 parser.add_argument("--rank", type=int, default=8)
 parser.add_argument("--optimizer", choices=["flora", "flora-adamw"], default="flora")
-parser.add_argument("--save", default="ckpt", help="DCP checkpoint folder written at the end")
+parser.add_argument("--save", default=None, help="DCP checkpoint folder written at the end")
 parser.add_argument("--resume", default=None, help="DCP checkpoint folder to start from")
 args = parser.parse_args()
 
@@ -45,17 +48,20 @@ if args.optimizer == "flora":  # names key the projections: identical on every r
 else:
     optimizer = flora.FloraAdamW(model.named_parameters(), lr=2e-3, rank=args.rank, kappa=50)
 
+start = 0
 if args.resume:  # written at any world size; DCP reshards model and optimizer state
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    loaded = {"model": model_sd, "optim": optim_sd}
+    loaded = {"model": model_sd, "optim": optim_sd, "step": torch.tensor(0)}
     dcp.load(loaded, checkpoint_id=args.resume)
     set_state_dict(
         model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"]
     )
+    start = int(loaded["step"])
     if rank == 0:
-        print(f"resumed from {args.resume} at world size {world}")
+        print(f"resumed from {args.resume} at step {start}, world size {world}")
 
-for step in range(args.steps):
+loss = torch.tensor(float("nan"))
+for step in range(start, args.steps):
     x, y = (t.to(device) for t in get_batch(corpus.train, 8, 64, gen))
     loss = model(x, y)
     loss.backward()  # FSDP2 reduce-scatters: each rank gets the gradient of its rows
@@ -65,10 +71,16 @@ for step in range(args.steps):
         print(f"step {step + 1:4d}  loss {loss.item():.4f}")
 
 full = optimizer.plan().state_bytes  # what one process would hold for the whole model
-print(f"rank {rank}: optimizer state {optimizer.state_bytes():,} bytes "
-      f"(whole model on one process: {full:,})")  # fmt: skip
-model_sd, optim_sd = get_state_dict(model, optimizer)
-dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=args.save)
+held = [0] * world
+dist.all_gather_object(held, optimizer.state_bytes())  # one printer: no interleaved lines
 if rank == 0:
-    print(f"final: loss {loss.item():.4f}, world {world}, checkpoint {args.save}")
+    for r, local in enumerate(held):
+        print(f"rank {r}: optimizer state {local:,} bytes (whole model on one process: {full:,})")
+if args.save:
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    step = torch.tensor(max(start, args.steps))
+    dcp.save({"model": model_sd, "optim": optim_sd, "step": step}, checkpoint_id=args.save)
+if rank == 0:
+    print(f"final: step {max(start, args.steps)}, loss {loss.item():.4f}, world {world}, "
+          f"checkpoint {args.save}")  # fmt: skip
 dist.destroy_process_group()

@@ -1,5 +1,6 @@
 """The examples run end to end at tiny sizes, so they cannot rot."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,11 @@ def test_ddp_example_runs_with_torchrun(tmp_path):
     assert "final: loss" in out
 
 
+STATE_LINE = re.compile(
+    r"^rank (\d+): optimizer state ([\d,]+) bytes \(whole model on one process: ([\d,]+)\)$"
+)
+
+
 def test_fsdp2_example_runs_and_resumes_at_another_world_size(tmp_path):
     script = ROOT / "examples" / "fsdp2_gpt.py"
 
@@ -74,10 +80,14 @@ def test_fsdp2_example_runs_and_resumes_at_another_world_size(tmp_path):
         return run_example([*args, "--nproc-per-node", str(nproc), str(script), *extra], tmp_path)
 
     out = torchrun(2, "--steps", "5", "--save", "ckpt")
-    for line in (x for x in out.splitlines() if "optimizer state" in x):
-        local = int(line.split("state ")[1].split(" bytes")[0].replace(",", ""))
-        whole = int(line.split("one process: ")[1].rstrip(")").replace(",", ""))
+    states = [m.groups() for m in map(STATE_LINE.match, out.splitlines()) if m]
+    assert sorted(int(r) for r, _, _ in states) == [0, 1]  # exactly one line per rank
+    for _, local, whole in states:
+        local, whole = int(local.replace(",", "")), int(whole.replace(",", ""))
         assert local < 0.6 * whole  # sharded (plus the small replicated column factors)
-    assert "final: loss" in out
-    out = torchrun(1, "--steps", "2", "--resume", "ckpt", "--save", "ckpt1")
-    assert "resumed from ckpt at world size 1" in out and "final: loss" in out
+    assert re.search(r"^final: step 5, loss [\d.]+, world 2", out, re.M)
+    out = torchrun(1, "--steps", "7", "--resume", "ckpt", "--save", "ckpt1")
+    assert "resumed from ckpt at step 5, world size 1" in out
+    assert re.search(r"^final: step 7, loss [\d.]+, world 1", out, re.M)
+    torchrun(1, "--steps", "2")  # no --save: nothing written into the working directory
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["ckpt", "ckpt1"]

@@ -132,7 +132,16 @@ def test_llama_7b_matches_a_hand_calculation(capsys):
 def test_plan_cli_errors_are_one_line(capsys, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    for argv in (["--model", "nope"], ["--model", str(bad)], ["--rank", "0"]):
+    cases = [["--model", "nope"], ["--model", str(bad)], ["--rank", "0"]]
+    base = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 10}  # fmt: skip
+    for i, change in enumerate([{"hidden_size": -4}, {"hidden_size": 0},
+                                {"hidden_size": "big"}, {"num_attention_heads": 3},
+                                {"rope_scaling": {"rope_type": "nonsense"}}]):  # fmt: skip
+        path = tmp_path / f"config{i}.json"
+        path.write_text(json.dumps({**base, **change}))
+        cases.append(["--model", str(path)])
+    for argv in cases:
         assert main(["plan", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("flora: error:"), err

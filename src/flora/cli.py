@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from flora.gpt import SIZES
 from flora.training import OPTIMIZERS, TrainConfig, TrainError, train
@@ -76,6 +78,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"])
     t.add_argument("--out", default=d.out, help="folder for checkpoint.pt and loss.png")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a checkpoint in --out (a new run refuses otherwise)")  # fmt: skip
     t.add_argument("--save-every", type=int, default=d.save_every)
     t.add_argument("--stop-at", type=_positive_int, default=None,
                    help="stop after this step with a checkpoint (split a run)")  # fmt: skip
@@ -104,7 +108,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("experiment", choices=[*EXPERIMENT_NAMES, "all"])
     c.add_argument("--quick", action="store_true", help="the few-minutes size (2 CPU cores)")
-    c.add_argument("--out", default="benchmarks/results/compare", help="results folder")
+    c.add_argument("--out", default="runs/compare",
+                   help="results folder (committed ones: benchmarks/results/compare)")  # fmt: skip
     c.add_argument("--seed", type=int, default=0)
     c.add_argument(
         "--data", default=None, help="dataset cache (default $FLORA_DATA or ~/.cache/flora)"
@@ -181,13 +186,26 @@ def _train(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         out=args.out,
         resume=args.resume,
+        overwrite=args.overwrite,
         save_every=args.save_every,
         stop_at=args.stop_at,
         plot=not args.no_plot,
         progress=not args.no_progress,
     )
     result = train(cfg, echo=lambda line: print(line, flush=True))
-    return 130 if result.interrupted else 0
+    return result.exit_code
+
+
+def _check_can_create(folder: Path) -> None:
+    """Before a run, not after it (an unwritable ``--out`` would lose hours of results): the
+    folder, or its nearest existing ancestor, must be a writable folder. Nothing is created."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TrainError(f"--out {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainError(f"--out {folder}: {existing} is not writable")
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -213,6 +231,9 @@ def _compare(args: argparse.Namespace) -> int:
             overrides[key] = text  # a bare word: a string
     if args.tag is not None and not args.tag.replace("-", "").replace("_", "").isalnum():
         raise TrainError(f"--tag must be letters, digits, '-' or '_', got {args.tag!r}")
+    if args.data is not None and Path(args.data).exists() and not Path(args.data).is_dir():
+        raise TrainError(f"--data {args.data} is a file; it must be a folder (the dataset cache)")
+    _check_can_create(Path(args.out))
     for name in names:
         print(f"flora compare {name} ({'quick' if args.quick else 'full'}) ...", flush=True)
         try:
@@ -244,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise AssertionError(args.command)
     except TrainError as err:
         print(f"flora: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     except KeyboardInterrupt:
         print("flora: interrupted", file=sys.stderr)
         return 130

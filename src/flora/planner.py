@@ -91,19 +91,50 @@ def _transformers_model(config_dict: dict[str, Any], source: str) -> nn.Module:
     model_type = config_dict.pop("model_type", None)
     if model_type is None:
         raise PlanError(f"{source}: config has no model_type")
+    _check_sizes(config_dict, source)
+    # transformers raises many kinds of errors for a config that does not build a model
+    # (TypeError for a string size, RuntimeError for a negative one, ZeroDivisionError, ...):
+    # each is the user's config, reported as one line
     try:
         config = transformers.AutoConfig.for_model(model_type, **config_dict)
-    except (ValueError, KeyError) as err:
-        raise PlanError(f"{source}: {err}") from err
-    archs = getattr(config, "architectures", None) or []
-    auto = transformers.AutoModelForCausalLM
-    if config.is_encoder_decoder or any("ConditionalGeneration" in a for a in archs):
-        auto = transformers.AutoModelForSeq2SeqLM
-    with torch.device("meta"):
-        try:
-            return auto.from_config(config)
-        except ValueError:
-            return transformers.AutoModel.from_config(config)
+        archs = getattr(config, "architectures", None) or []
+        auto = transformers.AutoModelForCausalLM
+        if config.is_encoder_decoder or any("ConditionalGeneration" in a for a in archs):
+            auto = transformers.AutoModelForSeq2SeqLM
+        with torch.device("meta"):
+            try:
+                return auto.from_config(config)
+            except ValueError:
+                return transformers.AutoModel.from_config(config)
+    except Exception as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        raise PlanError(
+            f"{source}: the config does not build a model ({type(err).__name__}: {first})"
+        ) from err
+
+
+#: config fields that are sizes or counts: positive integers when present
+_SIZE_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "vocab_size", "d_model", "d_ff", "d_kv", "num_heads", "num_layers",
+    "num_decoder_layers", "n_embd", "n_layer", "n_head", "n_positions", "n_inner",
+    "max_position_embeddings", "head_dim",
+)  # fmt: skip
+
+
+def _check_sizes(config: dict[str, Any], source: str) -> None:
+    for key in _SIZE_FIELDS:
+        if key not in config or config[key] is None:
+            continue
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise PlanError(f"{source}: {key} must be a positive integer, got {value!r}")
+    for width, heads in (("hidden_size", "num_attention_heads"), ("n_embd", "n_head")):
+        if width in config and heads in config and config[width] % config[heads]:
+            raise PlanError(
+                f"{source}: {width} ({config[width]}) must be divisible by {heads} "
+                f"({config[heads]})"
+            )
 
 
 def build_meta_model(spec: str) -> tuple[nn.Module, str]:

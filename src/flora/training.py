@@ -1,15 +1,26 @@
 """The ``flora train`` loop: a small GPT on text with Flora (or a baseline optimizer).
 
 Checkpoints (``<out>/checkpoint.pt``) hold the model, optimizer, scheduler, accumulator, the
-batch generator's state and the loss history, and are written atomically (a temporary file,
-then ``os.replace``), so an existing checkpoint is never replaced by a partial one. A resumed
-run draws the same batches and continues exactly as an uninterrupted one. Ctrl-C finishes the
-current step, saves a checkpoint and exits.
+batch generator's state and the loss history, with a SHA-256 of their bytes (a damaged file is
+refused on ``--resume``). They are written atomically: a temporary file, ``fsync``, then
+``os.replace``, so an existing checkpoint is never replaced by a partial one, and a failed
+write (a full disk) removes the temporary file and keeps the previous checkpoint. A resumed
+run draws the same batches and continues exactly as an uninterrupted one; a finished run can
+be extended with a larger ``--steps`` (the cosine schedule then ends at the new length).
+
+Signals: the first Ctrl-C (SIGINT) or SIGTERM finishes the current step (or cuts a final
+evaluation short), saves a checkpoint and exits with 130 (SIGINT) or 143 (SIGTERM); a save in
+progress is never interrupted. A second Ctrl-C during training stops at once, keeping the
+last checkpoint. A new run refuses to replace another run's checkpoint unless ``--resume`` or
+``--overwrite`` is given, and a non-finite loss stops the run with an error (the last
+checkpoint is kept).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import math
 import os
 import signal
@@ -28,20 +39,27 @@ from flora.data import Corpus, get_batch, load_corpus
 from flora.gpt import GPT, SIZES, GPTConfig
 from flora.plan import format_bytes
 
-__all__ = ["OPTIMIZERS", "TrainConfig", "TrainError", "TrainResult", "train"]
+__all__ = ["OPTIMIZERS", "TrainConfig", "TrainError", "TrainResult", "load_checkpoint", "train"]
 
 OPTIMIZERS = ("flora", "flora-adamw", "adamw", "adafactor")
 DEFAULT_LR = {"flora": 2e-2, "flora-adamw": 2e-3, "adamw": 2e-3, "adafactor": 2e-2}
-CHECKPOINT_FORMAT = "flora-train/1"
-#: settings a resumed run must share with its checkpoint
+CHECKPOINT_FORMAT = "flora-train/2"  # a SHA-256-checked payload; /1 had no checksum
+#: settings a resumed run must share with its checkpoint (``steps`` may grow)
 RESUME_KEYS = (
     "size", "n_layer", "n_head", "n_embd", "block_size", "optimizer", "lr", "rank", "kappa",
-    "accumulate", "accumulate_rank", "batch_size", "steps", "seed", "dtype", "files",
+    "accumulate", "accumulate_rank", "batch_size", "seed", "dtype", "files",
 )  # fmt: skip
+MAX_SEED = 2**63 - 2  # torch.manual_seed's range, leaving room for the accumulator's seed + 1
+_SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class TrainError(Exception):
-    """A problem with the user's input: reported as one line, never a traceback."""
+    """A problem reported as one ``flora: error:`` line, never a traceback. ``exit_code`` is
+    2 for bad input (the default) and 1 for a run that failed (a full disk, a NaN loss)."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -68,6 +86,7 @@ class TrainConfig:
     dtype: str = "float32"
     out: str = "runs/flora"
     resume: bool = False
+    overwrite: bool = False  # replace a checkpoint in ``out`` (without it: refused)
     save_every: int = 0  # 0: only at the end (and on Ctrl-C)
     stop_at: int | None = None  # stop (with a checkpoint) after this step
     plot: bool = True
@@ -98,16 +117,17 @@ class TrainConfig:
             raise TrainError(f"--size must be one of {', '.join(SIZES)}, got {self.size!r}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise TrainError(f"--lr must be a positive number, got {self.lr}")
-        if not self.corpus_mb > 0:
-            raise TrainError(f"--corpus-mb must be positive, got {self.corpus_mb}")
+        if not (self.corpus_mb > 0 and math.isfinite(self.corpus_mb)):
+            raise TrainError(f"--corpus-mb must be a positive number, got {self.corpus_mb}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TrainError(f"--seed must be an integer, got {self.seed!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise TrainError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
+        if self.resume and self.overwrite:
+            raise TrainError("--resume and --overwrite exclude each other")
         if self.dtype not in ("float32", "bfloat16"):
             raise TrainError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as err:
-            raise TrainError(f"--device {self.device!r} is not a device: {err}") from err
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise TrainError("--device cuda requested but no CUDA device is available")
+        check_device(self.device)
 
     def model_config(self) -> GPTConfig:
         base = SIZES[self.size]
@@ -123,6 +143,25 @@ class TrainConfig:
             raise TrainError(str(err)) from err
 
 
+def check_device(spec: str) -> torch.device:
+    """``spec`` as a device that can hold tensors here, else TrainError: the same check for
+    every device type (a 1-element allocation), and ``meta`` is refused (it holds no data)."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as err:
+        raise TrainError(f"--device {spec!r} is not a device: {err}") from err
+    if device.type == "meta":
+        raise TrainError("--device meta holds no data, so it cannot train; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda requested but no CUDA device is available")
+    try:
+        torch.empty(1, device=device)
+    except Exception as err:  # any backend's failure is the same user error
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainError(f"--device {spec!r} is not usable on this machine: {first}") from err
+    return device
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -131,6 +170,7 @@ class TrainResult:
     memory: dict[str, int | None]
     checkpoint: Path
     interrupted: bool
+    exit_code: int = 0  # 130 after SIGINT, 143 after SIGTERM
 
 
 # ---------------------------------------------------------------- building blocks
@@ -153,38 +193,143 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     return tensor_bytes(v for s in opt.state.values() for v in s.values())
 
 
-def _save_atomic(obj: dict[str, Any], path: Path) -> None:
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system can sync a directory
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_atomic(data: bytes | memoryview, path: Path) -> None:
+    """Write ``data`` to ``path`` through ``<path>.tmp``, ``fsync`` and ``os.replace``; on an
+    OSError the temporary file is removed, ``path`` is untouched and TrainError (exit 1)
+    says why."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        kept = " (the previous checkpoint is kept)" if path.exists() else ""
+        raise TrainError(f"cannot write {path}: {err.strerror or err}{kept}", 1) from err
+    _fsync_dir(path.parent)
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
+def _save_atomic(obj: dict[str, Any], path: Path) -> None:
+    """Save ``obj`` with a SHA-256 of its serialized bytes (checked by load_checkpoint)."""
+    payload = io.BytesIO()
+    torch.save(obj, payload)
+    data = payload.getvalue()
+    wrapped = io.BytesIO()
+    torch.save(
+        {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(data).hexdigest(), "data": data},
+        wrapped,
+    )
+    _write_atomic(wrapped.getbuffer(), path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The contents of a `flora train` checkpoint, its SHA-256 checked; TrainError if it is
+    missing, damaged or incomplete."""
     if not path.is_file():
         raise TrainError(f"--resume: no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        outer = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling/zip error means the file is unusable
         raise TrainError(
             f"checkpoint {path} is corrupt or unreadable ({type(err).__name__})"
         ) from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise TrainError(f"{path} is not a flora train checkpoint")
+    if not isinstance(outer, dict) or outer.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"{path} is not a flora train checkpoint (format {CHECKPOINT_FORMAT})")
+    data = outer.get("data")
+    if not isinstance(data, bytes) or hashlib.sha256(data).hexdigest() != outer.get("sha256"):
+        raise TrainError(f"checkpoint {path} is corrupt: its SHA-256 does not match its contents")
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise TrainError(f"checkpoint {path} is corrupt ({type(err).__name__})") from err
+    needed = {"config", "step", "model", "optimizer", "scheduler", "accumulator", "generator"}
+    if (
+        not isinstance(ckpt, dict)
+        or not needed <= set(ckpt)
+        or not isinstance(ckpt["config"], dict)
+    ):
+        missing = sorted(needed - set(ckpt)) if isinstance(ckpt, dict) else sorted(needed)
+        raise TrainError(f"checkpoint {path} is incomplete (missing {missing or ['config']})")
     return ckpt
 
 
-def _check_out(out: Path) -> None:
+def check_writable_folder(out: Path) -> None:
+    """The folder exists and takes a real write (64 KiB, synced): a 0-byte probe would pass
+    on a full disk."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 65536)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
     except OSError as err:
         raise TrainError(f"cannot write to output folder {out}: {err.strerror or err}") from err
 
 
+class _Signals:
+    """SIGINT and SIGTERM for the whole run, final evaluation and save included (see the
+    module docstring). ``phase`` is "train", "evaluate" or "save"."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None  # the first signal
+        self.phase = "train"
+        self.final = False  # in the final evaluation and save
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in _SIGNAL_EXIT:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        first = self.received is None
+        if first:
+            self.received = signum
+        if self.phase == "save":
+            return  # never interrupt a save; the run stops after it
+        if self.phase == "evaluate" and self.final:
+            raise _SkipEvaluation
+        if not first and signum == signal.SIGINT and self.phase == "train":
+            raise KeyboardInterrupt  # second Ctrl-C: stop now, keep the last checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return _SIGNAL_EXIT.get(self.received, 130)  # type: ignore[arg-type]
+
+
+class _SkipEvaluation(Exception):
+    """A signal arrived during the final evaluation: save without it."""
+
+
 class _Progress:
-    """A one-line progress bar on a terminal, and a log line every tenth of the run."""
+    """A one-line progress bar on a terminal, and a log line at the first step and every
+    tenth of the run."""
 
     def __init__(self, total: int, enabled: bool, echo: Callable[[str], None]) -> None:
         self.total, self.echo = total, echo
@@ -197,7 +342,7 @@ class _Progress:
             done = int(30 * step / self.total)
             sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {text}")
             sys.stderr.flush()
-        if step % self.every == 0 or step == self.total:
+        if step % self.every == 0 or step == self.total or step == 1:
             if self.tty:
                 sys.stderr.write("\r" + " " * (len(text) + 33) + "\r")
             self.echo(text)
@@ -230,12 +375,17 @@ def _plot(history: list[tuple[int, float]], vals: list[tuple[int, float]], out: 
 
 # ---------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
-    """Train per ``cfg``; raises :class:`TrainError` for bad input."""
+    """Train per ``cfg``; raises :class:`TrainError` for bad input or a failed run."""
     cfg.validate()
     out = Path(cfg.out)
-    _check_out(out)
+    check_writable_folder(out)
     ckpt_path = out / "checkpoint.pt"
-    ckpt = _load_checkpoint(ckpt_path) if cfg.resume else None
+    if not cfg.resume and not cfg.overwrite and ckpt_path.exists():
+        raise TrainError(
+            f"{ckpt_path} holds another run's checkpoint: pass --resume to continue it, "
+            "--overwrite to replace it, or another --out"
+        )
+    ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
     if ckpt is not None:
         saved = ckpt["config"]
         for key in RESUME_KEYS:
@@ -244,6 +394,10 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
                     f"--resume: the checkpoint was trained with {key}={saved.get(key)!r}, "
                     f"this run has {key}={getattr(cfg, key)!r}"
                 )
+        if not isinstance(ckpt["step"], int) or cfg.steps < ckpt["step"]:
+            raise TrainError(
+                f"--resume: the checkpoint is at step {ckpt['step']}, beyond --steps {cfg.steps}"
+            )
     mcfg = cfg.model_config()
     try:
         corpus: Corpus = load_corpus(cfg.files, max_bytes=int(cfg.corpus_mb * 2**20))
@@ -268,18 +422,25 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
     gen = torch.Generator().manual_seed(cfg.seed)
     step, history, vals = 0, [], []
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["scheduler"])
-        if acc is not None:
-            acc.load_state_dict(ckpt["accumulator"])
-        gen.set_state(ckpt["generator"])
-        step = int(ckpt["step"])
-        history = [(int(s), float(v)) for s, v in ckpt["history"]]
-        vals = [(int(s), float(v)) for s, v in ckpt["val_history"]]
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            schedule.load_state_dict(ckpt["scheduler"])
+            if acc is not None:
+                acc.load_state_dict(ckpt["accumulator"])
+            gen.set_state(ckpt["generator"])
+            step = int(ckpt["step"])
+            history = [(int(s), float(v)) for s, v in ckpt["history"]]
+            vals = [(int(s), float(v)) for s, v in ckpt["val_history"]]
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise TrainError(
+                f"--resume: {ckpt_path} does not fit this run ({type(err).__name__}: {first})"
+            ) from err
 
     n_params = sum(p.numel() for p in model.parameters())
     echo(f"corpus: {corpus.description}")
+    echo(f"held out: {corpus.held_out_description}")
     echo(
         f"model: GPT {mcfg.n_layer} layers, d={mcfg.n_embd}, {mcfg.n_head} heads, "
         f"context {mcfg.block_size}, {n_params / 1e6:.2f}M parameters, {cfg.dtype} on {device}"
@@ -291,44 +452,47 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
     )
     if ckpt is not None:
         echo(f"resumed from {ckpt_path} at step {step}")
+        if ckpt["config"].get("steps") != cfg.steps:
+            echo(
+                f"extending the run from {ckpt['config'].get('steps')} to {cfg.steps} steps: "
+                "the cosine schedule now ends at the new length"
+            )
 
     def checkpoint() -> None:
-        _save_atomic(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "config": asdict(cfg),
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": schedule.state_dict(),
-                "accumulator": acc.state_dict() if acc is not None else None,
-                "generator": gen.get_state(),
-                "history": [[s, v] for s, v in history],
-                "val_history": [[s, v] for s, v in vals],
-            },
-            ckpt_path,
-        )
+        phase, signals.phase = signals.phase, "save"
+        try:
+            _save_atomic(
+                {
+                    "config": asdict(cfg),
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": schedule.state_dict(),
+                    "accumulator": acc.state_dict() if acc is not None else None,
+                    "generator": gen.get_state(),
+                    "history": [[s, v] for s, v in history],
+                    "val_history": [[s, v] for s, v in vals],
+                },
+                ckpt_path,
+            )
+        finally:
+            signals.phase = phase
 
     @torch.no_grad()
     def evaluate() -> float:
+        phase, signals.phase = signals.phase, "evaluate"
         model.eval()
-        g = torch.Generator().manual_seed(1234)
-        total = 0.0
-        for _ in range(cfg.eval_batches):
-            x, y = get_batch(corpus.val, cfg.batch_size, mcfg.block_size, g)
-            total += float(model(x.to(device), y.to(device)))
-        model.train()
-        return total / cfg.eval_batches
+        try:
+            g = torch.Generator().manual_seed(1234)
+            total = 0.0
+            for _ in range(cfg.eval_batches):
+                x, y = get_batch(corpus.val, cfg.batch_size, mcfg.block_size, g)
+                total += float(model(x.to(device), y.to(device)))
+            return total / cfg.eval_batches
+        finally:
+            model.train()
+            signals.phase = phase
 
-    stop = {"requested": False}
-
-    def on_sigint(signum, frame):  # first Ctrl-C: finish the step, save, stop
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-
-    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
-    echo(f"training to step {cfg.steps}" + (" (Ctrl-C: checkpoint and stop)" if previous else ""))
     last = min(cfg.steps, cfg.stop_at or cfg.steps)
     progress = _Progress(cfg.steps, cfg.progress, echo)
     grad_bytes = 0
@@ -336,8 +500,13 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
         torch.cuda.reset_peak_memory_stats(device)
     eval_every = cfg.eval_every if cfg.eval_every is not None else max(1, cfg.steps // 5)
     start, tokens = time.perf_counter(), 0
-    try:
-        while step < last and not stop["requested"]:
+    val = None
+    with _Signals() as signals:
+        echo(
+            f"training to step {cfg.steps}"
+            + (" (Ctrl-C or SIGTERM: checkpoint and stop)" if signals.installed else "")
+        )
+        while step < last and signals.received is None:
             loss_sum = 0.0
             for _ in range(cfg.accumulate):
                 x, y = get_batch(corpus.train, cfg.batch_size, mcfg.block_size, gen)
@@ -347,6 +516,12 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
                     (loss / cfg.accumulate).backward()
                 loss_sum += loss.detach().item()
                 tokens += x.numel()
+            if not math.isfinite(loss_sum):
+                raise TrainError(
+                    f"the training loss became {loss_sum} at step {step + 1}; stopped (the "
+                    f"checkpoint in {ckpt_path}, if any, is from before). Try a smaller --lr",
+                    1,
+                )
             grad_bytes = tensor_bytes(p.grad for p in model.parameters())
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -360,17 +535,19 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
                 echo(f"step {step:5d}  held-out loss {vals[-1][1]:.4f}")
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    interrupted = stop["requested"] and step < last
-    val = None
-    if step == cfg.steps and (not vals or vals[-1][0] != step):
-        val = evaluate()
-        vals.append((step, val))
-    elif vals and vals[-1][0] == step:
-        val = vals[-1][1]
-    checkpoint()
+        signals.final = True
+        if step == cfg.steps and (not vals or vals[-1][0] != step):
+            try:
+                if signals.received is not None:  # arrived during the last step
+                    raise _SkipEvaluation
+                val = evaluate()
+                vals.append((step, val))
+            except _SkipEvaluation:
+                echo("final evaluation cut short by a signal; saving")
+        elif vals and vals[-1][0] == step:
+            val = vals[-1][1]
+        checkpoint()
+    interrupted = signals.received is not None
 
     memory: dict[str, int | None] = {
         "parameters": tensor_bytes(model.parameters()),
@@ -384,7 +561,9 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
         acc.remove()
     train_loss = history[-1][1] if history else float("nan")
     if interrupted:
-        echo(f"interrupted: checkpoint saved at step {step} in {ckpt_path}; continue with --resume")
+        name = signal.Signals(signals.received).name  # type: ignore[arg-type]
+        echo(f"interrupted ({name}): checkpoint saved at step {step} in {ckpt_path}; "
+             "continue with --resume")  # fmt: skip
     if val is not None:
         echo(f"held-out loss {val:.4f} nats/byte ({val / math.log(2):.3f} bits/byte)")
     echo("")
@@ -407,8 +586,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
         + (f"{val:.4f}" if val is not None else "n/a")
         + f", optimizer state/AdamW {ratio:.3f}"
     )
-    return TrainResult(step, train_loss, val, memory, ckpt_path, interrupted)
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
+    return TrainResult(
+        step, train_loss, val, memory, ckpt_path, interrupted,
+        signals.exit_code if interrupted else 0,
+    )  # fmt: skip

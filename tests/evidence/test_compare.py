@@ -32,6 +32,10 @@ def test_pilot_quick_end_to_end(tmp_path, capsys):
         (["compare", "pilot", "--optimizers", "adamw"], "--optimizers applies to"),
         (["compare", "lm", "--optimizers", "sophia", "--steps", "1"], "sophia"),
         (["compare", "pilot", "--steps", "0"], "positive integer"),
+        (["compare", "lm", "--quick", "--set", "steps=x"], "steps takes a int value like"),
+        (["compare", "lm", "--quick", "--set", "kappa_lr=fast"], "kappa_lr takes a number value"),
+        (["compare", "pilot", "--quick", "--data", __file__], "is a file; it must be a folder"),
+        (["compare", "pilot", "--quick", "--out", f"{__file__}/out"], "is a file, not a folder"),
     ],
 )
 def test_compare_errors_are_one_line(argv, message, capsys):

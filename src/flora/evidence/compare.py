@@ -79,6 +79,26 @@ EXPERIMENTS: dict[str, Experiment] = {
 }  # fmt: skip
 
 
+def _check_override(experiment: str, key: str, value: Any, default: Any) -> None:
+    """An override must have its field's kind (int, float, str, bool, tuple): ``steps=x``
+    would otherwise fail deep inside the run, after minutes."""
+
+    def kind(v: Any) -> str:
+        if isinstance(v, bool):
+            return "bool"
+        if isinstance(v, (int, float)):
+            return "number" if isinstance(default, float) else type(v).__name__
+        if isinstance(v, (tuple, list)):
+            return "tuple"
+        return type(v).__name__
+
+    if default is None or kind(value) == kind(default):
+        return
+    raise ValueError(
+        f"{experiment}: {key} takes a {kind(default)} value like {default!r}, got {value!r}"
+    )
+
+
 def compare(
     experiment: str,
     *,
@@ -101,6 +121,8 @@ def compare(
     unknown = set(overrides or {}) - set(vars(cfg))
     if unknown:
         raise ValueError(f"{experiment} has no setting(s) {sorted(unknown)}")
+    for key, value in (overrides or {}).items():
+        _check_override(experiment, key, value, getattr(cfg, key))
     cfg = replace(cfg, seed=seed, **(overrides or {}))
     torch.manual_seed(seed)
     name = f"{experiment}_{'quick' if quick else 'full'}" + (f"_{tag}" if tag else "")

@@ -281,3 +281,12 @@ def test_corpus_mb_reads_only_what_it_needs(tmp_path):
     tracemalloc.stop()
     assert len(corpus.data) == 50_000
     assert peak < 5 * 2**20  # reading the whole file would need 20 MiB
+
+
+def test_a_checkpoint_written_before_checksums_still_loads(tmp_path, capsys):
+    code, _, _ = run(["train", *TINY, "--steps", "2", "--out", tmp_path], capsys)
+    assert code == 0
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    torch.save({**ckpt, "format": "flora-train/1"}, tmp_path / "checkpoint.pt")  # the old layout
+    code, out, err = run(["train", *TINY, "--steps", "3", "--out", tmp_path, "--resume"], capsys)
+    assert code == 0 and "at step 2" in out, err

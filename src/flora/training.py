@@ -43,7 +43,8 @@ __all__ = ["OPTIMIZERS", "TrainConfig", "TrainError", "TrainResult", "load_check
 
 OPTIMIZERS = ("flora", "flora-adamw", "adamw", "adafactor")
 DEFAULT_LR = {"flora": 2e-2, "flora-adamw": 2e-3, "adamw": 2e-3, "adafactor": 2e-2}
-CHECKPOINT_FORMAT = "flora-train/2"  # a SHA-256-checked payload; /1 had no checksum
+CHECKPOINT_FORMAT = "flora-train/2"  # a SHA-256-checked payload
+LEGACY_FORMAT = "flora-train/1"  # no checksum: still loaded
 #: settings a resumed run must share with its checkpoint (``steps`` may grow)
 RESUME_KEYS = (
     "size", "n_layer", "n_head", "n_embd", "block_size", "optimizer", "lr", "rank", "kappa",
@@ -245,15 +246,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise TrainError(
             f"checkpoint {path} is corrupt or unreadable ({type(err).__name__})"
         ) from err
-    if not isinstance(outer, dict) or outer.get("format") != CHECKPOINT_FORMAT:
+    fmt = outer.get("format") if isinstance(outer, dict) else None
+    if fmt == LEGACY_FORMAT:  # written before checksums: loaded as it is
+        ckpt = outer
+    elif fmt == CHECKPOINT_FORMAT:
+        data = outer.get("data")
+        if not isinstance(data, bytes) or hashlib.sha256(data).hexdigest() != outer.get("sha256"):
+            raise TrainError(
+                f"checkpoint {path} is corrupt: its SHA-256 does not match its contents"
+            )
+        try:
+            ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise TrainError(f"checkpoint {path} is corrupt ({type(err).__name__})") from err
+    else:
         raise TrainError(f"{path} is not a flora train checkpoint (format {CHECKPOINT_FORMAT})")
-    data = outer.get("data")
-    if not isinstance(data, bytes) or hashlib.sha256(data).hexdigest() != outer.get("sha256"):
-        raise TrainError(f"checkpoint {path} is corrupt: its SHA-256 does not match its contents")
-    try:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise TrainError(f"checkpoint {path} is corrupt ({type(err).__name__})") from err
     needed = {"config", "step", "model", "optimizer", "scheduler", "accumulator", "generator"}
     if (
         not isinstance(ckpt, dict)

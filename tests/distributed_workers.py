@@ -312,7 +312,9 @@ def fsdp2_train(rank: int, world: int, tmpdir: str, steps: int) -> None:
     _done(rank, tmpdir)
 
 
-def fsdp2_dcp(rank: int, world: int, tmpdir: str, phase: str, kind: str) -> None:
+def fsdp2_dcp(
+    rank: int, world: int, tmpdir: str, phase: str, kind: str, side: str = "auto"
+) -> None:
     """``save``: 3 FSDP2 steps, DCP-save model and optimizer at this world size, then 3 more
     steps. ``load``: DCP-load what the other world size saved, then the same 3 more steps.
     Rank 0 writes the full optimizer state after loading/saving and the final parameters."""
@@ -321,7 +323,7 @@ def fsdp2_dcp(rank: int, world: int, tmpdir: str, phase: str, kind: str) -> None
     try:
         batches = make_batches(6 * DATA_WORLD)
         model = _fsdp_model()
-        opt = make_fsdp_optimizer(kind, model.named_parameters())
+        opt = make_fsdp_optimizer(kind, model.named_parameters(), side=side)
         if phase == "save":
             _fsdp_train(model, opt, batches, range(3), rank, world)
             _dcp_save(model, opt, f"{tmpdir}/dcp_{world}")
@@ -374,6 +376,31 @@ def replica_mismatch(rank: int, world: int, tmpdir: str) -> None:
         acc = GradientAccumulator(ddp, 2, rank=4, seed=3)  # equal settings pass
         errors["accumulator_ok"] = repr(acc)
         torch.save(errors, Path(tmpdir) / f"errors_{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    _done(rank, tmpdir)
+
+
+def fsdp2_from_single_device(rank: int, world: int, tmpdir: str, kind: str) -> None:
+    """DCP-load a checkpoint written by a single process (``<tmpdir>/single``) into FSDP2,
+    then steps 3..5; rank 0 writes the final parameters, or every rank the load error."""
+    _init(rank, world, tmpdir)
+    try:
+        batches = make_batches(6 * DATA_WORLD)
+        model = _fsdp_model()
+        opt = make_fsdp_optimizer(kind, model.named_parameters())
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            _dcp_load(model, opt, f"{tmpdir}/single")
+        except CheckpointException as err:  # a BaseException, wrapping each rank's error
+            torch.save({"error": str(err)}, f"{tmpdir}/from_single_rank{rank}.pt")
+        else:
+            _fsdp_train(model, opt, batches, range(3, 6), rank, world)
+            full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+            if rank == 0:
+                torch.save({"params": full}, f"{tmpdir}/from_single_rank{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()

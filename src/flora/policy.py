@@ -10,7 +10,7 @@ Rules, applied in this order to a parameter of shape ``shape`` named ``name``:
    by everything else, as ``nn.Linear`` and ``nn.Conv*d`` lay out their weights.
 5. Side: ``"auto"`` compresses the smaller of the two matrix dimensions (``"left"`` when
    ``m <= n``), so the compressed state is ``r x max(m, n)`` as in the paper; ``"left"`` or
-   ``"right"`` force a side.
+   ``"right"`` force a side. A row-sharded (FSDP2) matrix is compressed on the right.
 6. The compressed dimension must exceed the rank, otherwise compression saves nothing and the
    parameter keeps ordinary state (the plan says so, and the optimizer warns).
 
@@ -173,8 +173,16 @@ def decide(
     compress: bool = True,
     exclude: Sequence[str] = (),
     side: str = "auto",
+    row_sharded: bool = False,
 ) -> Decision:
-    """Apply the policy (see the module docstring) to one parameter."""
+    """Apply the policy (see the module docstring) to one parameter.
+
+    ``row_sharded``: the parameter's rows are split across processes (FSDP2's ``Shard(0)``).
+    Then ``side="auto"`` compresses on the right, along the unsharded columns, so that every
+    process updates its own rows without communication, and ``side="left"`` is refused. The
+    plan says so; a single-device run that should resume under FSDP2 (or the reverse) passes
+    ``side="right"``, and a checkpoint compressed on another side is refused on load.
+    """
     shape = tuple(int(s) for s in shape)
     if not compress:
         return Decision(name, shape, False, "compression disabled (compress=False)")
@@ -185,13 +193,21 @@ def decide(
         if re.search(pattern, name):
             return Decision(name, shape, False, f"excluded by pattern {pattern!r}")
     m, n = view
-    if side == "auto":
-        side = "left" if m <= n else "right"
-    elif side not in ("left", "right"):
+    if side not in SIDES:
         raise ValueError(f"side must be 'auto', 'left' or 'right', got {side!r}")
+    why = ""
+    if row_sharded:
+        if side == "left":
+            raise ValueError(
+                f"side='left' on the row-sharded (FSDP2) parameter {name}: its rows are split "
+                "across processes; use side='auto' or 'right'"
+            )
+        side, why = "right", " (rows sharded)"
+    elif side == "auto":
+        side = "left" if m <= n else "right"
     dim = m if side == "left" else n
     if rank >= dim:
         return Decision(
             name, shape, False, f"rank {rank} >= compressed dim {dim}: no saving", side, rank
         )
-    return Decision(name, shape, True, f"{side}: {dim} -> {rank}", side, rank)
+    return Decision(name, shape, True, f"{side}{why}: {dim} -> {rank}", side, rank)

@@ -297,24 +297,16 @@ class FloraOptimizerBase(Optimizer):
         return parameter_key(int(name[len("param") :]))
 
     def _decide(self, group: dict[str, Any], name: str, p: Tensor) -> Decision:
-        """The policy on the *global* shape. A row-sharded (FSDP2) matrix is compressed on
-        the right, along its unsharded columns, so that every rank works on its own rows
-        without communication; ``side="left"`` is refused for it."""
-        side = group["side"]
-        if p.dim() >= 2 and _is_sharded(p):
-            if side == "left":
-                raise NotImplementedError(
-                    f"side='left' on the row-sharded parameter {name} needs an all-reduce per "
-                    "step; use side='auto' or 'right'"
-                )
-            side = "right"
+        """The policy on the *global* shape; a row-sharded (FSDP2) matrix is compressed on
+        the right (:func:`flora.policy.decide`, ``row_sharded``)."""
         return decide(
             name,
             p.shape,
             rank=group["rank"],
             compress=group["compress"],
             exclude=group["exclude"],
-            side=side,
+            side=group["side"],
+            row_sharded=p.dim() >= 2 and _is_sharded(p),
         )
 
     def decision(self, param: Tensor) -> Decision:
@@ -667,10 +659,15 @@ class FloraOptimizerBase(Optimizer):
                 saved_side = st["side"]
                 if saved_side not in (0, 1) or _SIDE_NAMES[saved_side] != d.side:
                     saved = _SIDE_NAMES[saved_side] if saved_side in (0, 1) else saved_side
+                    hint = (
+                        "FSDP2 compresses row-sharded matrices on the right: train with "
+                        "side='right' to move a run between one device and FSDP2"
+                        if "rows sharded" in d.reason or saved == "right"
+                        else f"pass side={saved!r}"
+                    )
                     raise ValueError(
                         f"{where}: momentum compressed on the {saved} side, this {cls} "
-                        f"compresses it on the {d.side} ({d.reason}); pass side={saved!r} "
-                        "(under FSDP2 row-sharded matrices are compressed on the right)"
+                        f"compresses it on the {d.side} ({d.reason}); {hint}"
                     )
                 if st["key"] != self._key_of(group, name):
                     raise ValueError(

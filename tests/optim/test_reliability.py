@@ -35,20 +35,20 @@ def _train(model, opt, steps=3):
 
 
 # ------------------------------------------------------------------ load_state_dict
-def _saved(opt):
-    """The state_dict as it comes back from disk (no tensor shared with ``opt``)."""
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
-def test_load_keeps_what_a_post_hook_does(cls):
+def _saved_and_fresh(cls):
+    """A trained optimizer's state_dict as it comes back from disk (no tensor shared with
+    the optimizer), and a fresh optimizer of the same model to load it into."""
     model = _two_same_shaped()
     opt = cls(model.named_parameters(), rank=4)
     _train(model, opt)
-    sd = _saved(opt)
-    opt2 = cls(model.named_parameters(), rank=4)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True), cls(model.named_parameters(), rank=4)
+
+
+def test_load_keeps_what_a_post_hook_does(cls):
+    sd, opt2 = _saved_and_fresh(cls)
 
     def reset_momentum(optimizer):  # torch's documented use of a post-hook
         for state in optimizer.state.values():
@@ -61,11 +61,7 @@ def test_load_keeps_what_a_post_hook_does(cls):
 
 
 def test_load_keeps_what_a_pre_hook_does(cls):
-    model = _two_same_shaped()
-    opt = cls(model.named_parameters(), rank=4)
-    _train(model, opt)
-    sd = _saved(opt)
-    opt2 = cls(model.named_parameters(), rank=4)
+    sd, opt2 = _saved_and_fresh(cls)
     moments = ("row_var", "col_var", "variance", "exp_avg_sq")
 
     def scale_second_moments(optimizer, state_dict):  # returns a new dict, as torch allows

@@ -7,20 +7,21 @@ train:
 	scripts/bootstrap.sh plot
 	.venv/bin/flora train --overwrite
 
+# the library's tests and the experiments' (experiments/tests), in one pytest run
 test:
-	scripts/bootstrap.sh test
+	scripts/bootstrap.sh test experiments
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 lint:
-	scripts/bootstrap.sh test
+	scripts/bootstrap.sh test experiments
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-# the peers (flora-opt, galore-torch, apollo-torch, peft) come from the bench extra
+# the peers (flora-opt, galore-torch, apollo-torch, peft) come with the experiments package
 bench-setup:
-	scripts/bootstrap.sh bench
+	scripts/bootstrap.sh bench "experiments[minilm]"
 
 bench: bench-setup
 	$(PY) benchmarks/optimizer_step.py
@@ -28,7 +29,7 @@ bench: bench-setup
 
 # the paper's experiments at their quick size, side by side with the peers (about 3 h on 2 cores)
 compare: bench-setup
-	.venv/bin/flora compare all --quick --out benchmarks/results/compare
+	.venv/bin/flora-experiments all --quick --out benchmarks/results/compare
 
 clean:
 	rm -rf .venv .pytest_cache build src/*.egg-info runs

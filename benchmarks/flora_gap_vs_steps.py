@@ -1,5 +1,5 @@
 """Does Flora's gap to full momentum shrink with longer training? The LM experiment's quick
-model (``flora compare lm --quick``: LLaMA-style, hidden 128, Shakespeare bytes, rank 32,
+model (``flora-experiments lm --quick``: LLaMA-style, hidden 128, Shakespeare bytes, rank 32,
 kappa 50) trained for several run lengths with Adafactor without momentum, Adafactor with full
 momentum (``Flora(compress=False)``) and Flora, each at the step size that was best in the
 200-step sweep of ``lm_quick.md`` (schedule: the experiment's warm-up + cosine, stretched to
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
 
-    from flora.evidence.lm import LMConfig, _data, train_one
+    from flora_experiments.lm import LMConfig, _data, train_one
 
     base = LMConfig.quick()
     train, val = _data(base)
@@ -48,10 +48,10 @@ def main() -> None:
         "",
         "Reproduce: `python benchmarks/flora_gap_vs_steps.py`",
         "",
-        f"LLaMA-style decoder as `flora compare lm --quick` (hidden {base.hidden}, {base.layers} "
-        f"layers, batch {base.batch}, sequence {base.seq}, Shakespeare bytes), Flora rank "
-        f"{base.rank}, kappa {base.kappa}; step sizes fixed at the 200-step sweep's best "
-        f"({', '.join(f'{k} {v:g}' for k, v in RUNS.items())}). Held-out perplexity per byte.",
+        f"LLaMA-style decoder as `flora-experiments lm --quick` (hidden {base.hidden}, "
+        f"{base.layers} layers, batch {base.batch}, sequence {base.seq}, Shakespeare bytes), "
+        f"Flora rank {base.rank}, kappa {base.kappa}; step sizes fixed at the 200-step sweep's "
+        f"best ({', '.join(f'{k} {v:g}' for k, v in RUNS.items())}). Held-out perplexity per byte.",
         "",
         "| steps | Adafactor, no momentum | full momentum | Flora | Flora / full momentum |",
         "|---|---|---|---|---|",

@@ -1,7 +1,7 @@
 """Where Flora clips: before the momentum (this library until commit 58cd4b4) or after it
 (flora-opt's order, PyTorch and optax alike, and this library since).
 
-Trains the LM experiment's quick model (``flora compare lm --quick``'s LLaMA-style decoder on
+Trains the LM experiment's quick model (``flora-experiments lm --quick``'s LLaMA-style decoder on
 Shakespeare, 200 steps, rank 32, kappa 50) with ``flora.Flora`` from the old commit (a git
 worktree), from this checkout, and with the official ``flora_opt.Flora``, over three step
 sizes and three seeds; writes ``results/momentum_order.md``.
@@ -89,7 +89,7 @@ def main() -> None:
         print(json.dumps({"val_loss": loss, "flora": flora.__file__}))
         return
 
-    from flora.evidence.datasets import data_home, shakespeare
+    from flora_experiments.datasets import data_home, shakespeare
 
     text = str(data_home() / "shakespeare.txt")
     Path(text).write_text(shakespeare(), encoding="utf-8")  # plain text for the children
@@ -141,7 +141,7 @@ def findings(rows: list[dict]) -> list[str]:
 
 
 def write(rows: list[dict], env: dict | None = None) -> None:
-    from flora.evidence.report import Results
+    from flora_experiments.report import Results
 
     res = Results(
         name="momentum_order",

@@ -55,8 +55,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
 
-    from flora.evidence.accumulate import AccumulateConfig, _encode, _model, passages
-    from flora.evidence.datasets import shakespeare_works
+    from flora_experiments.accumulate import AccumulateConfig, _encode, _model, passages
+    from flora_experiments.datasets import shakespeare_works
 
     cfg = AccumulateConfig.quick()
     train, _ = passages(shakespeare_works(), cfg.works, cfg.passage_chars)
@@ -96,7 +96,7 @@ def main() -> None:
         "Reproduce: `python benchmarks/projection_noise.py`",
         "",
         f"all-MiniLM-L6-v2 + classifier, one cycle of tau = {cfg.accumulate} micro-batches of "
-        f"one Shakespeare passage ({cfg.max_tokens} tokens), as in `flora compare accumulate "
+        f"one Shakespeare passage ({cfg.max_tokens} tokens), as in `flora-experiments accumulate "
         f"--quick`; {args.seeds} projection seeds per rank. Cosine between the decompressed "
         "and the plain accumulated gradient over the whole model; predicted: "
         "`(sum ||g||^2 / sum ||g||^2 (1 + (n+1)/r))^0.5` over the compressed matrices.",

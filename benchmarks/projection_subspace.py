@@ -1,7 +1,7 @@
 """GaLore's SVD subspace against Flora's random one: how much of the LM's gradient each keeps.
 The measured cause of the LM experiment's GaLore-ahead-of-Flora result.
 
-On the LM experiment's quick model and data (``flora compare lm --quick``: LLaMA-style,
+On the LM experiment's quick model and data (``flora-experiments lm --quick``: LLaMA-style,
 hidden 128, Shakespeare bytes, rank 32), the model is trained for 200 steps with Adafactor
 (no momentum, its best step size there, the experiment's warm-up + cosine schedule). At each
 refresh step of GaLore (every ``update_proj_gap`` = 50 steps, as in the experiment) each
@@ -48,8 +48,8 @@ def smaller_side(g: torch.Tensor) -> torch.Tensor:
 
 def per_group_adamw(cfg, train, val, lr_rest: float, lr_matrices: float) -> float:
     """Held-out perplexity of full-rank AdamW with one step size for the block matrices and
-    another for the rest, trained as ``flora compare lm`` trains each row."""
-    from flora.evidence.lm import MATRICES, _batches, _evaluate, _model, _schedule
+    another for the rest, trained as ``flora-experiments lm`` trains each row."""
+    from flora_experiments.lm import MATRICES, _batches, _evaluate, _model, _schedule
 
     model = _model(cfg)
     low = [p for n, p in model.named_parameters() if any(m in n for m in MATRICES)]
@@ -76,8 +76,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
 
-    from flora.evidence.lm import MATRICES, LMConfig, _batches, _data, _model, _schedule
     from flora.projection import parameter_key, projection_matrix
+    from flora_experiments.lm import MATRICES, LMConfig, _batches, _data, _model, _schedule
 
     cfg = LMConfig.quick()
     train, val = _data(cfg)
@@ -130,7 +130,7 @@ def main() -> None:
         "",
         "Reproduce: `python benchmarks/projection_subspace.py`",
         "",
-        f"LLaMA-style decoder as `flora compare lm --quick` (hidden {cfg.hidden}, {cfg.layers} "
+        f"LLaMA-style decoder as `flora-experiments lm --quick` (hidden {cfg.hidden}, {cfg.layers} "
         f"layers, batch {cfg.batch}, sequence {cfg.seq}, Shakespeare bytes) trained {cfg.steps} "
         f"steps with torch Adafactor (lr {args.lr:g}, the experiment's schedule). Rank "
         f"{args.rank}, GaLore's subspace refreshed every {args.gap} steps from that step's "

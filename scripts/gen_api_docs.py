@@ -38,8 +38,6 @@ OBJECTS = [
     "flora.distributed.flora_comm_hook",
     "flora.planner.build_meta_model",
     "flora.gpt.GPT",
-    "flora.evidence.compare.compare",
-    "flora.evidence.memory.optimizer_state_bytes",
     "flora.gpt.GPTConfig",
     "flora.data.load_corpus",
     "flora.training.train",

@@ -2,7 +2,6 @@
 
     flora train [FILES ...] [options]   train a small GPT with Flora (the main job)
     flora plan [options]                memory of optimizer state and accumulation buffers
-    flora compare EXPERIMENT [--quick]  the paper's experiments side by side with the peers
 
 Bad input gives one ``flora: error: ...`` line on stderr and exit status 2, never a traceback.
 """
@@ -10,20 +9,11 @@ Bad input gives one ``flora: error: ...`` line on stderr and exit status 2, neve
 from __future__ import annotations
 
 import argparse
-import ast
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from flora.gpt import SIZES
 from flora.training import OPTIMIZERS, TrainConfig, TrainError, train
-
-#: the experiments of ``flora compare`` (flora.evidence.compare.EXPERIMENTS, kept light here)
-EXPERIMENT_NAMES = (
-    "pilot", "accumulate", "translate", "translate-accumulate", "summarize", "lm", "kappa", "vit",
-    "profile",
-)  # fmt: skip
 
 __all__ = ["main"]
 
@@ -100,30 +90,6 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     pl.add_argument("--exclude", action="append", default=None, help="regex of names to keep")
     pl.add_argument("--details", action="store_true", help="print the per-parameter plan")
-    c = sub.add_parser(
-        "compare",
-        help="run an experiment of the evidence harness",
-        description="Reproduce one of the paper's experiments at small scale on real data, "
-        "side by side with the peer libraries; writes a Markdown table, JSON and a plot.",
-    )
-    c.add_argument("experiment", choices=[*EXPERIMENT_NAMES, "all"])
-    c.add_argument("--quick", action="store_true", help="the few-minutes size (2 CPU cores)")
-    c.add_argument("--out", default="runs/compare",
-                   help="results folder (committed ones: benchmarks/results/compare)")  # fmt: skip
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument(
-        "--data", default=None, help="dataset cache (default $FLORA_DATA or ~/.cache/flora)"
-    )
-    c.add_argument("--steps", type=_positive_int, default=None,
-                   help="run length: epochs (pilot, vit) or steps (the others)")  # fmt: skip
-    c.add_argument("--optimizers", default=None, help="comma-separated subset (lm, vit)")
-    c.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set optimizer=adafactor --set ranks=(32,)",
-    )
-    c.add_argument("--tag", default=None, help="suffix of the result files, for a variant")
     return parser
 
 
@@ -196,58 +162,6 @@ def _train(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _check_can_create(folder: Path) -> None:
-    """Before a run, not after it (an unwritable ``--out`` would lose hours of results): the
-    folder, or its nearest existing ancestor, must be a writable folder. Nothing is created."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise TrainError(f"--out {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise TrainError(f"--out {folder}: {existing} is not writable")
-
-
-def _compare(args: argparse.Namespace) -> int:
-    from flora.evidence.compare import EXPERIMENTS, compare
-    from flora.evidence.datasets import DataError
-
-    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
-    overrides = {}
-    if args.steps is not None:
-        key = "epochs" if args.experiment in ("pilot", "vit") else "steps"
-        overrides[key] = args.steps
-    if args.optimizers:
-        if args.experiment not in ("lm", "vit"):
-            raise TrainError("--optimizers applies to the lm and vit experiments")
-        overrides["optimizers"] = tuple(args.optimizers.split(","))
-    for item in args.set or []:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise TrainError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            overrides[key] = text  # a bare word: a string
-    if args.tag is not None and not args.tag.replace("-", "").replace("_", "").isalnum():
-        raise TrainError(f"--tag must be letters, digits, '-' or '_', got {args.tag!r}")
-    if args.data is not None and Path(args.data).exists() and not Path(args.data).is_dir():
-        raise TrainError(f"--data {args.data} is a file; it must be a folder (the dataset cache)")
-    _check_can_create(Path(args.out))
-    for name in names:
-        print(f"flora compare {name} ({'quick' if args.quick else 'full'}) ...", flush=True)
-        try:
-            written = compare(
-                name, quick=args.quick, out=args.out, seed=args.seed,
-                data_root=args.data, overrides=overrides, tag=args.tag,
-            )  # fmt: skip
-        except (DataError, ValueError, ImportError) as err:
-            raise TrainError(f"compare {name}: {err}") from err
-        for path in written:
-            print(f"  wrote {path}")
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = _build_parser()
@@ -260,8 +174,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args)
         if args.command == "plan":
             return _plan(args)
-        if args.command == "compare":
-            return _compare(args)
         raise AssertionError(args.command)
     except TrainError as err:
         print(f"flora: error: {err}", file=sys.stderr)

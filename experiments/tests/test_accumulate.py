@@ -1,10 +1,10 @@
 """The accumulation experiment's pieces on a tiny random BERT (the real MiniLM is only loaded
-by ``flora compare accumulate``)."""
+by ``flora-experiments accumulate``)."""
 
 import pytest
 
-from flora.evidence import datasets
-from flora.evidence.accumulate import AccumulateConfig, passages, run, train_one
+from flora_experiments import datasets
+from flora_experiments.accumulate import AccumulateConfig, passages, run, train_one
 
 WORKS = {
     "a": "HEADER " * 20 + " ".join(f"alpha{i}" for i in range(400)) + " LICENCE" * 40,

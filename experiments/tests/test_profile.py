@@ -2,13 +2,13 @@
 
 import pytest
 
-from flora.evidence.profile import ProfileConfig, measure
+from flora_experiments.profile import ProfileConfig, measure
 
 TINY = ProfileConfig(n_layer=2, n_embd=32, n_head=2, block_size=16, accumulate=3, steps=2, rank=4)
 
 
 def _param_stats(cfg):
-    from flora.evidence.profile import _model
+    from flora_experiments.profile import _model
 
     sizes = [p.numel() * 4 for p in _model(cfg).parameters()]
     return sum(sizes), max(sizes), len(sizes)

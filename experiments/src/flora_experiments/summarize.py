@@ -3,7 +3,7 @@ encoder-decoder (``transformers.T5ForConditionalGeneration`` built from a config
 downloaded) trained from scratch to write a Debian package's one-line synopsis from its long
 description, scored by ROUGE-1/2/L (``rouge-score``, F1 x 100) of greedy summaries of held-out
 descriptions and by the teacher-forced cross-entropy of the held-out synopses. Rows, all
-Adafactor-based as in the paper (:func:`flora.evidence.methods.momentum_optimizer`):
+Adafactor-based as in the paper (:func:`flora_experiments.methods.momentum_optimizer`):
 ``none``, ``naive`` momentum, ``lora-r`` (``peft`` LoRA on every attention and MLP matrix,
 base frozen at its random initialization) and ``flora-r`` (compressed momentum), each the best
 of a small step-size sweep by held-out loss, every point kept.
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flora.evidence.memory import optimizer_state_bytes
-from flora.evidence.methods import (
+from flora_experiments.memory import optimizer_state_bytes
+from flora_experiments.methods import (
     best_rows,
     chosen_methods,
     edge_note,
@@ -36,8 +36,8 @@ from flora.evidence.methods import (
     plot_sweeps,
     ratios_to_naive,
 )
-from flora.evidence.report import Results
-from flora.evidence.tokenize import EOS, PAD, train_bpe
+from flora_experiments.report import Results
+from flora_experiments.tokenize import EOS, PAD, train_bpe
 
 __all__ = ["SummarizeConfig", "rouge", "split_pairs", "summarize", "train_one"]
 
@@ -204,7 +204,7 @@ def train_one(
 
 
 def run(cfg: SummarizeConfig, *, name: str, data_root=None) -> Results:
-    from flora.evidence.datasets import debian_descriptions
+    from flora_experiments.datasets import debian_descriptions
 
     train, test = split_pairs(debian_descriptions(data_root), cfg.test_pairs, cfg.seed)
     if cfg.train_pairs:

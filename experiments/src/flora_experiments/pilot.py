@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flora.evidence.methods import best_of_sweep, edge_note, sweep
-from flora.evidence.report import Results
 from flora.projection import projection_matrix
+from flora_experiments.methods import best_of_sweep, edge_note, sweep
+from flora_experiments.report import Results
 
 __all__ = ["METHODS", "PilotConfig", "run", "train_one"]
 
@@ -153,7 +153,7 @@ def train_one(
 
 def run(cfg: PilotConfig, *, name: str, data_root=None) -> Results:
     """Every method at every step size; the best step size per method is reported."""
-    from flora.evidence.datasets import fashion_mnist
+    from flora_experiments.datasets import fashion_mnist
 
     torch.manual_seed(cfg.seed)
     train = fashion_mnist("train", data_root, cfg.train_limit)

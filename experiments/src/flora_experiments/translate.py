@@ -13,7 +13,7 @@ English side. Two experiments share the data, model and scoring:
   the adapters' gradients, ``flora-r`` uses :class:`flora.GradientAccumulator` of rank r.
 
 A sequence is ``German <sep> English </s>`` in a byte-level BPE vocabulary trained on the
-training pairs (:mod:`flora.evidence.tokenize`); only the English side and ``</s>`` are
+training pairs (:mod:`flora_experiments.tokenize`); only the English side and ``</s>`` are
 predicted. Each row is the best of a small step-size sweep (``lrs``, Adafactor's relative
 step cap); every point is kept.
 
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flora.evidence.memory import optimizer_state_bytes
-from flora.evidence.methods import (
+from flora_experiments.memory import optimizer_state_bytes
+from flora_experiments.methods import (
     best_rows,
     chosen_methods,
     edge_note,
@@ -44,8 +44,8 @@ from flora.evidence.methods import (
     plot_sweeps,
     ratios_to_naive,
 )
-from flora.evidence.report import Results
-from flora.evidence.tokenize import EOS, PAD, SEP, train_bpe
+from flora_experiments.report import Results
+from flora_experiments.tokenize import EOS, PAD, SEP, train_bpe
 
 __all__ = [
     "Pair",
@@ -256,7 +256,7 @@ def train_one(
 
 
 def _data(cfg: TranslateConfig, data_root) -> tuple[Any, list[Pair], list[Pair]]:
-    from flora.evidence.datasets import de_en_pairs
+    from flora_experiments.datasets import de_en_pairs
 
     pairs = de_en_pairs(data_root)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()

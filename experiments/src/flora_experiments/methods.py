@@ -187,7 +187,7 @@ def plot_sweeps(
     res: Any, rows: list[dict[str, Any]], key: str, label: str, memory_key: str, memory: str
 ) -> None:
     """Plot ``key`` against the step size for every method's sweep (left) and each method's
-    best ``key`` against ``row[memory_key]`` (right) on :class:`~flora.evidence.report.Results`
+    best ``key`` against ``row[memory_key]`` (right) on :class:`~flora_experiments.report.Results`
     ``res``."""
     for row in rows:
         res.curves[row["method"]] = [(p["lr"], p[key]) for p in row["points"]]

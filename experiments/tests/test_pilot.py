@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flora.evidence.pilot import PilotConfig, train_one
+from flora_experiments.pilot import PilotConfig, train_one
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from flora.evidence.report import Results, environment
+from flora_experiments.report import Results, environment
 
 
 def test_write_markdown_json_and_plot(tmp_path):

@@ -1,15 +1,15 @@
-"""``flora compare``: the pilot study's quick mode end to end on the real Fashion-MNIST
+"""``flora-experiments``: the pilot study's quick mode end to end on the real Fashion-MNIST
 (installed on first use from Debian's package registry), and the command's errors."""
 
 import json
 
 import pytest
 
-from flora.cli import main
+from flora_experiments.cli import main
 
 
 def test_pilot_quick_end_to_end(tmp_path, capsys):
-    assert main(["compare", "pilot", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["pilot", "--quick", "--out", str(tmp_path)]) == 0
     assert "wrote" in capsys.readouterr().out
     payload = json.loads((tmp_path / "pilot_quick.json").read_text())
     rows = {r["method"]: r for r in payload["rows"]}
@@ -28,24 +28,24 @@ def test_pilot_quick_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["compare", "table9"], "invalid choice"),
-        (["compare", "pilot", "--optimizers", "adamw"], "--optimizers applies to"),
-        (["compare", "lm", "--optimizers", "sophia", "--steps", "1"], "sophia"),
-        (["compare", "pilot", "--steps", "0"], "positive integer"),
-        (["compare", "lm", "--quick", "--set", "steps=x"], "steps takes a int value like"),
-        (["compare", "lm", "--quick", "--set", "kappa_lr=fast"], "kappa_lr takes a number value"),
-        (["compare", "pilot", "--quick", "--data", __file__], "is a file; it must be a folder"),
-        (["compare", "pilot", "--quick", "--out", f"{__file__}/out"], "is a file, not a folder"),
+        (["table9"], "invalid choice"),
+        (["pilot", "--optimizers", "adamw"], "--optimizers applies to"),
+        (["lm", "--optimizers", "sophia", "--steps", "1"], "sophia"),
+        (["pilot", "--steps", "0"], "positive integer"),
+        (["lm", "--quick", "--set", "steps=x"], "steps takes a int value like"),
+        (["lm", "--quick", "--set", "kappa_lr=fast"], "kappa_lr takes a number value"),
+        (["pilot", "--quick", "--data", __file__], "is a file; it must be a folder"),
+        (["pilot", "--quick", "--out", f"{__file__}/out"], "is a file, not a folder"),
     ],
 )
 def test_compare_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("flora: error:") and message in err and "\n" not in err
+    assert err.startswith("flora-experiments: error:") and message in err and "\n" not in err
 
 
 def test_set_overrides_and_tag(tmp_path, capsys, monkeypatch):
-    import flora.evidence.compare as compare_module
+    import flora_experiments.compare as compare_module
 
     seen = {}
 
@@ -54,18 +54,18 @@ def test_set_overrides_and_tag(tmp_path, capsys, monkeypatch):
         return []
 
     monkeypatch.setattr(compare_module, "compare", fake_compare)
-    argv = ["compare", "accumulate", "--quick", "--set", "optimizer=adafactor"]
+    argv = ["accumulate", "--quick", "--set", "optimizer=adafactor"]
     argv += ["--set", "ranks=(32,)", "--set", "lr=0.01", "--tag", "adafactor"]
     assert main(argv) == 0
     assert seen["overrides"] == {"optimizer": "adafactor", "ranks": (32,), "lr": 0.01}
     assert seen["tag"] == "adafactor" and seen["name"] == "accumulate"
-    assert main(["compare", "pilot", "--set", "epochs"]) == 2
-    assert main(["compare", "pilot", "--tag", "../x"]) == 2
+    assert main(["pilot", "--set", "epochs"]) == 2
+    assert main(["pilot", "--tag", "../x"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
 
 
 def test_unknown_setting_is_refused(capsys):
-    assert main(["compare", "pilot", "--quick", "--set", "colour=red"]) == 2
+    assert main(["pilot", "--quick", "--set", "colour=red"]) == 2
     assert "no setting(s) ['colour']" in capsys.readouterr().err
 
 
@@ -73,15 +73,13 @@ def test_every_experiment_is_on_the_command_line_with_both_sizes():
     import importlib
     from dataclasses import fields
 
-    from flora.cli import EXPERIMENT_NAMES
-    from flora.evidence.compare import EXPERIMENTS
+    from flora_experiments.compare import EXPERIMENTS
 
-    assert tuple(EXPERIMENTS) == EXPERIMENT_NAMES
     for name, exp in EXPERIMENTS.items():
         quick, full = exp.config(True), exp.config(False)
         assert type(quick) is type(full) and quick != full, name
         names = {f.name for f in fields(quick)}
         # --steps sets epochs or steps; --seed sets seed
         assert "seed" in names and ("epochs" in names or "steps" in names), name
-        module = importlib.import_module(f"flora.evidence.{exp.module}")
+        module = importlib.import_module(f"flora_experiments.{exp.module}")
         assert callable(getattr(module, exp.runner)), name

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from flora.evidence.methods import (
+from flora_experiments.methods import (
     best_of_sweep,
     best_rows,
     chosen_methods,
@@ -15,7 +15,7 @@ from flora.evidence.methods import (
     plot_sweeps,
     sweep,
 )
-from flora.evidence.report import Results
+from flora_experiments.report import Results
 
 
 def test_methods_and_their_parsing():

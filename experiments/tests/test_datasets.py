@@ -6,8 +6,8 @@ import struct
 import pytest
 import torch
 
-from flora.evidence import datasets
-from flora.evidence.datasets import DataError, fashion_mnist, read_idx, text_corpus
+from flora_experiments import datasets
+from flora_experiments.datasets import DataError, fashion_mnist, read_idx, text_corpus
 
 
 def write_idx(path, values: torch.Tensor, *, gz: bool = True, magic: bytes = b"\x00\x00\x08"):

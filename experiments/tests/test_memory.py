@@ -3,7 +3,7 @@
 import torch
 
 import flora
-from flora.evidence.memory import optimizer_state_bytes, parameter_bytes, tensor_bytes
+from flora_experiments.memory import optimizer_state_bytes, parameter_bytes, tensor_bytes
 
 
 def test_adamw_state_is_two_moments_and_the_step_counters():

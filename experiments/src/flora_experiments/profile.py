@@ -12,7 +12,7 @@ Exact accounting (no allocator readings, so identical on every run and machine):
 * **accumulation** — what is held between micro-batches to accumulate: the ``.grad`` tensors
   of plain accumulation, or ``GradientAccumulator.buffer_bytes()`` (compressed buffers plus
   the gradients of uncompressed parameters);
-* **optimizer state** — :func:`flora.evidence.memory.optimizer_state_bytes`;
+* **optimizer state** — :func:`flora_experiments.memory.optimizer_state_bytes`;
 * **activations** — distinct storages autograd saved for backward by the end of a forward
   (``torch.autograd.graph.saved_tensors_hooks``; parameters excluded). With AC (reentrant
   ``torch.utils.checkpoint``) only block inputs are saved in forward and each block is
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from flora.evidence.memory import optimizer_state_bytes, parameter_bytes
-from flora.evidence.report import Results
+from flora_experiments.memory import optimizer_state_bytes, parameter_bytes
+from flora_experiments.report import Results
 
 __all__ = ["SETUPS", "ProfileConfig", "measure", "run"]
 
@@ -219,6 +219,6 @@ def run(cfg: ProfileConfig, *, name: str, data_root=None) -> Results:
         f"{cfg.block_size}, byte vocabulary; micro-batch {cfg.micro_batch}, {cfg.accumulate} "
         f"micro-batches per step, {cfg.steps} steps; rank {cfg.rank} for LoRA (attention and "
         "MLP matrices, base frozen), Flora's momentum and its accumulation. Exact accounting, "
-        "see flora/evidence/profile.py for each category's definition."
+        "see experiments/src/flora_experiments/profile.py for each category's definition."
     )
     return res

@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from flora.evidence import lm
-from flora.evidence.memory import optimizer_state_bytes
+from flora_experiments import lm
+from flora_experiments.memory import optimizer_state_bytes
 
 TINY = replace(
     lm.LMConfig.quick(), hidden=32, layers=1, heads=2, intermediate=64, seq=16, batch=2,

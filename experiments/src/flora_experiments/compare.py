@@ -1,4 +1,4 @@
-"""``flora compare``: run one experiment of the evidence harness and write its results.
+"""``flora-experiments``: run one experiment of the evidence harness and write its results.
 
 Each experiment has a ``quick`` size (3 to 40 minutes on 2 CPU cores) and a full size;
 results go to ``<out>/<experiment>_<quick|full>.{md,json,png}``.
@@ -19,7 +19,7 @@ __all__ = ["EXPERIMENTS", "compare"]
 
 @dataclass(frozen=True)
 class Experiment:
-    """One experiment: its module under ``flora.evidence``, config class and runner."""
+    """One experiment: its module under ``flora_experiments``, config class and runner."""
 
     summary: str
     module: str
@@ -27,11 +27,13 @@ class Experiment:
     runner: str = "run"
 
     def config(self, quick: bool) -> Any:
-        cls = getattr(importlib.import_module(f"flora.evidence.{self.module}"), self.config_class)
+        cls = getattr(
+            importlib.import_module(f"flora_experiments.{self.module}"), self.config_class
+        )
         return cls.quick() if quick else cls()
 
     def run(self, cfg: Any, **kwargs: Any) -> Any:
-        module = importlib.import_module(f"flora.evidence.{self.module}")
+        module = importlib.import_module(f"flora_experiments.{self.module}")
         return getattr(module, self.runner)(cfg, **kwargs)
 
 

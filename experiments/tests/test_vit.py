@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from flora.evidence import datasets, vit
-from flora.evidence.vit import ViTConfig
+from flora_experiments import datasets, vit
+from flora_experiments.vit import ViTConfig
 
 TINY = ViTConfig(
     epochs=1, hidden=16, layers=1, heads=2, intermediate=32, batch=16, rank=4, kappa=5,

@@ -21,9 +21,9 @@ Optimizers (``OPTIMIZERS``):
   the embeddings, norms and head trained in full, ``torch.optim.AdamW``.
 
 Equal rank, equal data order and initial weights, warm-up of 10% then cosine decay to 10%
-for all. The state bytes are exact (:func:`flora.evidence.memory.optimizer_state_bytes`,
+for all. The state bytes are exact (:func:`flora_experiments.memory.optimizer_state_bytes`,
 projection matrices of GaLore/APOLLO included); time per step (forward, backward, step) is a
-ratio to AdamW's, timed interleaved after the sweeps (:mod:`flora.evidence.timing`).
+ratio to AdamW's, timed interleaved after the sweeps (:mod:`flora_experiments.timing`).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from flora.evidence.memory import optimizer_state_bytes, parameter_bytes
-from flora.evidence.methods import best_of_sweep, edge_note, sweep
-from flora.evidence.report import Results
+from flora_experiments.memory import optimizer_state_bytes, parameter_bytes
+from flora_experiments.methods import best_of_sweep, edge_note, sweep
+from flora_experiments.report import Results
 
 __all__ = ["OPTIMIZERS", "LMConfig", "run", "run_kappa", "train_one"]
 
@@ -235,7 +235,7 @@ def train_one(
 
 
 def _data(cfg: LMConfig, data_root=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    from flora.evidence.datasets import text_corpus
+    from flora_experiments.datasets import text_corpus
 
     data = text_corpus(cfg.corpus, data_root, cfg.max_bytes)
     split = int(0.9 * len(data))
@@ -307,7 +307,7 @@ def run(cfg: LMConfig, *, name: str, data_root=None) -> Results:
 
 def _step_seconds(cfg: LMConfig, lrs: dict[str, float], train: torch.Tensor) -> dict[str, float]:
     """Seconds per training step of each optimizer at its best lr, timed interleaved."""
-    from flora.evidence.timing import interleaved_seconds
+    from flora_experiments.timing import interleaved_seconds
 
     x = next(_batches(train, cfg, 1, cfg.seed + 3))
     steps = {}

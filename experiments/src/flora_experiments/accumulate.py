@@ -18,7 +18,7 @@ The task is real text with real labels: which of eight Shakespeare plays a passa
 the last 20% tests). Deviation: the paper fine-tunes pretrained T5 on XSum and GPT-2 on
 IWSLT17; neither the data nor the weights are reachable here, so this row fine-tunes the one
 pretrained model that is (MiniLM) on a classification task, and Table 1's decoder row is
-:func:`flora.evidence.translate.run_accumulate` (a GPT from scratch on German-English pairs,
+:func:`flora_experiments.translate.run_accumulate` (a GPT from scratch on German-English pairs,
 sacreBLEU).
 """
 
@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from flora.evidence.memory import optimizer_state_bytes, parameter_bytes
-from flora.evidence.methods import (
+from flora_experiments.memory import optimizer_state_bytes, parameter_bytes
+from flora_experiments.methods import (
     best_rows,
     chosen_methods,
     edge_note,
@@ -41,7 +41,7 @@ from flora.evidence.methods import (
     plot_sweeps,
     ratios_to_naive,
 )
-from flora.evidence.report import Results
+from flora_experiments.report import Results
 
 __all__ = ["AccumulateConfig", "passages", "run", "train_one"]
 
@@ -204,7 +204,7 @@ def train_one(
 
 
 def run(cfg: AccumulateConfig, *, name: str, data_root=None, pretrained: bool = True) -> Results:
-    from flora.evidence.datasets import shakespeare_works
+    from flora_experiments.datasets import shakespeare_works
 
     train, test = passages(shakespeare_works(data_root), cfg.works, cfg.passage_chars)
     per_work = cfg.test_per_work

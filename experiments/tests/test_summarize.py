@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from flora.evidence.summarize import SummarizeConfig, rouge, split_pairs
+from flora_experiments.summarize import SummarizeConfig, rouge, split_pairs
 
 PAIRS = [
     (f"Package number {i} provides a {kind} for handling {thing} files quickly and safely.",
@@ -45,7 +45,7 @@ def test_split_keeps_near_duplicates_on_one_side():
 def setup():
     pytest.importorskip("transformers")
     pytest.importorskip("rouge_score")
-    from flora.evidence.tokenize import train_bpe
+    from flora_experiments.tokenize import train_bpe
 
     cfg = SummarizeConfig(d_model=32, num_layers=1, num_heads=2, vocab_size=300,
                           source_tokens=16, target_tokens=6, batch=4, steps=3, kappa=2)  # fmt: skip
@@ -53,8 +53,8 @@ def setup():
 
 
 def test_encoding_truncates_and_ends_with_eos(setup):
-    from flora.evidence.summarize import _encode
-    from flora.evidence.tokenize import EOS, PAD
+    from flora_experiments.summarize import _encode
+    from flora_experiments.tokenize import EOS, PAD
 
     cfg, tokenizer = setup
     x, y = _encode(tokenizer, PAIRS[:3], cfg)
@@ -68,7 +68,7 @@ def test_encoding_truncates_and_ends_with_eos(setup):
 
 
 def test_held_out_loss_is_the_mean_over_synopsis_tokens(setup):
-    from flora.evidence.summarize import _encode, _loss, _model, held_out_loss
+    from flora_experiments.summarize import _encode, _loss, _model, held_out_loss
 
     cfg, tokenizer = setup
     model = _model(cfg, 0).eval()
@@ -78,7 +78,7 @@ def test_held_out_loss_is_the_mean_over_synopsis_tokens(setup):
 
 
 def test_every_method_trains_and_summarizes(setup):
-    from flora.evidence.summarize import train_one
+    from flora_experiments.summarize import train_one
 
     cfg, tokenizer = setup
     rows = {

@@ -5,9 +5,9 @@ of method, for momentum (Table 2) and accumulation (Table 1)."""
 import pytest
 import torch
 
-from flora.evidence.datasets import parse_de_en
-from flora.evidence.tokenize import EOS, PAD, SEP, SPECIAL, UNK, train_bpe
-from flora.evidence.translate import (
+from flora_experiments.datasets import parse_de_en
+from flora_experiments.tokenize import EOS, PAD, SEP, SPECIAL, UNK, train_bpe
+from flora_experiments.translate import (
     TranslateAccumulateConfig,
     TranslateConfig,
     _batch,

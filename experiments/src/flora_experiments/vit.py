@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flora.evidence.memory import optimizer_state_bytes
-from flora.evidence.methods import best_of_sweep, edge_note, sweep
-from flora.evidence.report import Results
+from flora_experiments.memory import optimizer_state_bytes
+from flora_experiments.methods import best_of_sweep, edge_note, sweep
+from flora_experiments.report import Results
 
 __all__ = ["OPTIMIZERS", "ViTConfig", "run"]
 
@@ -132,7 +132,7 @@ def train_one(name: str, lr: float, cfg: ViTConfig, train, test) -> dict[str, An
 
 def _step_seconds(cfg: ViTConfig, lrs: dict[str, float], train) -> dict[str, float]:
     """Seconds per training step of each optimizer at its best lr, timed interleaved."""
-    from flora.evidence.timing import interleaved_seconds
+    from flora_experiments.timing import interleaved_seconds
 
     x, y = train[0][: cfg.batch], train[1][: cfg.batch]
     steps = {}
@@ -150,7 +150,7 @@ def _step_seconds(cfg: ViTConfig, lrs: dict[str, float], train) -> dict[str, flo
 
 
 def run(cfg: ViTConfig, *, name: str, data_root=None) -> Results:
-    from flora.evidence.datasets import fashion_mnist
+    from flora_experiments.datasets import fashion_mnist
 
     unknown = [o for o in cfg.optimizers if o not in OPTIMIZERS]
     if unknown:

@@ -1,6 +1,6 @@
 """Interleaved timing: every candidate runs in every round, in turn."""
 
-from flora.evidence.timing import interleaved_seconds
+from flora_experiments.timing import interleaved_seconds
 
 
 def test_rounds_interleave_and_medians_are_per_call():

@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
                 data_root=args.data, overrides=overrides, tag=args.tag,
             )  # fmt: skip
         except (DataError, ValueError, ImportError) as err:
-            raise CommandError(f"{name}: {err}") from err
+            text = str(err)
+            raise CommandError(text if text.startswith(name) else f"{name}: {text}") from err
         for path in written:
             print(f"  wrote {path}")
     return 0

@@ -25,7 +25,8 @@ class _Parser(argparse.ArgumentParser):
         raise TrainError(f"{self.prog.split()[-1]}: {message}")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer (shared with flora-experiments' command line)."""
     try:
         value = int(text)
     except ValueError:
@@ -50,18 +51,18 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("files", nargs="*", help="text files or folders (default: stdlib source)")
     t.add_argument("--size", default=d.size, choices=list(SIZES), help="model preset")
     for name in ("n-layer", "n-head", "n-embd", "block-size"):
-        t.add_argument(f"--{name}", type=_positive_int, default=None, help="override the preset")
+        t.add_argument(f"--{name}", type=positive_int, default=None, help="override the preset")
     t.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
     t.add_argument("--lr", type=float, default=None, help="default depends on the optimizer")
-    t.add_argument("--rank", type=_positive_int, default=d.rank)
-    t.add_argument("--kappa", type=_positive_int, default=d.kappa)
-    t.add_argument("--accumulate", type=_positive_int, default=d.accumulate,
+    t.add_argument("--rank", type=positive_int, default=d.rank)
+    t.add_argument("--kappa", type=positive_int, default=d.kappa)
+    t.add_argument("--accumulate", type=positive_int, default=d.accumulate,
                    help="micro-batches per step (compressed accumulation when > 1)")  # fmt: skip
-    t.add_argument("--accumulate-rank", type=_positive_int, default=None, help="default: --rank")
-    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    t.add_argument("--steps", type=_positive_int, default=d.steps)
+    t.add_argument("--accumulate-rank", type=positive_int, default=None, help="default: --rank")
+    t.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    t.add_argument("--steps", type=positive_int, default=d.steps)
     t.add_argument("--eval-every", type=int, default=None, help="default: 5 per run; 0: at the end")
-    t.add_argument("--eval-batches", type=_positive_int, default=d.eval_batches)
+    t.add_argument("--eval-batches", type=positive_int, default=d.eval_batches)
     t.add_argument("--corpus-mb", type=float, default=d.corpus_mb)
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--device", default=d.device)
@@ -71,7 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace a checkpoint in --out (a new run refuses otherwise)")  # fmt: skip
     t.add_argument("--save-every", type=int, default=d.save_every)
-    t.add_argument("--stop-at", type=_positive_int, default=None,
+    t.add_argument("--stop-at", type=positive_int, default=None,
                    help="stop after this step with a checkpoint (split a run)")  # fmt: skip
     t.add_argument("--no-plot", action="store_true")
     t.add_argument("--no-progress", action="store_true")
@@ -84,9 +85,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "at the same rank. The model is built on the meta device (no weights, no memory).",
     )
     pl.add_argument("--model", default="gpt2", help="GPT size, llama-7b, t5-3b, config.json")
-    pl.add_argument("--rank", type=_positive_int, default=32)
-    pl.add_argument("--kappa", type=_positive_int, default=1000)
-    pl.add_argument("--accumulate", type=_positive_int, default=1)
+    pl.add_argument("--rank", type=positive_int, default=32)
+    pl.add_argument("--kappa", type=positive_int, default=1000)
+    pl.add_argument("--accumulate", type=positive_int, default=1)
     pl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     pl.add_argument("--exclude", action="append", default=None, help="regex of names to keep")
     pl.add_argument("--details", action="store_true", help="print the per-parameter plan")

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from flora.cli import positive_int
+
 __all__ = ["main"]
 
 
@@ -26,16 +28,6 @@ class CommandError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise CommandError(message)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -54,7 +46,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--data", default=None, help="dataset cache (default $FLORA_DATA or ~/.cache/flora)"
     )
-    c.add_argument("--steps", type=_positive_int, default=None,
+    c.add_argument("--steps", type=positive_int, default=None,
                    help="run length: epochs (pilot, vit) or steps (the others)")  # fmt: skip
     c.add_argument("--optimizers", default=None, help="comma-separated subset (lm, vit)")
     c.add_argument(

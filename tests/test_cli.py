@@ -237,7 +237,7 @@ def test_a_checkpoint_with_wrong_contents_is_one_error(tmp_path, capsys, damage)
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys):
     """/dev/full fails every write with ENOSPC, as a full disk does."""
     if not Path("/dev/full").exists():
-        pytest.skip("needs /dev/full")
+        pytest.skip("needs /dev/full (Linux), which fails every write as a full disk does")
     code, _, _ = run(["train", *TINY, "--steps", "2", "--out", tmp_path], capsys)
     assert code == 0
     before = (tmp_path / "checkpoint.pt").read_bytes()

@@ -29,8 +29,9 @@ import math
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from flora.projection import DISTRIBUTIONS
 
@@ -120,15 +121,24 @@ def check_unique_names(names: Iterable[str], what: str) -> None:
 
 
 def warn_unmatched_patterns(
-    patterns: Sequence[str], names: Sequence[str], what: str, *, stacklevel: int = 3
+    patterns: Sequence[Any],
+    names: Sequence[str],
+    what: str,
+    *,
+    matches: Callable[[Any, str], bool] = lambda pattern, name: (
+        re.search(pattern, name) is not None
+    ),
+    shown: Sequence[str] | None = None,
+    stacklevel: int = 3,
 ) -> None:
-    """Warn (UserWarning) about each regex of ``patterns`` that ``re.search`` finds in none
-    of ``names``, showing a few of the names."""
-    unmatched = [pat for pat in patterns if not any(re.search(pat, n) for n in names)]
+    """Warn (UserWarning) about each of ``patterns`` that ``matches`` (default: ``re.search``)
+    finds in none of ``names``, showing a few of ``shown`` (default: the names)."""
+    unmatched = [pat for pat in patterns if not any(matches(pat, n) for n in names)]
     if unmatched and names:
-        sample = ", ".join(list(names)[:4]) + (", ..." if len(names) > 4 else "")
+        shown = list(names if shown is None else shown)
+        sample = ", ".join(shown[:8]) + (", ..." if len(shown) > 8 else "")
         warnings.warn(
-            f"{what} pattern(s) {unmatched} match no parameter name (names look like: {sample})",
+            f"{what} {unmatched} match no parameter (names look like: {sample})",
             UserWarning,
             stacklevel=stacklevel,
         )

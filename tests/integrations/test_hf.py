@@ -170,7 +170,8 @@ def test_target_modules_that_match_nothing_warn():
     )  # fmt: skip
     bert = transformers.BertModel(config)
     args = transformers.TrainingArguments(output_dir="unused", report_to=[])
-    with pytest.warns(UserWarning, match=r"\['attn', 'mlp'\] match no module.*encoder\.layer"):
+    unmatched = r"target_modules \['attn', 'mlp'\] match no parameter.*encoder\.layer\.\*\."
+    with pytest.warns(UserWarning, match=unmatched):
         create_flora_optimizer(bert, args, rank=4, target_modules=["attn", "mlp"])
-    with pytest.warns(UserWarning, match=r"\['mlp'\] match no module"):
+    with pytest.warns(UserWarning, match=r"target_modules \['mlp'\] match no parameter"):
         create_flora_optimizer(bert, args, rank=4, target_modules=["attention", "mlp"])

@@ -38,7 +38,6 @@ accelerate::
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +46,7 @@ from torch import nn
 
 from flora.accumulation import GradientAccumulator
 from flora.optim import Flora, FloraAdamW
+from flora.policy import warn_unmatched_patterns
 
 __all__ = ["FloraAccumulationCallback", "accelerate_sync", "create_flora_optimizer"]
 
@@ -71,27 +71,6 @@ def _is_target(param_name: str, targets: str | Sequence[str] | None) -> bool:
     return any(t in module for t in targets)
 
 
-def _warn_unmatched_targets(targets: str | Sequence[str] | None, names: list[str]) -> None:
-    """Warn about each target that selects no parameter, with a few module names to copy."""
-    if targets is None or not names:
-        return
-    # a string is one regex; a list's entries are substrings, each checked on its own
-    entries = [targets] if isinstance(targets, str) else [[t] for t in targets]
-    unmatched = [e for e in entries if not any(_is_target(n, e) for n in names)]
-    unmatched = [e if isinstance(e, str) else e[0] for e in unmatched]
-    if unmatched:
-        # distinct module names in model order, layer indices folded: "encoder.layer.*.x"
-        modules = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n.rsplit(".", 1)[0] + ".")[:-1]
-                                     for n in names if "." in n))  # fmt: skip
-        warnings.warn(
-            f"target_modules {unmatched} match no module of this model, so those parameters "
-            f"keep uncompressed state; module names look like: {', '.join(modules[:8])}"
-            + (", ..." if len(modules) > 8 else ""),
-            UserWarning,
-            stacklevel=3,
-        )
-
-
 def create_flora_optimizer(
     model: nn.Module,
     args: Any,
@@ -112,7 +91,17 @@ def create_flora_optimizer(
     if optimizer not in ("flora", "flora-adamw"):
         raise ValueError(f"optimizer must be 'flora' or 'flora-adamw', got {optimizer!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    _warn_unmatched_targets(target_modules, [n for n, _ in named])
+    if target_modules is not None:  # a string is one regex; a list's entries each on its own
+        names = [n for n, _ in named]
+        entries = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        modules = (re.sub(r"\.\d+\.", ".*.", n.rsplit(".", 1)[0] + ".")[:-1] for n in names)
+        warn_unmatched_patterns(
+            entries,
+            names,
+            "target_modules",
+            matches=lambda e, n: _is_target(n, e if e is target_modules else [e]),
+            shown=list(dict.fromkeys(modules)),  # module names, layer indices folded
+        )
     groups: dict[tuple[bool, bool], list[tuple[str, nn.Parameter]]] = {}
     for name, p in named:
         key = (_is_target(name, target_modules), p.dim() >= 2)

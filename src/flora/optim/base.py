@@ -659,15 +659,11 @@ class FloraOptimizerBase(Optimizer):
                 saved_side = st["side"]
                 if saved_side not in (0, 1) or _SIDE_NAMES[saved_side] != d.side:
                     saved = _SIDE_NAMES[saved_side] if saved_side in (0, 1) else saved_side
-                    hint = (
-                        "FSDP2 compresses row-sharded matrices on the right: train with "
-                        "side='right' to move a run between one device and FSDP2"
-                        if "rows sharded" in d.reason or saved == "right"
-                        else f"pass side={saved!r}"
-                    )
                     raise ValueError(
                         f"{where}: momentum compressed on the {saved} side, this {cls} "
-                        f"compresses it on the {d.side} ({d.reason}); {hint}"
+                        f"compresses it on the {d.side} ({d.reason}); pass side={saved!r} "
+                        "(FSDP2 compresses row-sharded matrices on the right: use "
+                        "side='right' in both runs to move between one device and FSDP2)"
                     )
                 if st["key"] != self._key_of(group, name):
                     raise ValueError(
@@ -755,7 +751,7 @@ class FloraOptimizerBase(Optimizer):
                     f"{type(self).__name__} does not support complex gradients ({name})"
                 )
         if self._replicas_unchecked:
-            self._check_replicas(named)
+            self._check_replicas()
         if not named:
             return loss
         # FSDP2: work on each rank's shard; decisions use the global shape (see _decide)
@@ -828,11 +824,13 @@ class FloraOptimizerBase(Optimizer):
         )
         return False
 
-    def _check_replicas(self, named: list[tuple[dict[str, Any], str, Tensor]]) -> None:
-        """First step under torch.distributed: every process must use the same settings."""
+    def _check_replicas(self) -> None:
+        """First step under torch.distributed: every process must use the same settings
+        (over an FSDP2 mesh's group if a parameter is sharded, else over the world; every
+        parameter is looked at, with a gradient or not, so all processes pick the same)."""
         self._replicas_unchecked = False
         process_group = None
-        for _, _, p in named:
+        for _, _, p in self._named_params():
             if _is_sharded(p):
                 process_group = p.device_mesh.get_group()
                 break

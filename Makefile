@@ -1,21 +1,33 @@
 # The two commands of the README: `make train` (main job) and `make test` (whole suite).
 PY := .venv/bin/python
 
-.PHONY: train test lint bench bench-setup compare clean
+.PHONY: train test test-fast docs lint bench bench-setup compare clean
 
 train:
 	scripts/bootstrap.sh plot
 	.venv/bin/flora train --overwrite
 
-# the library's tests and the experiments' (experiments/tests), in one pytest run
+# lint; the library's tests and the experiments' (experiments/tests) in one pytest run; the
+# docs in strict mode; the package built, installed into a fresh venv and run
 test:
-	scripts/bootstrap.sh test experiments
+	scripts/bootstrap.sh test,docs experiments
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
+	$(PY) -m sphinx -W --keep-going -q -b html docs build/docs
+	$(PY) scripts/check_package.py
+
+# day to day: the tests not marked slow (no multi-process or end-to-end runs), no docs/package
+test-fast:
+	scripts/bootstrap.sh test,docs experiments
+	$(PY) -m pytest -q -m "not slow and not network"
+
+docs:
+	scripts/bootstrap.sh test,docs experiments
+	$(PY) -m sphinx -W --keep-going -b html docs build/docs
 
 lint:
-	scripts/bootstrap.sh test experiments
+	scripts/bootstrap.sh test,docs experiments
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 

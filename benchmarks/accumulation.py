@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 import flora
+from flora.state_plan import format_bytes
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--layers", type=int, default=12)
@@ -277,12 +278,12 @@ lines = [
 ]
 for key, _ in FACTORIES:
     lines.append(
-        f"| {names[key]} | {flora.plan.format_bytes(held[key])} | {held[key] / naive_bytes:.4f} "
+        f"| {names[key]} | {format_bytes(held[key])} | {held[key] / naive_bytes:.4f} "
         f"| {statistics.median(times[key]):.2f} | {statistics.median(ratios[key]):.3f} |"
     )
 if peaks:
     lines += ["", "| row | peak CUDA memory |", "|---|---|"]
-    lines += [f"| {names[k]} | {flora.plan.format_bytes(v)} |" for k, v in peaks.items()]
+    lines += [f"| {names[k]} | {format_bytes(v)} |" for k, v in peaks.items()]
 lines += [
     "",
     "Target check (bytes from `GradientAccumulator.plan()`, equal to the measured bytes): "

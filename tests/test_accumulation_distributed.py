@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from accumulation_models import loss_of, make_batches, make_model
 from distributed_workers import ddp_accumulation, run_workers
 
 from flora import GradientAccumulator
+
+pytestmark = pytest.mark.slow  # 2 gloo processes; `make test-fast` skips them
 
 
 def test_ddp_equals_single_process_on_the_concatenated_batch(tmp_path):

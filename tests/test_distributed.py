@@ -9,6 +9,8 @@ from distributed_workers import ddp_comm_hook, run_workers
 
 from flora.distributed import FloraCommState
 
+pytestmark = pytest.mark.slow  # 2 gloo processes; `make test-fast` skips them
+
 STEPS = 3
 
 

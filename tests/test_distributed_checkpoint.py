@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from accumulation_models import make_batches
 from distributed_workers import _flora_setup, _train_steps, dcp_roundtrip, run_workers
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+pytestmark = pytest.mark.slow  # 2 gloo processes; `make test-fast` skips them
 
 
 def test_dcp_save_at_two_load_at_one_and_back(tmp_path):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # examples as subprocesses; `make test-fast` skips them
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--steps", "40", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32"]
 TINY += ["--batch-size", "4", "--corpus-mb", "0.2", "--eval-batches", "2", "--rank", "4"]

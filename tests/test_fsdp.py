@@ -16,6 +16,8 @@ from distributed_workers import (
     run_workers,
 )
 
+pytestmark = pytest.mark.slow  # 2 gloo processes; `make test-fast` skips them
+
 STEPS = 6  # kappa=2: three resampling windows
 
 

@@ -26,6 +26,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from flora.policy import decide
 
+pytestmark = pytest.mark.slow  # 2 gloo processes; `make test-fast` skips them
+
 KIND = "flora"
 
 

@@ -7,7 +7,7 @@ import sys
 
 def test_import_flora_imports_no_experiment_code():
     code = (
-        "import sys, flora, flora.cli, flora.training, flora.planner, flora.integrations.hf\n"
+        "import sys, flora, flora.cli, flora.training, flora.model_memory, flora.integrations.hf\n"
         "print([m for m in sys.modules if m.startswith(('flora_experiments', 'flora.evidence'))])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -19,3 +19,15 @@ def test_flora_has_no_compare_command(capsys):
 
     assert main(["compare", "lm"]) == 2
     assert "invalid choice: 'compare'" in capsys.readouterr().err
+
+
+def test_the_version_is_written_once_and_the_package_is_typed():
+    from importlib.metadata import version
+    from pathlib import Path
+
+    import flora
+
+    assert version("flora-optim") == flora.__version__  # the metadata reads flora.__version__
+    root = Path(__file__).resolve().parents[1]
+    assert 'dynamic = ["version"]' in (root / "pyproject.toml").read_text()
+    assert (Path(flora.__file__).parent / "py.typed").is_file()

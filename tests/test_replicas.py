@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from distributed_workers import replica_mismatch, run_workers
+
+pytestmark = pytest.mark.slow  # 2 gloo processes; `make test-fast` skips them
 
 
 def test_differing_settings_raise_the_same_named_error_on_every_rank(tmp_path):

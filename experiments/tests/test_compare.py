@@ -8,6 +8,7 @@ import pytest
 from flora_experiments.cli import main
 
 
+@pytest.mark.slow  # about a minute on 2 cores
 def test_pilot_quick_end_to_end(tmp_path, capsys):
     assert main(["pilot", "--quick", "--out", str(tmp_path)]) == 0
     assert "wrote" in capsys.readouterr().out

@@ -5,9 +5,9 @@ Hao, Cao, Mou, "Flora: Low-Rank Adapters Are Secretly Gradient Compressors", ICM
 
 from flora.accumulation import AccumulationMemory, GradientAccumulator
 from flora.optim import Flora, FloraAdamW
-from flora.plan import Plan, PlanRow
 from flora.policy import Decision, decide
 from flora.projection import down, parameter_key, projection_matrix, transfer, up
+from flora.state_plan import Plan, PlanRow
 
 __version__ = "0.1.0"
 

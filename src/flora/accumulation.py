@@ -56,7 +56,6 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from flora.optim.base import state_dtype
-from flora.plan import Plan, PlanRow
 from flora.policy import (
     Decision,
     check_options,
@@ -67,6 +66,7 @@ from flora.policy import (
 )
 from flora.projection import parameter_key, projection_matrix, up
 from flora.replicas import check_same_settings
+from flora.state_plan import Plan, PlanRow
 
 __all__ = ["AccumulationMemory", "GradientAccumulator"]
 

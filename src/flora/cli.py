@@ -15,14 +15,20 @@ from collections.abc import Sequence
 from flora.gpt import SIZES
 from flora.training import OPTIMIZERS, TrainConfig, TrainError, train
 
-__all__ = ["main"]
+__all__ = ["CommandError", "main", "positive_int"]
+
+
+class CommandError(Exception):
+    """Bad input to a subcommand: one ``flora: error:`` line on stderr, exit status 2.
+    (A failed training run raises :class:`flora.training.TrainError`, printed the same way
+    with its own exit status.)"""
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but an error is one line (no usage block) and exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise TrainError(f"{self.prog.split()[-1]}: {message}")
+        raise CommandError(f"{self.prog.split()[-1]}: {message}")
 
 
 def positive_int(text: str) -> int:
@@ -100,17 +106,17 @@ def _plan(args: argparse.Namespace) -> int:
 
     import torch
 
-    from flora.planner import PlanError, build_meta_model, plan_memory
+    from flora.model_memory import PlanError, build_meta_model, plan_memory
 
     for pattern in args.exclude or []:
         try:
             re.compile(pattern)
         except re.error as err:
-            raise TrainError(f"--exclude {pattern!r} is not a valid regex: {err}") from err
+            raise CommandError(f"--exclude {pattern!r} is not a valid regex: {err}") from err
     try:
         model, description = build_meta_model(args.model)
     except PlanError as err:
-        raise TrainError(str(err)) from err
+        raise CommandError(str(err)) from err
     model = model.to(getattr(torch, args.dtype))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plan itself shows what is not compressed
@@ -176,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plan":
             return _plan(args)
         raise AssertionError(args.command)
+    except CommandError as err:
+        print(f"flora: error: {err}", file=sys.stderr)
+        return 2
     except TrainError as err:
         print(f"flora: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -56,7 +56,7 @@ def compressed_ema_(
     scale: float = 1.0,
     overwrite: bool = False,
 ) -> Tensor:
-    """Advance the compressed momentum by one step and return the direction ``d_t`` (m, n).
+    r"""Advance the compressed momentum by one step and return the direction ``d_t`` (m, n).
 
     ``u_t = scale * update`` (the scale lets a caller fold a clipping factor into the
     products). With ``overwrite=True`` the direction is written into ``update`` and no

@@ -37,7 +37,7 @@ import torch
 import flora
 from flora.data import Corpus, get_batch, load_corpus
 from flora.gpt import GPT, SIZES, GPTConfig
-from flora.plan import format_bytes
+from flora.state_plan import format_bytes
 
 __all__ = ["OPTIMIZERS", "TrainConfig", "TrainError", "TrainResult", "load_checkpoint", "train"]
 

@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from flora import GradientAccumulator  # noqa: E402
+from flora import FloraAdamW, GradientAccumulator  # noqa: E402
 from flora.data import load_corpus  # noqa: E402
 from flora.integrations.hf import (  # noqa: E402
     FloraAccumulationCallback,
@@ -54,7 +54,7 @@ class Probe(transformers.TrainerCallback):
         self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
 
 
-def make_trainer(tmp_path, *, max_grad_norm, epochs=2, save_steps=1000, probe=None):
+def make_trainer(tmp_path, *, max_grad_norm, epochs=2, save_steps=1000, probe=None, route="create"):
     model = tiny_model()
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
@@ -72,10 +72,19 @@ def make_trainer(tmp_path, *, max_grad_norm, epochs=2, save_steps=1000, probe=No
         data_seed=0,
         disable_tqdm=True,
     )
+    callbacks = [FloraAccumulationCallback(rank=4)] + ([probe] if probe else [])
+    if route == "cls":  # the Trainer's own factory: it builds the optimizer from its groups
+        trainer = transformers.Trainer(
+            model=model,
+            args=args,
+            train_dataset=dataset(),
+            optimizer_cls_and_kwargs=(FloraAdamW, {"lr": 1e-2, "rank": 4, "kappa": 10}),
+            callbacks=callbacks,
+        )
+        return trainer, model, None
     optimizer = create_flora_optimizer(
         model, args, rank=4, kappa=10, target_modules=["attn", "mlp"]
     )
-    callbacks = [FloraAccumulationCallback(rank=4)] + ([probe] if probe else [])
     trainer = transformers.Trainer(
         model=model,
         args=args,
@@ -121,14 +130,32 @@ def test_trainer_clips_the_decompressed_gradient(tmp_path):
     assert all(n <= 0.05 * (1 + 1e-4) for n in probe.norms)  # the step saw clipped gradients
 
 
-def test_trainer_checkpoint_resumes(tmp_path):
-    whole, model_a, _ = make_trainer(tmp_path / "a", max_grad_norm=1.0, save_steps=3)
+@pytest.mark.parametrize("route", ["create", "cls"])
+def test_trainer_checkpoint_resumes(tmp_path, route):
+    whole, model_a, _ = make_trainer(tmp_path / "a", max_grad_norm=1.0, save_steps=3, route=route)
     whole.train()  # also writes checkpoint-3 midway
-    resumed, model_b, _ = make_trainer(tmp_path / "b", max_grad_norm=1.0, save_steps=3)
+    resumed, model_b, _ = make_trainer(tmp_path / "b", max_grad_norm=1.0, save_steps=3, route=route)
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     assert resumed.state.global_step == 6
     for (name, a), b in zip(model_a.named_parameters(), model_b.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_trainer_builds_flora_through_optimizer_cls_and_kwargs(tmp_path):
+    """``Trainer(optimizer_cls_and_kwargs=(FloraAdamW, {...}))``: the Trainer's parameter
+    groups (weight decay off for biases and norms) reach Flora, whose policy compresses the
+    matrices; the lr comes from the kwargs (the Trainer passes no learning_rate there)."""
+    trainer, model, _ = make_trainer(tmp_path, max_grad_norm=1.0, epochs=3, route="cls")
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer  # accelerate's wrapper around ours
+    assert isinstance(optimizer, FloraAdamW)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
+    assert optimizer.param_groups[0]["initial_lr"] == 1e-2  # the scheduler started from ours
+    plan = optimizer.plan()
+    matrices = sum(p.dim() == 2 and min(p.shape) > 4 for p in model.parameters())
+    assert sum(r.compressed for r in plan.rows) == matrices > 0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
 
 
 def test_accelerate_accumulate_loop_equals_micro_batch_api():

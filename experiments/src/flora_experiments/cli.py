@@ -16,13 +16,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flora.cli import positive_int
+from flora.cli import CommandError, positive_int
 
 __all__ = ["main"]
-
-
-class CommandError(Exception):
-    """Bad input: one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -31,9 +31,9 @@ Deviations from the paper, stated:
 * Order of the steps: momentum of the preconditioned update :math:`U_t`, then update
   clipping of the momentum direction, then the step size and parameter scale — the order of
   both of the paper's implementations (flora-opt's optax chain and its PyTorch ``Flora``).
-  The clipping bounds the extra variance that decompression adds to :math:`D_t`. Until
-  commit 58cd4b4 Flora clipped :math:`U_t` before the momentum, which let that variance
-  through; ``benchmarks/results/momentum_order.md`` compares the two orders.
+  The clipping bounds the extra variance that decompression adds to :math:`D_t`;
+  clipping :math:`U_t` before the momentum lets it through
+  (``benchmarks/results/momentum_order.md`` compares the two orders).
 * flora-opt uses ``lr`` as a constant relative step; ours is capped, :math:`\rho_t =
   \min(\texttt{lr}, 1/\sqrt t)` (``torch.optim.Adafactor``'s definition).
 * ``momentum_variant="history"`` (default) compresses only the history (newest term exact,

@@ -116,7 +116,10 @@ def flora_adamw_update_(
 class FloraAdamW(FloraOptimizerBase):
     r"""AdamW with the first moment compressed by resampled random projections.
 
-    See the module docstring for the math and deviations.
+    See the module docstring for the math and deviations. The options ``rank``, ``kappa``,
+    ``seed``, ``compress``, ``exclude``, ``side``, ``momentum_variant``, ``distribution``,
+    ``nonfinite``, ``cache_projection``, ``maximize`` and ``check_replicas`` are those of
+    :class:`flora.Flora`.
 
     Args:
         params: parameters, ``model.named_parameters()`` or parameter groups; groups may
@@ -127,8 +130,6 @@ class FloraAdamW(FloraOptimizerBase):
         weight_decay: decoupled weight decay :math:`\lambda`. Default ``1e-2``.
         factor_second_moment: keep :math:`v` as Adafactor's row/column factors for tensors
             with >= 2 dims (sublinear memory) instead of full size. Default ``False``.
-        rank, kappa, seed, compress, exclude, side, momentum_variant, distribution,
-        nonfinite, cache_projection, maximize, check_replicas: as in :class:`flora.Flora`.
 
     Example:
         >>> import torch, flora

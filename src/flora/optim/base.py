@@ -59,7 +59,6 @@ try:  # DTensor parameters (FSDP2); absent on torch builds without torch.distrib
 except ImportError:  # pragma: no cover
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
-from flora.plan import Plan, PlanRow
 from flora.policy import (
     Decision,
     check_unique_names,
@@ -70,6 +69,7 @@ from flora.policy import (
 )
 from flora.projection import DISTRIBUTIONS, parameter_key, projection_matrix
 from flora.replicas import check_same_settings
+from flora.state_plan import Plan, PlanRow
 
 __all__ = ["FloraOptimizerBase", "ShardReduce"]
 
@@ -482,7 +482,7 @@ class FloraOptimizerBase(Optimizer):
         return second + momentum, second + numel
 
     def plan(self) -> Plan:
-        """Per-parameter decisions and exact state bytes (see :class:`flora.plan.Plan`)."""
+        """Per-parameter decisions and exact state bytes (see :class:`flora.state_plan.Plan`)."""
         plan = Plan(type(self).__name__)
         for group, name, p in self._named_params():
             d = self._decide(group, name, p)

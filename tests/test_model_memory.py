@@ -12,7 +12,7 @@ import torch
 import flora
 from flora.cli import main
 from flora.gpt import GPT, SIZES
-from flora.planner import build_meta_model, plan_memory
+from flora.model_memory import build_meta_model, plan_memory
 
 
 def held_bytes(opt: torch.optim.Optimizer) -> int:

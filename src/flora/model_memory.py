@@ -39,7 +39,7 @@ from torch import nn
 
 import flora
 from flora.gpt import GPT, SIZES
-from flora.plan import Plan, format_bytes
+from flora.state_plan import Plan, format_bytes
 
 __all__ = ["HF_PRESETS", "MemoryPlan", "PlanError", "build_meta_model", "plan_memory"]
 

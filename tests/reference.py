@@ -60,6 +60,14 @@ class CompressedMomentum:
         a_old = self.projection(self.window)
         window = t // self.kappa
         a_new = self.projection(window) if window != self.window else a_old
+        if self.variant == "subspace":  # momentum inside the row space, u exact outside
+            c = a_new.shape[0] / a_new.shape[1]  # r / d: c A^T A is the projector (orthonormal A)
+            if window != self.window:
+                self.m = c * _down(_up(self.m, a_old, self.side), a_new, self.side)
+                self.window = window
+            self.m = b * self.m + (1 - b) * _down(u, a_new, self.side)
+            in_subspace = c * _up(_down(u, a_new, self.side), a_new, self.side)
+            return u - in_subspace + c * _up(self.m, a_new, self.side)
         if self.variant == "history":
             direction = (1 - b) * u + b * _up(self.m, a_old, self.side)
         if window != self.window:  # "if t is a multiple of kappa": transfer M <- A'(A^T M)

@@ -24,6 +24,26 @@ exactly and only the history is compressed, which has the same expectation and l
         \quad\text{(only when the window changes)}\\
     M &\leftarrow \beta M + (1 - \beta)\operatorname{down}_{P'}(u_t)
 
+``variant="subspace"`` — momentum only inside the projection's row space, the exact update
+outside it. With :math:`c = r/d` (``d`` the compressed dimension), :math:`c\,P^\top P` is
+the orthogonal projector :math:`\Pi` onto the row space when the projection is orthonormal
+(:mod:`flora.projection`), and the transfer is the projection of the old subspace's
+momentum onto the new one, which cannot inflate it:
+
+.. math::
+    M &\leftarrow c\,\operatorname{transfer}_{P \to P'}(M)
+        \quad\text{(only when the window changes)}\\
+    M &\leftarrow \beta M + (1 - \beta)\operatorname{down}_{P'}(u_t)\\
+    d_t &= u_t + c\operatorname{up}_{P'}\bigl(M - \operatorname{down}_{P'}(u_t)\bigr)
+        = (I - \Pi)\,u_t + c\operatorname{up}_{P'}(M)
+
+This is not in the Flora paper: it is the split of FRUGAL (Zmushko et al., 2024) and of
+LoRA-Pre-style mixing, a state-full subspace and a state-free remainder. Limits:
+``beta=0`` gives :math:`d_t = u_t`; an orthonormal projection of rank ``d`` gives the full
+momentum. With a Gaussian or Rademacher projection :math:`c\,P^\top P` is only
+approximately a projector (its eigenvalues spread as Marchenko–Pastur), so the split is
+approximate.
+
 :math:`d_t` is the direction the optimizer then scales and applies.
 """
 
@@ -36,7 +56,7 @@ from flora.projection import down, transfer
 
 __all__ = ["VARIANTS", "compressed_ema_"]
 
-VARIANTS: tuple[str, ...] = ("history", "paper")
+VARIANTS: tuple[str, ...] = ("history", "paper", "subspace")
 
 
 def _mm_into(out: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float) -> Tensor:
@@ -86,6 +106,17 @@ def compressed_ema_(
             momentum.copy_(transfer(momentum, proj_old, proj_new, side))
         momentum.mul_(beta).add_(fresh, alpha=w_new)
         return direction
+    if variant == "subspace":
+        shrink = proj_new.shape[0] / proj_new.shape[1]  # c = r / d
+        if resampled:
+            momentum.copy_(transfer(momentum, proj_old, proj_new, side)).mul_(shrink)
+        fresh = down(update, proj_new, side)  # P' U
+        momentum.mul_(beta).add_(fresh, alpha=w_new)
+        residual = fresh.mul_(-scale).add_(momentum)  # M - down(u_t), small
+        a, b = (proj_new.T, residual) if left else (residual, proj_new)
+        if overwrite:
+            return _mm_into(update, a, b, beta=scale, alpha=shrink)
+        return torch.addmm(update, a, b, beta=scale, alpha=shrink)
     # variant == "paper"
     if resampled:
         momentum.copy_(transfer(momentum, proj_old, proj_new, side))

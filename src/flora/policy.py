@@ -144,15 +144,28 @@ def warn_unmatched_patterns(
         )
 
 
-def momentum_growth(beta1: float, kappa: int, dim: int, rank: int) -> float:
+def momentum_growth(
+    beta1: float,
+    kappa: int,
+    dim: int,
+    rank: int,
+    *,
+    variant: str = "history",
+    distribution: str = "gaussian",
+) -> float:
     r"""How much a compressed momentum's noise can grow per window: :math:`\beta_1^\kappa
-    \sqrt{1 + (d+1)/r}`.
+    \sqrt{1 + (d+1)/r}`, or :math:`\beta_1^\kappa` for ``variant="subspace"`` with an
+    orthonormal projection.
 
     Each transfer to a new projection multiplies the stale momentum's error by about
     :math:`\sqrt{1 + (d+1)/r}` (``d`` the compressed dimension, ``r`` the rank) while the
     momentum decays by :math:`\beta_1^\kappa` over a window; at 1 or more the compressed
-    momentum can grow without bound (e.g. ``rank=4, kappa=2`` on an 8x64 matrix).
+    momentum can grow without bound (e.g. ``rank=4, kappa=2`` on an 8x64 matrix). The
+    subspace variant's transfer with an orthonormal projection is an orthogonal projection
+    (:mod:`flora.momentum`), which never inflates the momentum.
     """
+    if variant == "subspace" and distribution == "orthonormal":
+        return float(beta1) ** kappa
     return float(beta1) ** kappa * math.sqrt(1 + (dim + 1) / rank)
 
 

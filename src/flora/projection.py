@@ -1,8 +1,18 @@
 r"""Seeded random projections: the only source of randomness in Flora.
 
-A projection is a matrix :math:`P \in \mathbb{R}^{r \times d}` whose entries are i.i.d.
-:math:`\mathcal{N}(0, 1/r)` (default) or Rademacher :math:`\pm 1/\sqrt{r}`, so that
-:math:`\mathbb{E}[P^\top P] = I_d`. It is a **pure function** of
+A projection is a matrix :math:`P \in \mathbb{R}^{r \times d}` with
+:math:`\mathbb{E}[P^\top P] = I_d`, of one of three families:
+
+* ``"gaussian"`` (default, the paper's): i.i.d. :math:`\mathcal{N}(0, 1/r)` entries;
+* ``"rademacher"``: i.i.d. :math:`\pm 1/\sqrt{r}` entries;
+* ``"orthonormal"``: :math:`P = \sqrt{d/r}\, Q^\top` with :math:`Q \in \mathbb{R}^{d \times r}`
+  the Q factor of a seeded Gaussian :math:`d \times r` matrix (signs fixed by
+  :math:`\operatorname{diag} R > 0`, which makes the row space Haar-distributed), so
+  :math:`P P^\top = (d/r) I_r` exactly and :math:`(r/d) P^\top P` is the orthogonal projector
+  onto the row space. Needs :math:`r \le d`. The QR runs in float64 on the projection's
+  device, so CPU and CUDA agree to float64 rounding (not bit for bit as the other two).
+
+It is a **pure function** of
 
 * the user seed,
 * a stable key of the parameter (:func:`parameter_key` of its name, or of its position),
@@ -51,9 +61,9 @@ __all__ = [
 ]
 
 Side = Literal["left", "right"]
-Distribution = Literal["gaussian", "rademacher"]
+Distribution = Literal["gaussian", "rademacher", "orthonormal"]
 SIDES: tuple[str, ...] = ("left", "right")
-DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher")
+DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher", "orthonormal")
 
 _MASK32 = 0xFFFFFFFF
 # Odd multiplier < 2**31: a 32-bit value times it stays below 2**59, so int64 never overflows
@@ -147,6 +157,8 @@ def projection_matrix(
         bits = _hash(torch.arange(numel, dtype=torch.int64, device=device), k0, k1) >> 31
         signs = 1.0 - 2.0 * bits.to(torch.float64)
         return (signs * (1.0 / math.sqrt(rank))).to(dtype).view(rank, dim)
+    if distribution == "orthonormal" and rank > dim:
+        raise ValueError(f"an orthonormal projection needs rank <= dim, got {rank} > {dim}")
     pairs = (numel + 1) // 2
     counter = torch.arange(pairs, dtype=torch.int64, device=device)
     u1 = _hash(counter, k0, k1).to(torch.float64).add_(0.5).mul_(2.0**-32)  # (0, 1)
@@ -154,7 +166,12 @@ def projection_matrix(
     radius = u1.log_().mul_(-2.0).sqrt_().mul_(1.0 / math.sqrt(rank))
     theta = u2.mul_(2.0 * math.pi)
     normal = torch.stack((radius * theta.cos(), radius * theta.sin()), dim=-1)
-    return normal.view(-1)[:numel].to(dtype).view(rank, dim)
+    normal = normal.view(-1)[:numel].view(rank, dim)
+    if distribution == "orthonormal":
+        q, r = torch.linalg.qr(normal.T)  # (dim, rank), (rank, rank)
+        signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
+        normal = (q * signs).T.mul_(math.sqrt(dim / rank))
+    return normal.to(dtype)
 
 
 def _check_side(side: str) -> None:

@@ -169,10 +169,17 @@ def _same_state(a, b):
                 assert type(sa[k]) is type(sb[k]) and sa[k] == sb[k], k
 
 
+OPTIONS = {  # the momentum forms, each resumed across a window change
+    "default": {},
+    "subspace": dict(momentum_variant="subspace", distribution="orthonormal"),
+}
+
+
+@pytest.mark.parametrize("options", list(OPTIONS))
 @pytest.mark.parametrize("split", [2, 3, 4])  # before, at and after the window change (kappa=3)
-def test_resume_is_bit_identical(opt_spec, split, tmp_path):
+def test_resume_is_bit_identical(opt_spec, split, options, tmp_path):
     model = _model()
-    opt = _make(opt_spec, model)
+    opt = _make(opt_spec, model, **OPTIONS[options])
     _steps(model, opt, 0, split)
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
@@ -181,7 +188,7 @@ def test_resume_is_bit_identical(opt_spec, split, tmp_path):
     resumed = _model()
     ckpt = torch.load(path, weights_only=True)
     resumed.load_state_dict(ckpt["model"])
-    opt2 = _make(opt_spec, resumed)
+    opt2 = _make(opt_spec, resumed, **OPTIONS[options])
     opt2.load_state_dict(ckpt["opt"])
     _steps(resumed, opt2, split, 8)
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):

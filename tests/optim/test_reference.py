@@ -1,7 +1,8 @@
 """Flora and FloraAdamW agree with a float64 loop implementation written from the paper.
 
 Properties checked (same projection matrices on both sides, >= 3 resampling windows):
-- Algorithm 2 with the Adafactor base (``Flora``), both momentum variants, both sides;
+- Algorithm 2 with the Adafactor base (``Flora``), every momentum variant (the subspace one
+  with orthonormal and Gaussian projections), both sides;
 - Algorithm 2 with the AdamW base (``FloraAdamW``), full and factored second moment;
 - float64 parameters agree to ~1e-12, float32 parameters to float32 accuracy;
 - vectors and uncompressed matrices follow the naive-momentum reference.
@@ -52,15 +53,23 @@ def _grads():
     }
 
 
-@pytest.mark.parametrize("variant", ["history", "paper"])
+VARIANTS = [  # (momentum_variant, distribution)
+    ("history", "gaussian"),
+    ("paper", "gaussian"),
+    ("subspace", "orthonormal"),
+    ("subspace", "gaussian"),
+]
+
+
+@pytest.mark.parametrize("variant,distribution", VARIANTS)
 @pytest.mark.parametrize("factored", [True, False])  # False: Table 4's linear-memory base
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_flora_matches_reference(variant, factored, dtype, tol):
+def test_flora_matches_reference(variant, distribution, factored, dtype, tol):
     grads = _grads()
     hp = dict(lr=0.05, beta1=0.9, beta2_decay=-0.8, d=1.0, weight_decay=0.01)
     init, params, projs, _opt = _run(
         flora.Flora, dtype, grads, momentum_variant=variant, eps=(None, 1e-3),
-        factor_second_moment=factored, **hp,
+        factor_second_moment=factored, distribution=distribution, **hp,
     )  # fmt: skip
     for key, p in params.items():
         m = _vector_momentum(0.9) if key == "vector" else _momentum(key, projs, 0.9, variant)
@@ -78,10 +87,10 @@ def _vector_momentum(beta):
     )
 
 
-@pytest.mark.parametrize("variant", ["history", "paper"])
+@pytest.mark.parametrize("variant,distribution", VARIANTS)
 @pytest.mark.parametrize("factored", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_flora_adamw_matches_reference(variant, factored, dtype, tol):
+def test_flora_adamw_matches_reference(variant, distribution, factored, dtype, tol):
     grads = _grads()
     hp = dict(lr=1e-2, eps=1e-8, weight_decay=0.05)
     init, params, projs, _ = _run(
@@ -89,6 +98,7 @@ def test_flora_adamw_matches_reference(variant, factored, dtype, tol):
         dtype,
         grads,
         betas=(0.9, 0.99),
+        distribution=distribution,
         momentum_variant=variant,
         factor_second_moment=factored,
         **hp,

@@ -13,6 +13,10 @@ Optimizers (``OPTIMIZERS``):
   ``linear-momentum`` / ``flora-linear`` — the same with a full-size second moment
   (``factor_second_moment=False``, Table 4's linear-memory base) and full-size / compressed
   momentum; ``flora-adamw`` — ``flora.FloraAdamW`` (AdamW base);
+* ``flora-subspace`` / ``flora-subspace-gaussian`` — ``flora.Flora`` with
+  ``momentum_variant="subspace"`` and an orthonormal / Gaussian projection;
+  ``flora-orthonormal`` — the default variant with an orthonormal projection;
+  ``flora-adamw-subspace`` — ``flora.FloraAdamW`` with the subspace variant (``FLORA_FORMS``);
 * ``flora-opt`` — the official ``flora_opt.Flora`` (rank ``r``, ``beta1=0.9``);
 * ``galore`` — ``galore_torch.GaLoreAdamW`` and ``apollo`` — ``apollo_torch.APOLLOAdamW``
   (random projection), both at rank ``r`` on the attention and MLP matrices with their
@@ -51,12 +55,25 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
     "adafactor-momentum": ("flora (compress=False)", ADAFACTOR_LRS),
     "flora": ("flora", ADAFACTOR_LRS),
     "flora-adamw": ("flora", ADAM_LRS),
+    "flora-subspace": ("flora (subspace momentum, orthonormal)", ADAFACTOR_LRS),
+    "flora-subspace-gaussian": ("flora (subspace momentum, gaussian)", ADAFACTOR_LRS),
+    "flora-orthonormal": ("flora (orthonormal projection)", ADAFACTOR_LRS),
+    "flora-adamw-subspace": ("flora (subspace momentum, orthonormal)", ADAM_LRS),
     "linear-momentum": ("flora (compress=False, factor_second_moment=False)", ADAFACTOR_LRS),
     "flora-linear": ("flora (factor_second_moment=False)", ADAFACTOR_LRS),
     "flora-opt": ("flora-opt", ADAFACTOR_LRS),
     "galore": ("galore-torch", ADAM_LRS),
     "apollo": ("apollo-torch", ADAM_LRS),
     "lora": ("peft", ADAM_LRS),
+}
+
+
+# the quality study's forms of Flora (issue 17): options on top of the defaults
+FLORA_FORMS: dict[str, dict[str, str]] = {
+    "flora-subspace": {"momentum_variant": "subspace", "distribution": "orthonormal"},
+    "flora-subspace-gaussian": {"momentum_variant": "subspace", "distribution": "gaussian"},
+    "flora-orthonormal": {"distribution": "orthonormal"},
+    "flora-adamw-subspace": {"momentum_variant": "subspace", "distribution": "orthonormal"},
 }
 
 
@@ -123,20 +140,24 @@ def build(name: str, cfg: LMConfig, lr: float) -> tuple[nn.Module, torch.optim.O
         return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     if name == "adafactor":
         return model, torch.optim.Adafactor(model.parameters(), lr=lr)
-    if name in ("flora", "adafactor-momentum", "linear-momentum", "flora-linear"):
+    if name in ("flora", "adafactor-momentum", "linear-momentum", "flora-linear") or name in (
+        FLORA_FORMS
+    ):
         from flora import Flora
 
         opt = Flora(
             model.named_parameters(), lr=lr, rank=r, kappa=kappa,
             compress=name.startswith("flora"), factor_second_moment="linear" not in name,
+            **FLORA_FORMS.get(name, {}),
         )  # fmt: skip
         return model, opt
-    if name == "flora-adamw":
+    if name in ("flora-adamw", "flora-adamw-subspace"):
         from flora import FloraAdamW
 
         return model, FloraAdamW(
-            model.named_parameters(), lr=lr, rank=r, kappa=kappa, weight_decay=0.0
-        )
+            model.named_parameters(), lr=lr, rank=r, kappa=kappa, weight_decay=0.0,
+            **FLORA_FORMS.get(name, {}),
+        )  # fmt: skip
     if name == "flora-opt":
         from flora_opt import Flora as OfficialFlora
 

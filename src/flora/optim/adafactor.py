@@ -242,8 +242,11 @@ class Flora(FloraOptimizerBase):
         compress: ``False`` keeps full-size momentum (naive momentum). Default ``True``.
         exclude: regex or list of regexes; matching parameter names are not compressed.
         side: ``"auto"`` (compress the smaller dimension), ``"left"`` or ``"right"``.
-        momentum_variant: ``"history"`` (default) or ``"paper"``; see :mod:`flora.momentum`.
-        distribution: ``"gaussian"`` (paper) or ``"rademacher"`` projection entries.
+        momentum_variant: ``"history"`` (default), ``"paper"`` (Algorithm 2 as printed) or
+            ``"subspace"`` (momentum inside the projection's subspace, the exact update
+            outside it; best with ``distribution="orthonormal"``); see :mod:`flora.momentum`.
+        distribution: the projection family, ``"gaussian"`` (paper), ``"rademacher"`` or
+            ``"orthonormal"``; see :mod:`flora.projection`.
         nonfinite: what a NaN/Inf gradient does, decided for the whole step before any
             update: ``"skip"`` (default, GradScaler's convention: the whole step is skipped,
             a ``RuntimeWarning`` is issued and ``optimizer.skipped_steps`` counts it),

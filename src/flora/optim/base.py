@@ -59,6 +59,7 @@ try:  # DTensor parameters (FSDP2); absent on torch builds without torch.distrib
 except ImportError:  # pragma: no cover
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
+from flora.momentum import VARIANTS
 from flora.policy import (
     Decision,
     check_unique_names,
@@ -76,7 +77,7 @@ __all__ = ["FloraOptimizerBase", "ShardReduce"]
 _SIDE_CODES = {"left": 0, "right": 1}
 _SIDE_NAMES = ("left", "right")
 NONFINITE_POLICIES = ("skip", "skip_parameter", "raise")
-MOMENTUM_VARIANTS = ("history", "paper")
+MOMENTUM_VARIANTS = VARIANTS  # flora.momentum owns the list
 SIDE_OPTIONS = ("auto", "left", "right")
 
 
@@ -324,11 +325,14 @@ class FloraOptimizerBase(Optimizer):
         raise NotImplementedError
 
     def _growth(self, group: dict[str, Any], d: Decision) -> float | None:
-        """beta1^kappa * sqrt(1 + (d+1)/r) for a compressed parameter with momentum, else None
-        (see :func:`flora.policy.momentum_growth`)."""
+        """How much the compressed momentum's error can grow per window, for a compressed
+        parameter with momentum, else None (see :func:`flora.policy.momentum_growth`)."""
         if not (d.compressed and self._uses_momentum(group)):
             return None
-        return momentum_growth(self._beta1(group), group["kappa"], d.compressed_dim, d.rank)  # type: ignore[arg-type]
+        return momentum_growth(
+            self._beta1(group), group["kappa"], d.compressed_dim, d.rank,  # type: ignore[arg-type]
+            variant=group["momentum_variant"], distribution=group["distribution"],
+        )  # fmt: skip
 
     def _report_policy(self) -> None:
         too_small, unstable, matrices, compressed = [], [], 0, 0

@@ -92,9 +92,12 @@ def flora_adafactor(
     weight_decay: float,
     momentum: CompressedMomentum | None,
     factored: bool = True,
+    scale_parameter: bool = True,
+    relative_step: bool = True,
 ) -> Tensor:
     """Adafactor (torch.optim.Adafactor's definition) with momentum of the preconditioned
-    update, the momentum direction clipped (flora-opt's order, PyTorch and optax alike)."""
+    update, the momentum direction clipped (flora-opt's order, PyTorch and optax alike);
+    ``scale_parameter`` / ``relative_step`` as in transformers.Adafactor."""
     theta = theta.double().clone()
     matrix = factored and theta.dim() == 2
     r = torch.zeros(theta.shape[0], dtype=torch.float64)
@@ -103,8 +106,8 @@ def flora_adafactor(
     for t, g in enumerate(grads, start=1):
         g = g.double()
         w = t**beta2_decay  # 1 - beta2_hat_t
-        rho = min(lr, 1 / t**0.5)
-        alpha = max(eps2, _rms(theta)) * rho
+        rho = min(lr, 1 / t**0.5) if relative_step else lr
+        alpha = max(eps2, _rms(theta)) * rho if scale_parameter else rho
         theta = theta * (1 - lr * weight_decay)
         if matrix:
             r = (1 - w) * r + w * (g * g).mean(dim=1)

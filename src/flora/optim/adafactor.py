@@ -19,6 +19,12 @@ symbols and defaults of :class:`torch.optim.Adafactor`:
     \quad\text{(compressed by Algorithm 2, see } \texttt{flora.momentum})\\
     \theta_t &= \theta - \alpha_t\, D_t / \max(1, \operatorname{RMS}(D_t)/d)
 
+With ``scale_parameter=False`` the step is not scaled by the parameter's RMS,
+:math:`\alpha_t = \rho_t`; with ``relative_step=False`` the step size is ``lr`` itself,
+:math:`\rho_t = \texttt{lr}` (both named and meant as in ``transformers.Adafactor``; with both
+off, ``lr`` is the constant step of flora-opt's and ``transformers``' Adafactor with
+``scale_parameter=False, relative_step=False``).
+
 With ``beta1=0`` there is no momentum (:math:`D_t = U_t`) and the update is exactly
 ``torch.optim.Adafactor`` (bit for bit in float32 on CPU). Parameters the policy does not
 compress keep a full-size momentum ``exp_avg`` (``exp_avg.lerp_(U, 1 - beta1)``); that
@@ -80,6 +86,8 @@ def flora_adafactor_update_(
     projections: tuple[Tensor, Tensor | None, str] | None,  # (P, P_next, side) if compressed
     momentum_variant: str,
     shards: ShardReduce | None = None,  # FSDP2: param/grad/state are this rank's rows
+    scale_parameter: bool = True,
+    relative_step: bool = True,
 ) -> None:
     """One Flora step for one parameter; mirrors ``torch.optim._adafactor`` op for op.
 
@@ -90,16 +98,19 @@ def flora_adafactor_update_(
     state["step"] += 1
     step = float(state["step"])
     one_minus_beta2_t = step**beta2_decay
-    rho_t = min(lr, 1 / (step**0.5))
+    rho_t = min(lr, 1 / (step**0.5)) if relative_step else lr
     if shards is not None:
         _sharded_adafactor_step(
             param, grad, state, one_minus_beta2_t, rho_t, lr, eps1, eps2, d, weight_decay,
-            projections, momentum_variant, beta1, shards,
+            projections, momentum_variant, beta1, shards, scale_parameter,
         )  # fmt: skip
         return
     if param.numel() == 0:  # nothing to update (and no RMS to take)
         return
-    alpha = max(eps2, param.norm(2).item() / (param.numel() ** 0.5)) * rho_t
+    if scale_parameter:
+        alpha = max(eps2, param.norm(2).item() / (param.numel() ** 0.5)) * rho_t
+    else:
+        alpha = rho_t
 
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
@@ -176,6 +187,7 @@ def _sharded_adafactor_step(
     momentum_variant: str,
     beta1: float,
     shards: ShardReduce,
+    scale_parameter: bool = True,
 ) -> None:
     """The same step on a row shard. Only a matrix's factors span the sharded dimension
     (rows): for >2-d tensors the factors are per leading index and stay local."""
@@ -191,7 +203,7 @@ def _sharded_adafactor_step(
         parts += [grad.square().sum(dim=0), row_var.sum().reshape(1)]
     sums = torch.cat(parts)
     shards.sum_(sums)
-    alpha = max(eps2, sums[0].sqrt().item() / numel**0.5) * rho_t
+    alpha = max(eps2, sums[0].sqrt().item() / numel**0.5) * rho_t if scale_parameter else rho_t
 
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
@@ -236,6 +248,12 @@ class Flora(FloraOptimizerBase):
         factor_second_moment: Adafactor's row/column factors for tensors with >= 2 dims
             (sublinear memory, default ``True``); ``False`` keeps a full-size second moment
             (the paper's "linear-memory" variant of Table 4).
+        scale_parameter: scale the step by the parameter's RMS, as ``torch.optim.Adafactor``
+            does (default ``True``); ``False`` as in ``transformers.Adafactor``.
+        relative_step: cap the step size by :math:`1/\sqrt t` (default ``True``, torch's
+            convention); ``False`` uses ``lr`` as the step size. With both ``False``, step
+            sizes from flora-opt or ``transformers.Adafactor(scale_parameter=False,
+            relative_step=False)`` carry over.
         rank: rank ``r`` of the compressed momentum. Default ``32``.
         kappa: resample the projection every ``kappa`` steps. Default ``1000`` (paper).
         seed: user seed of all projections. Default ``0``.
@@ -281,6 +299,8 @@ class Flora(FloraOptimizerBase):
         weight_decay: float = 0.0,
         *,
         factor_second_moment: bool = True,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
         rank: int = 32,
         kappa: int = 1000,
         seed: int = 0,
@@ -302,6 +322,8 @@ class Flora(FloraOptimizerBase):
             d=d,
             weight_decay=weight_decay,
             factor_second_moment=factor_second_moment,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
             rank=rank,
             kappa=kappa,
             seed=seed,
@@ -327,6 +349,8 @@ class Flora(FloraOptimizerBase):
             check_real(f"{where}eps[0]", eps[0], 0.0, float("inf"), high_open=False)
         check_real(f"{where}eps[1]", eps[1], 0.0, float("inf"), high_open=False)
         check_bool(f"{where}factor_second_moment", group["factor_second_moment"])
+        check_bool(f"{where}scale_parameter", group["scale_parameter"])
+        check_bool(f"{where}relative_step", group["relative_step"])
 
     def _uses_momentum(self, group: dict[str, Any]) -> bool:
         return group["beta1"] > 0
@@ -367,4 +391,6 @@ class Flora(FloraOptimizerBase):
             projections=projections,
             momentum_variant=group["momentum_variant"],
             shards=self._shards,
+            scale_parameter=bool(group["scale_parameter"]),
+            relative_step=bool(group["relative_step"]),
         )

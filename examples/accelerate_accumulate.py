@@ -30,16 +30,16 @@ accelerator = Accelerator(gradient_accumulation_steps=args.accumulate, cpu=True)
 loader = torch.utils.data.DataLoader(batches, batch_size=None)
 model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
-# each backward pass is a micro-batch; accelerate's sync flag ends the cycle
+# each backward pass is a micro-batch; accelerate's sync flag ends the cycle, and the
+# accumulator clips the gradient by its estimate of the true norm (max_grad_norm)
 acc = flora.GradientAccumulator(
-    model, args.accumulate, rank=args.rank, is_last_micro_batch=accelerate_sync()
-)
+    model, args.accumulate, rank=args.rank, is_last_micro_batch=accelerate_sync(),
+    max_grad_norm=1.0,
+)  # fmt: skip
 for i, (x, y) in enumerate(loader):
     with accelerator.accumulate(model):
         loss = model(x, y)
         accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
     if accelerator.sync_gradients and (i + 1) % (5 * args.accumulate) == 0:

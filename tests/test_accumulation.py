@@ -661,3 +661,61 @@ def test_repr_and_exclude():
     assert not acc.decision("emb.weight").compressed
     assert "excluded" in acc.decision("emb.weight").reason
     assert "GradientAccumulator(steps=3, rank=4, compressed=3/9" in repr(acc)
+
+
+# ---------------------------------------------------------------- the true-norm estimate
+@pytest.mark.parametrize("distribution", ["gaussian", "orthonormal"])
+def test_grad_norm_estimates_the_true_norm_where_the_decompressed_one_is_inflated(distribution):
+    """Over many cycles (a fresh projection each) the mean of grad_norm**2 is the true
+    accumulated gradient's squared norm; the decompressed gradient's is ~(1 + (d+1)/r) x."""
+    model = make_model()
+    batches = make_batches(TAU)
+    plain_cycle(model, batches)
+    true_sq = sum(float(p.grad.double().square().sum()) for p in model.parameters())
+    model.zero_grad()
+    acc = GradientAccumulator(model, TAU, rank=2, distribution=distribution)
+    est_sq, dec_sq = [], []
+    for _ in range(300):  # the same micro-batches every cycle: only the projection changes
+        acc_cycle(model, acc, batches)
+        est_sq.append(float(acc.grad_norm) ** 2)
+        dec_sq.append(sum(float(p.grad.double().square().sum()) for p in model.parameters()))
+        model.zero_grad()
+    mean_est = sum(est_sq) / len(est_sq)
+    assert abs(mean_est / true_sq - 1) < 0.1  # unbiased (seeded: the same draws every run)
+    assert sum(dec_sq) / len(dec_sq) / true_sq > 2.0  # rank 2 of dims 12-16: inflated
+
+
+def test_max_grad_norm_clips_with_the_estimate():
+    model, ref = make_model(), make_model()
+    batches = make_batches(TAU)
+    acc = GradientAccumulator(model, TAU, rank=2, max_grad_norm=0.01)
+    free = GradientAccumulator(ref, TAU, rank=2)  # the same projections, no clipping
+    acc_cycle(model, acc, batches)
+    acc_cycle(ref, free, batches)
+    coef = 0.01 / (float(free.grad_norm) + 1e-6)
+    assert coef < 1 and float(acc.grad_norm) == float(free.grad_norm)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad * coef, rtol=1e-5, atol=1e-9)
+    big = GradientAccumulator(make_model(), TAU, rank=2, max_grad_norm=1e9)  # no-op when above
+    assert big.max_grad_norm == 1e9
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(max_grad_norm=0.0), ValueError, "max_grad_norm must be > 0"),
+        (dict(max_grad_norm="1"), TypeError, "max_grad_norm must be a number"),
+        (dict(max_grad_norm=True), TypeError, "max_grad_norm must be a number"),
+    ],
+)
+def test_max_grad_norm_bad_values(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        GradientAccumulator(make_model(), TAU, rank=2, **kwargs)
+
+
+def test_max_grad_norm_is_refused_with_step_in_backward():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="max_grad_norm needs every gradient"):
+        GradientAccumulator(model, TAU, rank=2, optimizer=opt, step_in_backward=True,
+                            max_grad_norm=1.0)  # fmt: skip

@@ -64,3 +64,15 @@ def test_run_reports_best_lr_and_keeps_every_run():
     kappa = lm.run_kappa(replace(cfg, kappas=(1, 1000)), name="k")
     assert [r["kappa"] for r in kappa.rows] == [1, 1000]
     assert [r["resamples"] for r in kappa.rows] == [2, 0]
+
+
+def test_study_forms_build_the_optimizer_they_name():
+    import flora
+    from flora_experiments.lm import FLORA_FORMS, LMConfig, build
+
+    cfg = LMConfig(hidden=32, layers=1, heads=2, intermediate=64, seq=16, rank=4)
+    for name, options in FLORA_FORMS.items():
+        _, opt = build(name, cfg, 1e-3)
+        expected = flora.FloraAdamW if name.startswith("flora-adamw") else flora.Flora
+        assert type(opt) is expected, name
+        assert all(opt.param_groups[0][k] == v for k, v in options.items()), name

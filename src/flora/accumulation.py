@@ -70,6 +70,20 @@ from flora.state_plan import Plan, PlanRow
 
 __all__ = ["AccumulationMemory", "GradientAccumulator"]
 
+
+def _norm(t: Tensor) -> Tensor:
+    """The 2-norm, in float32 for half-precision tensors."""
+    half = t.dtype in (torch.float16, torch.bfloat16)
+    return torch.linalg.vector_norm(t, dtype=torch.float32 if half else None)
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
 STREAM = "accumulation"
 REDUCTIONS = ("sum", "mean")
 _STATE_VERSION = 1
@@ -175,6 +189,12 @@ class GradientAccumulator:
         step_in_backward: step each parameter in its hook on the last micro-batch.
         max_param_grad_norm: step-in-backward only: clip each parameter's gradient to this
             norm (per parameter; global clipping is impossible in this mode).
+        max_grad_norm: at the end of each cycle, scale every ``p.grad`` by
+            ``min(1, max_grad_norm / grad_norm)``, with ``grad_norm`` the estimate of the
+            *true* norm (:attr:`grad_norm`). Prefer it to ``torch.nn.utils.clip_grad_norm_``
+            on the decompressed gradient, whose norm is larger than the true one by about
+            ``sqrt(1 + (d+1)/r)``. Not with
+            ``step_in_backward``.
         is_last_micro_batch: for training loops you do not write (Hugging Face ``Trainer``,
             ``accelerate``): instead of ``micro_batch()``, each backward pass is a micro-batch,
             and this callable, asked when the backward pass reaches the first parameter,
@@ -184,12 +204,11 @@ class GradientAccumulator:
 
     Use (wrap forward *and* backward, as with ``DistributedDataParallel.no_sync``)::
 
-        acc = GradientAccumulator(model, steps=16, rank=32)
+        acc = GradientAccumulator(model, steps=16, rank=32, max_grad_norm=1.0)
         for i, batch in enumerate(loader):
             with acc.micro_batch(last=i == len(loader) - 1):
                 (loss_fn(model(batch)) / 16).backward()
-            if acc.sync_gradients:  # p.grad holds the decompressed sum
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if acc.sync_gradients:  # p.grad: the decompressed sum, clipped by acc.grad_norm
                 optimizer.step()
                 optimizer.zero_grad()
     """
@@ -211,6 +230,7 @@ class GradientAccumulator:
         step_in_backward: bool = False,
         max_param_grad_norm: float | None = None,
         is_last_micro_batch: Callable[[], bool] | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise TypeError(f"steps must be an int, got {type(steps).__name__}")
@@ -240,18 +260,17 @@ class GradientAccumulator:
         if max_param_grad_norm is not None:
             if not step_in_backward:
                 raise ValueError(
-                    "max_param_grad_norm is for step_in_backward=True; otherwise clip p.grad "
-                    "with torch.nn.utils.clip_grad_norm_ after the cycle"
+                    "max_param_grad_norm is for step_in_backward=True; otherwise use max_grad_norm "
+                    "(global clipping with the true-norm estimate)"
                 )
-            if isinstance(max_param_grad_norm, bool) or not isinstance(
-                max_param_grad_norm, (int, float)
-            ):
-                raise TypeError(
-                    "max_param_grad_norm must be a number, got "
-                    f"{type(max_param_grad_norm).__name__}"
+            _check_positive("max_param_grad_norm", max_param_grad_norm)
+        if max_grad_norm is not None:
+            if step_in_backward:
+                raise ValueError(
+                    "max_grad_norm needs every gradient before the first update, which "
+                    "step_in_backward=True does not have: use max_param_grad_norm"
                 )
-            if not max_param_grad_norm > 0:
-                raise ValueError(f"max_param_grad_norm must be > 0, got {max_param_grad_norm}")
+            _check_positive("max_grad_norm", max_grad_norm)
         if is_last_micro_batch is not None and not callable(is_last_micro_batch):
             raise TypeError("is_last_micro_batch must be a callable returning a bool")
         patterns = compile_patterns(
@@ -280,6 +299,7 @@ class GradientAccumulator:
         self.cache_projection = cache_projection
         self.optimizer, self.step_in_backward = optimizer, step_in_backward
         self.max_param_grad_norm = max_param_grad_norm
+        self.max_grad_norm = max_grad_norm
         self.is_last_micro_batch = is_last_micro_batch
 
         self._slots: list[_Slot] = []
@@ -307,6 +327,8 @@ class GradientAccumulator:
         self.position = 0  #: micro-batches done in the current cycle
         self.sync_gradients = False  #: True right after a micro-batch that ended a cycle
         self.last_grad_norm: Tensor | None = None  #: step-in-backward: global norm of G-hat
+        #: estimate of the true global norm of the last cycle's accumulated gradient (below)
+        self.grad_norm: Tensor | None = None
         self.last_communicated_bytes = 0  #: bytes all-reduced at the end of the last cycle
         self._active = False
         self._last = False
@@ -544,12 +566,37 @@ class GradientAccumulator:
         p.grad = None
         s.stepped = True
 
+    def _true_norm_estimate(self, count: int) -> Tensor | None:
+        r"""sqrt of an unbiased estimate of the accumulated gradient's squared norm: the
+        compressed buffers' :math:`\lVert C\rVert^2` (as :math:`\mathbb{E}[A^\top A] = I`,
+        :math:`\mathbb{E}\lVert A G\rVert^2 = \lVert G\rVert^2`) plus the uncompressed
+        gradients' squared norms."""
+        parts = []
+        for s in self._slots:
+            if s.compressed:
+                if s.buffer is not None and (s.seen or self._group is not None):
+                    parts.append(_norm(s.buffer))
+            elif self.step_in_backward:
+                if s.buffer is not None:
+                    parts.append(_norm(s.buffer))
+            elif s.param.grad is not None:
+                parts.append(_norm(s.param.grad))
+        if not parts:
+            return None
+        devices = {t.device for t in parts}
+        device = next(iter(devices)) if len(devices) == 1 else torch.device("cpu")
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in parts) else torch.float32
+        sq = torch.stack([t.to(device, dtype) for t in parts]).square().sum()
+        return sq.sqrt() / count if self.reduction == "mean" else sq.sqrt()
+
     @torch.no_grad()
     def _finish(self) -> None:
         count = self.position
         self.last_communicated_bytes = 0
         if self._group is not None:
             self._all_reduce()
+        if not self.step_in_backward:  # (in that mode some parameters are already stepped)
+            self.grad_norm = self._true_norm_estimate(count)
         for s in self._slots:
             p = s.param
             if s.stepped:
@@ -566,6 +613,11 @@ class GradientAccumulator:
                 p.grad.mul_(1.0 / count)
         if self.step_in_backward and self._norm_sq is not None:
             self.last_grad_norm = self._norm_sq.sqrt()
+        if self.max_grad_norm is not None and self.grad_norm is not None:
+            coef = (self.max_grad_norm / (self.grad_norm + 1e-6)).clamp(max=1.0)
+            for s in self._slots:
+                if s.param.grad is not None:
+                    s.param.grad.mul_(coef.to(s.param.grad.device, s.param.grad.dtype))
         self._release()
         self.cycle += 1
         self.position = 0

@@ -39,6 +39,8 @@ class Probe(transformers.TrainerCallback):
     """Records, just before each optimizer step, the norm of the gradient the step sees."""
 
     def __init__(self) -> None:
+        self.callback: FloraAccumulationCallback | None = None  # set once the Trainer exists
+        self.estimates: list[float] = []
         self.norms: list[float] = []
         self.missing: list[int] = []
         self.mid_cycle_full: list[int] = []
@@ -51,10 +53,15 @@ class Probe(transformers.TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         grads = [p.grad for p in model.parameters()]
         self.missing.append(sum(g is None for g in grads))
+        if self.callback is not None and self.callback.accumulator is not None:
+            self.estimates.append(float(self.callback.accumulator.grad_norm))
         self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
 
 
-def make_trainer(tmp_path, *, max_grad_norm, epochs=2, save_steps=1000, probe=None, route="create"):
+def make_trainer(
+    tmp_path, *, max_grad_norm, epochs=2, save_steps=1000, probe=None, route="create",
+    clip="estimate",
+):  # fmt: skip
     model = tiny_model()
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
@@ -72,7 +79,9 @@ def make_trainer(tmp_path, *, max_grad_norm, epochs=2, save_steps=1000, probe=No
         data_seed=0,
         disable_tqdm=True,
     )
-    callbacks = [FloraAccumulationCallback(rank=4)] + ([probe] if probe else [])
+    callbacks = [FloraAccumulationCallback(rank=4, clip=clip)] + ([probe] if probe else [])
+    if probe is not None:
+        probe.callback = callbacks[0]
     if route == "cls":  # the Trainer's own factory: it builds the optimizer from its groups
         trainer = transformers.Trainer(
             model=model,
@@ -106,9 +115,11 @@ def test_trainer_with_compressed_accumulation_logs_the_true_grad_norm(tmp_path):
     assert trainer.state.global_step == 9  # 3 cycles per epoch, the last one of 2 micro-batches
     assert probe.missing == [0] * 9  # every gradient was decompressed before the step
     assert probe.mid_cycle_full == [0] * (3 * 8 - 9)  # ... and compressed between steps
-    for log, norm in zip(logs, probe.norms, strict=True):
-        assert log["grad_norm"] > 0
-        assert math.isclose(log["grad_norm"], norm, rel_tol=1e-4)
+    for log, norm, estimate in zip(logs, probe.norms, probe.estimates, strict=True):
+        # logged: the true-norm estimate, and the norm of the gradient the step used
+        assert math.isclose(log["grad_norm"], estimate, rel_tol=1e-6)
+        assert math.isclose(log["grad_norm_decompressed"], norm, rel_tol=1e-4)
+        assert 0 < log["grad_norm"] < norm  # rank 4: the decompressed norm is inflated
     losses = [h["loss"] for h in logs]
     assert losses[-1] < losses[0]
     # the attention/MLP matrices were compressed by both the optimizer and the accumulator
@@ -121,13 +132,33 @@ def test_trainer_with_compressed_accumulation_logs_the_true_grad_norm(tmp_path):
     assert True in groups
 
 
-def test_trainer_clips_the_decompressed_gradient(tmp_path):
+def test_trainer_clips_with_the_true_norm_estimate(tmp_path):
+    free, clipped = Probe(), Probe()
+    make_trainer(tmp_path / "a", max_grad_norm=1e9, epochs=1, probe=free)[0].train()
+    trainer, _, _ = make_trainer(tmp_path / "b", max_grad_norm=0.05, epochs=1, probe=clipped)
+    trainer.train()
+    assert trainer.args.max_grad_norm == 0.05  # restored after the run
+    logs = [h for h in trainer.state.log_history if "grad_norm" in h]
+    assert all(h["grad_norm"] > 0.05 for h in logs)  # the pre-clip estimate is logged
+    # first step (same weights and data in both runs): the step saw the decompressed
+    # gradient scaled by 0.05 / estimate, not by 0.05 / its own (inflated) norm
+    assert math.isclose(clipped.estimates[0], free.estimates[0], rel_tol=1e-6)
+    expected = free.norms[0] * 0.05 / (free.estimates[0] + 1e-6)
+    assert math.isclose(clipped.norms[0], expected, rel_tol=1e-4)
+    assert clipped.norms[0] > 0.05  # clipping the inflated norm would have given 0.05
+
+
+def test_clip_decompressed_leaves_clipping_to_the_trainer(tmp_path):
     probe = Probe()
-    trainer, _, _ = make_trainer(tmp_path, max_grad_norm=0.05, epochs=1, probe=probe)
+    trainer, _, _ = make_trainer(
+        tmp_path, max_grad_norm=0.05, epochs=1, probe=probe, clip="decompressed"
+    )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "grad_norm" in h]
-    assert all(h["grad_norm"] > 0.05 for h in logs)  # the true (pre-clip) norm is logged
-    assert all(n <= 0.05 * (1 + 1e-4) for n in probe.norms)  # the step saw clipped gradients
+    assert all(h["grad_norm"] > 0.05 and "grad_norm_decompressed" not in h for h in logs)
+    assert all(n <= 0.05 * (1 + 1e-4) for n in probe.norms)  # the Trainer clipped
+    with pytest.raises(ValueError, match="clip must be"):
+        FloraAccumulationCallback(clip="true")
 
 
 @pytest.mark.parametrize("route", ["create", "cls"])

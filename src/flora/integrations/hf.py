@@ -17,8 +17,15 @@ The optimizer takes ``learning_rate``, ``weight_decay``, ``adam_beta1``/``adam_b
 callback compresses gradient accumulation when ``gradient_accumulation_steps > 1``: each
 backward pass is a micro-batch, and accelerate's ``sync_gradients`` flag (which the Trainer sets
 before every micro-batch, including the shorter last accumulation of an epoch) ends the cycle.
-The decompressed gradient is in ``p.grad`` when the Trainer clips it (``max_grad_norm``), so the
-logged ``grad_norm`` is the true norm. Checkpoints need nothing extra: the Trainer saves at cycle
+The decompressed gradient is in ``p.grad`` when the cycle ends. Its norm is larger than the
+true accumulated gradient's by about ``sqrt(1 + (d+1)/r)``, so by default
+(``clip="estimate"``) the callback clips instead of the Trainer: it hands ``max_grad_norm`` to
+the accumulator, which scales the gradients by ``min(1, max_grad_norm / grad_norm)`` with an
+unbiased estimate of the true squared norm (:attr:`GradientAccumulator.grad_norm`), sets the
+Trainer's ``max_grad_norm`` to 0 for the run (restored at its end), and logs that estimate as
+``grad_norm`` (the Trainer's figure, the norm of the decompressed gradient the optimizer
+steps with, as ``grad_norm_decompressed``). ``clip="decompressed"`` leaves clipping and
+logging to the Trainer. Checkpoints need nothing extra: the Trainer saves at cycle
 boundaries, and the callback sets the cycle counter (which selects the projections) to the
 resumed ``global_step``. Not supported: compressed accumulation under multi-process DDP in the
 Trainer (use :class:`flora.GradientAccumulator` with the DDP module in your own loop).
@@ -136,9 +143,14 @@ def _callback_base() -> type:
 class FloraAccumulationCallback(_callback_base()):  # type: ignore[misc]
     """Compressed gradient accumulation inside ``transformers.Trainer`` (see module doc)."""
 
-    def __init__(self, rank: int = 32, seed: int = 0, **options: Any) -> None:
-        self.rank, self.seed, self.options = rank, seed, options
+    def __init__(
+        self, rank: int = 32, seed: int = 0, clip: str = "estimate", **options: Any
+    ) -> None:
+        if clip not in ("estimate", "decompressed"):
+            raise ValueError(f"clip must be 'estimate' or 'decompressed', got {clip!r}")
+        self.rank, self.seed, self.clip, self.options = rank, seed, clip, options
         self.accumulator: GradientAccumulator | None = None
+        self._trainer_max_grad_norm: float | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if args.gradient_accumulation_steps <= 1 or model is None:
@@ -149,6 +161,11 @@ class FloraAccumulationCallback(_callback_base()):  # type: ignore[misc]
                 "FloraAccumulationCallback does not support multi-process training yet; "
                 "use flora.GradientAccumulator(ddp_model, ...) in your own loop"
             )
+        options = dict(self.options)
+        if self.clip == "estimate" and args.max_grad_norm and args.max_grad_norm > 0:
+            self._trainer_max_grad_norm = args.max_grad_norm
+            args.max_grad_norm = 0.0  # the accumulator clips, with the true-norm estimate
+            options["max_grad_norm"] = self._trainer_max_grad_norm
         if self.accumulator is None:
             self.accumulator = GradientAccumulator(
                 model,
@@ -156,11 +173,26 @@ class FloraAccumulationCallback(_callback_base()):  # type: ignore[misc]
                 rank=self.rank,
                 seed=self.seed,
                 is_last_micro_batch=accelerate_sync(),
-                **self.options,
+                **options,
             )
         self.accumulator.cycle = state.global_step  # the projections of a resumed run
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        acc = self.accumulator
+        if self.clip != "estimate" or acc is None or acc.grad_norm is None or not logs:
+            return
+        if "grad_norm" in logs:
+            entries = [logs]
+            if state.log_history and state.log_history[-1].get("grad_norm") == logs["grad_norm"]:
+                entries.append(state.log_history[-1])  # the Trainer's copy, already stored
+            for entry in entries:
+                entry["grad_norm_decompressed"] = entry["grad_norm"]
+                entry["grad_norm"] = float(acc.grad_norm)
+
     def on_train_end(self, args, state, control, **kwargs):
+        if self._trainer_max_grad_norm is not None:
+            args.max_grad_norm = self._trainer_max_grad_norm
+            self._trainer_max_grad_norm = None
         if self.accumulator is not None:
             self.accumulator.remove()
             self.accumulator = None

@@ -35,7 +35,7 @@ def run(rank, kappa, beta, us, distribution="orthonormal", overwrite=False):
     return out, momentum, norms
 
 
-@pytest.mark.parametrize("distribution", ["orthonormal", "gaussian", "rademacher"])
+@pytest.mark.parametrize("distribution", ["orthonormal", "coordinates", "gaussian", "rademacher"])
 def test_no_momentum_gives_the_update_itself(distribution):
     us = updates(7)
     out, _, _ = run(4, 3, 0.0, us, distribution)
@@ -43,9 +43,10 @@ def test_no_momentum_gives_the_update_itself(distribution):
         torch.testing.assert_close(d, u, rtol=0, atol=1e-12)
 
 
-def test_full_rank_orthonormal_is_the_full_momentum_across_windows():
+@pytest.mark.parametrize("distribution", ["orthonormal", "coordinates"])
+def test_full_rank_orthonormal_is_the_full_momentum_across_windows(distribution):
     us = updates(9)
-    out, _, _ = run(D, 2, 0.9, us)  # rank d: P is sqrt(1) * an orthogonal matrix
+    out, _, _ = run(D, 2, 0.9, us, distribution)  # rank d: P is an orthogonal matrix
     m = torch.zeros(D, N, dtype=torch.float64)
     for d, u in zip(out, us, strict=True):
         m = 0.9 * m + 0.1 * u

@@ -190,3 +190,23 @@ def test_orthonormal_rows_are_exactly_orthogonal_and_unbiased():
     assert (mean - torch.eye(16, dtype=torch.float64)).abs().max() < 0.2
     with pytest.raises(ValueError, match="rank <= dim"):
         projection_matrix(8, 4, seed=0, key=KEY, window=0, distribution="orthonormal")
+
+
+def test_coordinate_rows_select_distinct_coordinates():
+    def p(window, rank=5, dim=16):
+        return projection_matrix(rank, dim, seed=0, key=KEY, window=window,
+                                 distribution="coordinates", dtype=torch.float64)  # fmt: skip
+
+    a = p(0)
+    nonzero = a.nonzero()
+    assert nonzero.shape == (5, 2) and nonzero[:, 0].tolist() == [0, 1, 2, 3, 4]
+    cols = nonzero[:, 1].tolist()
+    assert cols == sorted(set(cols))  # distinct, increasing
+    assert torch.all(a[a != 0] == (16 / 5) ** 0.5)
+    torch.testing.assert_close(a @ a.T, (16 / 5) * torch.eye(5, dtype=torch.float64))
+    assert torch.equal(a, p(0)) and not torch.equal(a, p(1))
+    # every coordinate is chosen with probability r/d, so E[P^T P] = I
+    counts = sum((p(w) != 0).sum(dim=0) for w in range(800)).double() / 800
+    assert (counts - 5 / 16).abs().max() < 0.06  # 4 sigma of a binomial(800, 5/16) mean
+    full = p(0, rank=16)
+    assert torch.equal(full, torch.eye(16, dtype=torch.float64))

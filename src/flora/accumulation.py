@@ -178,8 +178,8 @@ class GradientAccumulator:
         compress: ``False`` turns compression off (plain accumulation).
         exclude: regex(es) of parameter names never compressed.
         side: ``"auto"`` (compress the smaller dimension), ``"left"`` or ``"right"``.
-        distribution: the projection family, ``"gaussian"`` (paper), ``"rademacher"`` or
-            ``"orthonormal"`` (:mod:`flora.projection`).
+        distribution: the projection family, ``"gaussian"`` (paper), ``"rademacher"``,
+            ``"orthonormal"`` or ``"coordinates"`` (:mod:`flora.projection`).
         reduction: ``"sum"`` (PyTorch convention: ``p.grad`` is the sum of the micro-batch
             gradients; scale the loss by ``1/steps``) or ``"mean"`` (divide by the number of
             micro-batches in the cycle).
@@ -223,7 +223,7 @@ class GradientAccumulator:
         compress: bool = True,
         exclude: str | Iterable[str] | None = None,
         side: Literal["auto", "left", "right"] = "auto",
-        distribution: Literal["gaussian", "rademacher", "orthonormal"] = "gaussian",
+        distribution: Literal["gaussian", "rademacher", "orthonormal", "coordinates"] = "gaussian",
         reduction: Literal["sum", "mean"] = "sum",
         cache_projection: bool = False,
         optimizer: Optimizer | None = None,

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flora.projection import DISTRIBUTIONS
+from flora.projection import DISTRIBUTIONS, ORTHONORMAL
 
 __all__ = [
     "SIDES",
@@ -155,7 +155,7 @@ def momentum_growth(
 ) -> float:
     r"""How much a compressed momentum's noise can grow per window: :math:`\beta_1^\kappa
     \sqrt{1 + (d+1)/r}`, or :math:`\beta_1^\kappa` for ``variant="subspace"`` with an
-    orthonormal projection.
+    orthonormal projection (``"orthonormal"`` or ``"coordinates"``).
 
     Each transfer to a new projection multiplies the stale momentum's error by about
     :math:`\sqrt{1 + (d+1)/r}` (``d`` the compressed dimension, ``r`` the rank) while the
@@ -164,7 +164,7 @@ def momentum_growth(
     subspace variant's transfer with an orthonormal projection is an orthogonal projection
     (:mod:`flora.momentum`), which never inflates the momentum.
     """
-    if variant == "subspace" and distribution == "orthonormal":
+    if variant == "subspace" and distribution in ORTHONORMAL:
         return float(beta1) ** kappa
     return float(beta1) ** kappa * math.sqrt(1 + (dim + 1) / rank)
 

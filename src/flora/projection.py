@@ -10,7 +10,12 @@ A projection is a matrix :math:`P \in \mathbb{R}^{r \times d}` with
   :math:`\operatorname{diag} R > 0`, which makes the row space Haar-distributed), so
   :math:`P P^\top = (d/r) I_r` exactly and :math:`(r/d) P^\top P` is the orthogonal projector
   onto the row space. Needs :math:`r \le d`. The QR runs in float64 on the projection's
-  device, so CPU and CUDA agree to float64 rounding (not bit for bit as the other two).
+  device, so CPU and CUDA agree to float64 rounding (not bit for bit as the others);
+* ``"coordinates"``: :math:`P = \sqrt{d/r}\, S` with :math:`S` the rows of the identity at
+  ``r`` distinct coordinates drawn without replacement (the first ``r`` of a keyed
+  permutation of ``0..d-1``, in increasing order): orthonormal like the previous family,
+  integer-exact on every device, and its subspace is ``r`` whole rows (or columns) of the
+  matrix. Needs :math:`r \le d`.
 
 It is a **pure function** of
 
@@ -52,6 +57,7 @@ from torch import Tensor
 
 __all__ = [
     "DISTRIBUTIONS",
+    "ORTHONORMAL",
     "SIDES",
     "down",
     "parameter_key",
@@ -61,9 +67,11 @@ __all__ = [
 ]
 
 Side = Literal["left", "right"]
-Distribution = Literal["gaussian", "rademacher", "orthonormal"]
+Distribution = Literal["gaussian", "rademacher", "orthonormal", "coordinates"]
 SIDES: tuple[str, ...] = ("left", "right")
-DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher", "orthonormal")
+DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher", "orthonormal", "coordinates")
+#: families whose rows are orthogonal with P P^T = (d/r) I exactly
+ORTHONORMAL: tuple[str, ...] = ("orthonormal", "coordinates")
 
 _MASK32 = 0xFFFFFFFF
 # Odd multiplier < 2**31: a 32-bit value times it stays below 2**59, so int64 never overflows
@@ -157,8 +165,15 @@ def projection_matrix(
         bits = _hash(torch.arange(numel, dtype=torch.int64, device=device), k0, k1) >> 31
         signs = 1.0 - 2.0 * bits.to(torch.float64)
         return (signs * (1.0 / math.sqrt(rank))).to(dtype).view(rank, dim)
-    if distribution == "orthonormal" and rank > dim:
+    if distribution in ORTHONORMAL and rank > dim:
         raise ValueError(f"an orthonormal projection needs rank <= dim, got {rank} > {dim}")
+    if distribution == "coordinates":
+        # _hash is a bijection of 32-bit counters, so the keys of 0..d-1 are distinct
+        order = torch.argsort(_hash(torch.arange(dim, dtype=torch.int64, device=device), k0, k1))
+        chosen = order[:rank].sort().values
+        p = torch.zeros(rank, dim, dtype=torch.float64, device=device)
+        p[torch.arange(rank, device=device), chosen] = math.sqrt(dim / rank)
+        return p.to(dtype)
     pairs = (numel + 1) // 2
     counter = torch.arange(pairs, dtype=torch.int64, device=device)
     u1 = _hash(counter, k0, k1).to(torch.float64).add_(0.5).mul_(2.0**-32)  # (0, 1)

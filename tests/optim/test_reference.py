@@ -57,6 +57,7 @@ VARIANTS = [  # (momentum_variant, distribution)
     ("history", "gaussian"),
     ("paper", "gaussian"),
     ("subspace", "orthonormal"),
+    ("subspace", "coordinates"),
     ("subspace", "gaussian"),
 ]
 

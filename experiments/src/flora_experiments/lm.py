@@ -13,8 +13,9 @@ Optimizers (``OPTIMIZERS``):
   ``linear-momentum`` / ``flora-linear`` — the same with a full-size second moment
   (``factor_second_moment=False``, Table 4's linear-memory base) and full-size / compressed
   momentum; ``flora-adamw`` — ``flora.FloraAdamW`` (AdamW base);
-* ``flora-subspace`` / ``flora-subspace-gaussian`` — ``flora.Flora`` with
-  ``momentum_variant="subspace"`` and an orthonormal / Gaussian projection;
+* ``flora-subspace`` / ``flora-subspace-coords`` / ``flora-subspace-gaussian`` —
+  ``flora.Flora`` with ``momentum_variant="subspace"`` and an orthonormal / coordinate /
+  Gaussian projection;
   ``flora-orthonormal`` — the default variant with an orthonormal projection;
   ``flora-adamw-subspace`` — ``flora.FloraAdamW`` with the subspace variant (``FLORA_FORMS``);
 * ``flora-opt`` — the official ``flora_opt.Flora`` (rank ``r``, ``beta1=0.9``);
@@ -57,6 +58,7 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
     "flora-adamw": ("flora", ADAM_LRS),
     "flora-subspace": ("flora (subspace momentum, orthonormal)", ADAFACTOR_LRS),
     "flora-subspace-gaussian": ("flora (subspace momentum, gaussian)", ADAFACTOR_LRS),
+    "flora-subspace-coords": ("flora (subspace momentum, coordinates)", ADAFACTOR_LRS),
     "flora-orthonormal": ("flora (orthonormal projection)", ADAFACTOR_LRS),
     "flora-adamw-subspace": ("flora (subspace momentum, orthonormal)", ADAM_LRS),
     "linear-momentum": ("flora (compress=False, factor_second_moment=False)", ADAFACTOR_LRS),
@@ -72,6 +74,7 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
 FLORA_FORMS: dict[str, dict[str, str]] = {
     "flora-subspace": {"momentum_variant": "subspace", "distribution": "orthonormal"},
     "flora-subspace-gaussian": {"momentum_variant": "subspace", "distribution": "gaussian"},
+    "flora-subspace-coords": {"momentum_variant": "subspace", "distribution": "coordinates"},
     "flora-orthonormal": {"distribution": "orthonormal"},
     "flora-adamw-subspace": {"momentum_variant": "subspace", "distribution": "orthonormal"},
 }

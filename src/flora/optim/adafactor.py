@@ -263,8 +263,8 @@ class Flora(FloraOptimizerBase):
         momentum_variant: ``"history"`` (default), ``"paper"`` (Algorithm 2 as printed) or
             ``"subspace"`` (momentum inside the projection's subspace, the exact update
             outside it; best with ``distribution="orthonormal"``); see :mod:`flora.momentum`.
-        distribution: the projection family, ``"gaussian"`` (paper), ``"rademacher"`` or
-            ``"orthonormal"``; see :mod:`flora.projection`.
+        distribution: the projection family, ``"gaussian"`` (paper), ``"rademacher"``,
+            ``"orthonormal"`` or ``"coordinates"``; see :mod:`flora.projection`.
         nonfinite: what a NaN/Inf gradient does, decided for the whole step before any
             update: ``"skip"`` (default, GradScaler's convention: the whole step is skipped,
             a ``RuntimeWarning`` is issued and ``optimizer.skipped_steps`` counts it),

@@ -67,7 +67,8 @@ class CompressedMomentum:
                 self.window = window
             self.m = b * self.m + (1 - b) * _down(u, a_new, self.side)
             in_subspace = c * _up(_down(u, a_new, self.side), a_new, self.side)
-            return u - in_subspace + c * _up(self.m, a_new, self.side)
+            self.parts = (u - in_subspace, c * _up(self.m, a_new, self.side))
+            return self.parts[0] + self.parts[1]
         if self.variant == "history":
             direction = (1 - b) * u + b * _up(self.m, a_old, self.side)
         if window != self.window:  # "if t is a multiple of kappa": transfer M <- A'(A^T M)
@@ -150,7 +151,11 @@ def flora_adamw(
             v = torch.outer(r, c) / float(r.mean())
         else:
             v = beta2 * v + (1 - beta2) * g * g
-        m_hat = m / (1 - beta1**t)
+        if getattr(momentum, "variant", None) == "subspace" and momentum.side is not None:
+            remainder, in_subspace = momentum.parts  # bias-correct the momentum term only
+            m_hat = remainder + in_subspace / (1 - beta1**t)
+        else:
+            m_hat = m / (1 - beta1**t)
         v_hat = v / (1 - beta2**t)
         theta = theta - lr * m_hat / (torch.sqrt(v_hat) + eps)
     return theta

@@ -75,12 +75,17 @@ def compressed_ema_(
     variant: str = "history",
     scale: float = 1.0,
     overwrite: bool = False,
+    momentum_scale: float = 1.0,
 ) -> Tensor:
     r"""Advance the compressed momentum by one step and return the direction ``d_t`` (m, n).
 
     ``u_t = scale * update`` (the scale lets a caller fold a clipping factor into the
     products). With ``overwrite=True`` the direction is written into ``update`` and no
     temporary of the parameter's size is allocated; otherwise ``update`` is left untouched.
+
+    ``momentum_scale`` (subspace variant only) weighs the momentum term of the direction,
+    :math:`d_t = (I - \Pi) u_t + k\,c\operatorname{up}(M)`; ``FloraAdamW`` passes its bias
+    correction :math:`k = 1/(1 - \beta_1^t)` there, so that it applies to the momentum only.
 
     The momentum is transferred to a new basis exactly when ``proj_next`` is given; passing
     the current projection again (even an equal copy) would transfer it to itself, which is
@@ -90,6 +95,8 @@ def compressed_ema_(
         raise ValueError(f"momentum_variant must be one of {VARIANTS}, got {variant!r}")
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if momentum_scale != 1.0 and variant != "subspace":
+        raise ValueError("momentum_scale applies to variant='subspace' only")
     resampled = proj_next is not None
     proj_old = proj
     proj_new = proj_next if proj_next is not None else proj
@@ -112,7 +119,7 @@ def compressed_ema_(
             momentum.copy_(transfer(momentum, proj_old, proj_new, side)).mul_(shrink)
         fresh = down(update, proj_new, side)  # P' U
         momentum.mul_(beta).add_(fresh, alpha=w_new)
-        residual = fresh.mul_(-scale).add_(momentum)  # M - down(u_t), small
+        residual = fresh.mul_(-scale).add_(momentum, alpha=momentum_scale)  # kM - down(u_t)
         a, b = (proj_new.T, residual) if left else (residual, proj_new)
         if overwrite:
             return _mm_into(update, a, b, beta=scale, alpha=shrink)

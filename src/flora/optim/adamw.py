@@ -17,8 +17,11 @@ With compression off (``compress=False``, or for vectors) the first moment is th
 ``torch.optim.AdamW``'s, bit for bit in float32 on CPU. ``beta1 = 0`` keeps no first moment.
 
 Deviations, stated: the bias correction :math:`1/(1-\beta_1^t)` is applied to the decompressed
-momentum, which is unbiased for the uncompressed one (:math:`\mathbb{E}[P^\top P] = I`); the
-second moment always sees the exact gradient; ``amsgrad`` is not offered.
+momentum, which is unbiased for the uncompressed one (:math:`\mathbb{E}[P^\top P] = I`);
+with ``momentum_variant="subspace"`` it is applied to the momentum term only,
+:math:`\hat m_t = (I - \Pi) g_t + c\,\operatorname{up}(M_t)/(1 - \beta_1^t)`, since the
+remainder is the exact gradient (:mod:`flora.momentum`); the second moment always sees the
+exact gradient; ``amsgrad`` is not offered.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def flora_adamw_update_(
         exp_avg.lerp_(grad, 1 - beta1)
     else:
         proj, proj_next, side = projections
+        subspace = momentum_variant == "subspace"
         exp_avg = compressed_ema_(
             grad.reshape(param.shape[0], math.prod(param.shape[1:])),
             state["exp_avg"],
@@ -83,6 +87,9 @@ def flora_adamw_update_(
             proj_next=proj_next,
             side=side,
             variant=momentum_variant,
+            # the subspace variant's remainder is the exact gradient: bias-correct only the
+            # momentum term (below, the step then skips 1 / (1 - beta1^t))
+            momentum_scale=1 / (1 - beta1**step) if subspace else 1.0,
         ).view_as(param)
 
     if "exp_avg_sq" in state:
@@ -105,7 +112,8 @@ def flora_adamw_update_(
         exp_avg_sq = row_var @ col_var
         exp_avg_sq.div_(row_var_mean.clamp_(min=torch.finfo(grad.dtype).tiny))
 
-    bias_correction1 = 1 - beta1**step
+    corrected = projections is not None and beta1 != 0 and momentum_variant == "subspace"
+    bias_correction1 = 1.0 if corrected else 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     step_size = lr / bias_correction1
     bias_correction2_sqrt = bias_correction2**0.5

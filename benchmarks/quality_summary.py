@@ -1,0 +1,132 @@
+"""Summarise the quality study (issue 17): held-out loss against optimizer-state bytes.
+
+Reads every LM result of the study (``benchmarks/results/quality/lm_*.json``, plus the
+seed-0 peers of ``benchmarks/results/compare/lm_quick.json``, the same configuration),
+groups the rows by setting (width, steps) and optimizer, and writes
+``benchmarks/results/quality/summary.md`` (mean over seeds of each row's best-of-sweep loss,
+its spread, the gaps to full momentum and to APOLLO) and ``pareto.png`` (loss against state
+bytes for every row, the Pareto front of each setting drawn as a line).
+
+    python benchmarks/quality_summary.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "quality"
+EXTRA = [ROOT / "benchmarks" / "results" / "compare" / "lm_quick.json"]
+
+
+def setting_of(command: str) -> tuple[int, int]:
+    """(hidden width, steps) of a `flora-experiments lm --quick` command."""
+    steps = re.search(r"--steps (\d+)", command)
+    hidden = re.search(r"--set hidden=(\d+)", command)
+    return (int(hidden.group(1)) if hidden else 128, int(steps.group(1)) if steps else 200)
+
+
+def load() -> dict[tuple[int, int], dict[str, dict[int, dict]]]:
+    table: dict[tuple[int, int], dict[str, dict[int, dict]]] = {}
+    for path in sorted(RESULTS.glob("lm_*.json")) + EXTRA:
+        data = json.loads(path.read_text())
+        command, seed = data["env"]["command"], data["env"]["seed"]
+        if " lm " not in f" {command} " or "--quick" not in command:
+            continue
+        setting = setting_of(command)
+        for row in data["rows"]:
+            seen = table.setdefault(setting, {}).setdefault(row["optimizer"], {})
+            if seed in seen and not math.isclose(seen[seed]["val_loss"], row["val_loss"]):
+                raise SystemExit(f"{path.name}: {row['optimizer']} seed {seed} differs")
+            seen.setdefault(seed, {**row, "file": path.name})
+    return table
+
+
+def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    front, best = [], math.inf
+    for x, y, name in sorted(points):
+        if y < best:
+            front.append((x, y, name))
+            best = y
+    return front
+
+
+def main() -> None:
+    table = load()
+    lines = [
+        "# Quality study: held-out loss against optimizer-state bytes (LM benchmark)",
+        "",
+        "Reproduce: the commands in each JSON's `env.command` (listed below), then "
+        "`python benchmarks/quality_summary.py`.",
+        "",
+        "Each row's loss is its best over a step-size sweep widened past any edge; the mean "
+        "and the spread (max - min) are over the seeds run. Gaps are of the mean loss, in "
+        "percent: negative is better.",
+        "",
+    ]
+    plots = {}
+    for setting in sorted(table):
+        hidden, steps = setting
+        rows = table[setting]
+        means = {o: statistics.mean(r["val_loss"] for r in by.values()) for o, by in rows.items()}
+        ref = means.get("adafactor-momentum")
+        apollo = means.get("apollo")
+        lines += [
+            f"## width {hidden}, rank 32 (r/n = 1/{hidden // 32}), {steps} steps",
+            "",
+            "| optimizer | seeds | state bytes | held-out loss | spread | ppl | vs full momentum "
+            "| vs APOLLO | best lr per seed |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        points = []
+        for o in sorted(rows, key=lambda o: means[o]):
+            by = rows[o]
+            losses = [r["val_loss"] for r in by.values()]
+            state = next(iter(by.values()))["state_bytes"]
+            gap = f"{100 * (means[o] / ref - 1):+.2f}%" if ref else "-"
+            gap_a = f"{100 * (means[o] / apollo - 1):+.2f}%" if apollo else "-"
+            lrs = ", ".join(f"{s}: {r['lr']:g}{' (edge)' if r.get('lr_at_edge') else ''}"
+                            for s, r in sorted(by.items()))  # fmt: skip
+            lines.append(
+                f"| {o} | {len(by)} | {state:,} | {means[o]:.4f} | {max(losses) - min(losses):.4f} "
+                f"| {math.exp(means[o]):.3f} | {gap} | {gap_a} | {lrs} |"
+            )
+            points.append((float(state), means[o], o))
+        front = pareto(points)
+        lines += ["", "Pareto front (state, loss): " + ", ".join(n for _, _, n in front), ""]
+        plots[setting] = (points, front)
+    commands = sorted({json.loads(p.read_text())["env"]["command"]
+                       for p in sorted(RESULTS.glob("lm_*.json")) + EXTRA})  # fmt: skip
+    lines += ["Commands:", ""] + [f"- `{c}`" for c in commands] + ["", "![pareto](pareto.png)"]
+    (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
+    _plot(plots)
+    print("\n".join(lines))
+
+
+def _plot(plots) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(plots), figsize=(6 * len(plots), 4.5), squeeze=False)
+    for ax, ((hidden, steps), (points, front)) in zip(axes[0], sorted(plots.items()), strict=True):
+        for x, y, name in points:
+            ax.scatter(x, y, color="tab:red" if name.startswith("flora") else "tab:gray")
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel("optimizer state bytes")
+        ax.set_ylabel("held-out loss (nats/byte), mean over seeds")
+        ax.set_title(f"width {hidden}, rank 32, {steps} steps")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "pareto.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

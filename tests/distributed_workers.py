@@ -237,7 +237,9 @@ def dcp_roundtrip(rank: int, world: int, tmpdir: str, direction: str) -> None:
     _done(rank, tmpdir)
 
 
-FSDP_OPTIMIZERS = ("adamw", "adamw_factored", "flora", "flora_linear")
+FSDP_OPTIMIZERS = (
+    "adamw", "adamw_factored", "flora", "flora_linear", "flora_subspace", "adamw_subspace",
+)  # fmt: skip
 DATA_WORLD = 2  # the global batch of step t is batches[2t] + batches[2t + 1], at any world size
 
 
@@ -246,8 +248,10 @@ def make_fsdp_optimizer(kind: str, named_params, **extra):
     from flora import Flora, FloraAdamW
 
     common = dict(lr=1e-2, rank=4, kappa=2, weight_decay=0.1, **extra)
+    if kind.endswith("_subspace"):  # the subspace momentum with an orthonormal projection
+        common.update(momentum_variant="subspace", distribution="orthonormal")
     if kind.startswith("flora"):  # flora_linear: the unfactored (linear-memory) base
-        return Flora(named_params, factor_second_moment=kind == "flora", **common)
+        return Flora(named_params, factor_second_moment=kind != "flora_linear", **common)
     return FloraAdamW(named_params, factor_second_moment=kind == "adamw_factored", **common)
 
 

@@ -59,7 +59,7 @@ def test_fsdp2_equals_single_device_and_shards_the_state(fsdp_runs, kind):
     # head.weight (5 x 24) is split unevenly, 3 + 2 rows; its momentum is (rows, rank)
     assert ranks[0]["shapes"]["head.weight"]["exp_avg"] == (3, 4)
     assert ranks[1]["shapes"]["head.weight"]["exp_avg"] == (2, 4)
-    if kind in ("adamw_factored", "flora"):  # factored: row factor sharded, column factor whole
+    if kind in ("adamw_factored", "flora", "flora_subspace"):  # factored: rows split, columns whole
         assert ranks[1]["shapes"]["head.weight"]["row_var"] == (2, 1)
         assert ranks[1]["shapes"]["head.weight"]["col_var"] == (1, 24)
         assert ranks[1]["shapes"]["conv.weight"]["col_var"] == (8, 1, 3)  # 3-d: sharded

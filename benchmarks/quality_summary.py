@@ -38,8 +38,10 @@ def load() -> dict[tuple[int, int], dict[str, dict[int, dict]]]:
         if " lm " not in f" {command} " or "--quick" not in command:
             continue
         setting = setting_of(command)
+        kappa = re.search(r"--set kappa=(\d+)", command)  # a variant row, not a new setting
+        suffix = f" (kappa {kappa.group(1)})" if kappa else ""
         for row in data["rows"]:
-            seen = table.setdefault(setting, {}).setdefault(row["optimizer"], {})
+            seen = table.setdefault(setting, {}).setdefault(row["optimizer"] + suffix, {})
             if seed in seen and not math.isclose(seen[seed]["val_loss"], row["val_loss"]):
                 raise SystemExit(f"{path.name}: {row['optimizer']} seed {seed} differs")
             seen.setdefault(seed, {**row, "file": path.name})

@@ -15,7 +15,7 @@ by passing it —, otherwise :math:`P` itself) and
     M &\leftarrow \beta M + (1 - \beta)\operatorname{down}_{P'}(u_t)\\
     d_t &= \operatorname{up}_{P'}(M)
 
-``variant="history"`` (default; what flora-opt's PyTorch code does) — the newest term enters
+``variant="history"`` (what flora-opt's PyTorch code does) — the newest term enters
 exactly and only the history is compressed, which has the same expectation and less variance:
 
 .. math::
@@ -24,11 +24,11 @@ exactly and only the history is compressed, which has the same expectation and l
         \quad\text{(only when the window changes)}\\
     M &\leftarrow \beta M + (1 - \beta)\operatorname{down}_{P'}(u_t)
 
-``variant="subspace"`` — momentum only inside the projection's row space, the exact update
-outside it. With :math:`c = r/d` (``d`` the compressed dimension), :math:`c\,P^\top P` is
-the orthogonal projector :math:`\Pi` onto the row space when the projection is orthonormal
-(:mod:`flora.projection`), and the transfer is the projection of the old subspace's
-momentum onto the new one, which cannot inflate it:
+``variant="subspace"`` (the optimizers' default) — momentum only inside the projection's row
+space, the exact update outside it. With :math:`c = r/d` (``d`` the compressed dimension),
+:math:`c\,P^\top P` is the orthogonal projector :math:`\Pi` onto the row space when the
+projection is orthonormal (:mod:`flora.projection`), and the transfer is the projection of the
+old subspace's momentum onto the new one, which cannot inflate it:
 
 .. math::
     M &\leftarrow c\,\operatorname{transfer}_{P \to P'}(M)
@@ -72,7 +72,7 @@ def compressed_ema_(
     proj: Tensor,  # (r, m) left / (r, n) right: basis ``momentum`` is stored in
     proj_next: Tensor | None = None,  # same shape: the new window's basis, if it changes now
     side: str,
-    variant: str = "history",
+    variant: str = "subspace",
     scale: float = 1.0,
     overwrite: bool = False,
     momentum_scale: float = 1.0,

@@ -79,7 +79,10 @@ def test_compressed_momentum_equals_official_given_the_same_projections(monkeypa
     monkeypatch.setattr(base, "projection_matrix", ours_projection)
     monkeypatch.setattr(official_module, "stable_randn", official_randn)
     ours, theirs = _model(), _model()
-    opt = flora.Flora(ours.named_parameters(), lr=0.05, rank=4, kappa=kappa, eps=(1e-15, 1e-3))
+    opt = flora.Flora(
+        ours.named_parameters(), lr=0.05, rank=4, kappa=kappa, eps=(1e-15, 1e-3),
+        momentum_variant="history", distribution="gaussian",  # flora-opt's form
+    )  # fmt: skip
     _train(ours, opt)
     _train(theirs, flora_opt.Flora(theirs.parameters(), lr=0.05, rank=4, kappa=kappa, beta1=0.9))
     assert opt.state[ours[4].weight]["exp_avg"].shape == (4, 48)  # compressed, left

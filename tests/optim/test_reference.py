@@ -89,11 +89,16 @@ def test_flora_step_size_conventions_match_reference(scale_parameter, relative_s
     grads = _grads()
     hp = dict(lr=0.05, beta1=0.9, beta2_decay=-0.8, d=1.0, weight_decay=0.01)
     init, params, projs, _ = _run(
-        flora.Flora, torch.float64, grads, eps=(None, 1e-3), scale_parameter=scale_parameter,
-        relative_step=relative_step, **hp,
-    )  # fmt: skip
+        flora.Flora,
+        torch.float64,
+        grads,
+        eps=(None, 1e-3),
+        scale_parameter=scale_parameter,
+        relative_step=relative_step,
+        **hp,
+    )  # fmt: skip  (the default momentum form: subspace)
     for key, p in params.items():
-        m = _vector_momentum(0.9) if key == "vector" else _momentum(key, projs, 0.9, "history")
+        m = _vector_momentum(0.9) if key == "vector" else _momentum(key, projs, 0.9, "subspace")
         ref = flora_adafactor(
             init[key].double(), grads[key], eps1=torch.finfo(torch.float64).eps, eps2=1e-3,
             momentum=m, scale_parameter=scale_parameter, relative_step=relative_step, **hp,
@@ -143,9 +148,9 @@ def test_reference_detects_a_wrong_transfer():
     """The comparison is sensitive: dropping the transfer at a window change is caught."""
     grads = _grads()
     hp = dict(lr=0.05, beta1=0.9, beta2_decay=-0.8, d=1.0, weight_decay=0.0)
-    init, params, projs, _ = _run(flora.Flora, torch.float64, grads, **hp)
-    m = _momentum("left", projs, 0.9, "history")
-    m_no_transfer = _momentum("left", projs, 0.9, "history")
+    init, params, projs, _ = _run(flora.Flora, torch.float64, grads, **hp)  # the defaults
+    m = _momentum("left", projs, 0.9, "subspace")
+    m_no_transfer = _momentum("left", projs, 0.9, "subspace")
     original = m_no_transfer.__call__
 
     def no_transfer(t, u):

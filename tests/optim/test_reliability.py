@@ -235,13 +235,17 @@ def test_exclude_pattern_that_matches_nothing_warns(cls):
 
 def test_small_kappa_warns_and_the_plan_says_so(cls):
     model = torch.nn.Linear(64, 8, bias=False)  # 8 x 64, left side, d = 8: 0.81 * sqrt(1 + 9/4)
+    legacy = dict(momentum_variant="history", distribution="gaussian")  # an inflating transfer
     with pytest.warns(RuntimeWarning, match=r"grow without bound.*weight \(1\.46\)"):
-        opt = cls(model.named_parameters(), rank=4, kappa=2)
+        opt = cls(model.named_parameters(), rank=4, kappa=2, **legacy)
     assert "UNSTABLE (growth 1.46" in str(opt.plan())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt = cls(model.named_parameters(), rank=4, kappa=100)
-    assert "UNSTABLE" not in str(opt.plan())
+        opt = cls(model.named_parameters(), rank=4, kappa=100, **legacy)
+        assert "UNSTABLE" not in str(opt.plan())
+        # the default subspace form projects at a transfer: it cannot grow, even at kappa 2
+        opt = cls(model.named_parameters(), rank=4, kappa=2)
+        assert "UNSTABLE" not in str(opt.plan())
 
 
 def test_plan_gives_frozen_parameters_no_state(cls):

@@ -9,7 +9,9 @@ Optimizers (``OPTIMIZERS``):
 * ``adamw`` — ``torch.optim.AdamW``; ``adafactor`` — ``torch.optim.Adafactor`` (no momentum,
   the paper's "None"); ``adafactor-momentum`` — ``flora.Flora(compress=False)``: Adafactor
   with full-size momentum (the paper's "Naive");
-* ``flora`` — ``flora.Flora`` (Adafactor base, compressed momentum, rank ``r``);
+* ``flora`` — ``flora.Flora`` (Adafactor base, compressed momentum, rank ``r``) in
+  flora-opt's form (``momentum_variant="history"``, Gaussian projection), the library's
+  default before the quality study;
   ``linear-momentum`` / ``flora-linear`` — the same with a full-size second moment
   (``factor_second_moment=False``, Table 4's linear-memory base) and full-size / compressed
   momentum; ``flora-adamw`` — ``flora.FloraAdamW`` (AdamW base);
@@ -72,6 +74,10 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
 
 # the quality study's forms of Flora (issue 17): options on top of the defaults
 FLORA_FORMS: dict[str, dict[str, str]] = {
+    # flora-opt's form, the library default before the study: the ``flora`` rows keep it
+    "flora": {"momentum_variant": "history", "distribution": "gaussian"},
+    "flora-adamw": {"momentum_variant": "history", "distribution": "gaussian"},
+    "flora-linear": {"momentum_variant": "history", "distribution": "gaussian"},
     "flora-subspace": {"momentum_variant": "subspace", "distribution": "orthonormal"},
     "flora-subspace-gaussian": {"momentum_variant": "subspace", "distribution": "gaussian"},
     "flora-subspace-coords": {"momentum_variant": "subspace", "distribution": "coordinates"},

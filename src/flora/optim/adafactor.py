@@ -42,8 +42,11 @@ Deviations from the paper, stated:
   (``benchmarks/results/momentum_order.md`` compares the two orders).
 * flora-opt uses ``lr`` as a constant relative step; ours is capped, :math:`\rho_t =
   \min(\texttt{lr}, 1/\sqrt t)` (``torch.optim.Adafactor``'s definition).
-* ``momentum_variant="history"`` (default) compresses only the history (newest term exact,
-  as flora-opt's PyTorch code); ``"paper"`` is Algorithm 2 as printed. Same expectation.
+* ``momentum_variant="subspace"`` with an orthonormal projection (the defaults) keeps the
+  momentum inside the projection's subspace and the exact update outside it (not in the
+  paper; :mod:`flora.momentum`); ``"history"`` compresses only the history (newest term
+  exact, as flora-opt's PyTorch code) and ``"paper"`` is Algorithm 2 as printed, both with
+  the paper's Gaussian projection by ``distribution="gaussian"``.
 * The projection is resampled every ``kappa`` steps (at steps ``kappa, 2 kappa, ...``) and the
   momentum transferred to the new basis; the paper's default ``kappa = 1000`` is ours.
 * ``eps[0] = None`` means ``torch.finfo(float32).eps`` for fp16/bf16 parameters, because their
@@ -260,11 +263,13 @@ class Flora(FloraOptimizerBase):
         compress: ``False`` keeps full-size momentum (naive momentum). Default ``True``.
         exclude: regex or list of regexes; matching parameter names are not compressed.
         side: ``"auto"`` (compress the smaller dimension), ``"left"`` or ``"right"``.
-        momentum_variant: ``"history"`` (default), ``"paper"`` (Algorithm 2 as printed) or
-            ``"subspace"`` (momentum inside the projection's subspace, the exact update
-            outside it; best with ``distribution="orthonormal"``); see :mod:`flora.momentum`.
-        distribution: the projection family, ``"gaussian"`` (paper), ``"rademacher"``,
-            ``"orthonormal"`` or ``"coordinates"``; see :mod:`flora.projection`.
+        momentum_variant: ``"subspace"`` (default: momentum inside the projection's
+            subspace, the exact update outside it, chosen by the quality study in
+            ``benchmarks/results/quality``), ``"history"`` (flora-opt's form) or ``"paper"``
+            (Algorithm 2 as printed); see :mod:`flora.momentum`.
+        distribution: the projection family, ``"orthonormal"`` (default), ``"gaussian"``
+            (the paper's), ``"rademacher"`` or ``"coordinates"``; see :mod:`flora.projection`.
+            flora-opt's Flora is ``momentum_variant="history", distribution="gaussian"``.
         nonfinite: what a NaN/Inf gradient does, decided for the whole step before any
             update: ``"skip"`` (default, GradScaler's convention: the whole step is skipped,
             a ``RuntimeWarning`` is issued and ``optimizer.skipped_steps`` counts it),
@@ -307,8 +312,8 @@ class Flora(FloraOptimizerBase):
         compress: bool = True,
         exclude: str | Iterable[str] | None = None,
         side: str = "auto",
-        momentum_variant: str = "history",
-        distribution: str = "gaussian",
+        momentum_variant: str = "subspace",
+        distribution: str = "orthonormal",
         nonfinite: str = "skip",
         cache_projection: bool = False,
         maximize: bool = False,

@@ -571,13 +571,10 @@ class GradientAccumulator:
         compressed buffers' :math:`\lVert C\rVert^2` (as :math:`\mathbb{E}[A^\top A] = I`,
         :math:`\mathbb{E}\lVert A G\rVert^2 = \lVert G\rVert^2`) plus the uncompressed
         gradients' squared norms."""
-        parts = []
+        parts = []  # (not used with step_in_backward, whose plain gradients sit in buffers)
         for s in self._slots:
             if s.compressed:
                 if s.buffer is not None and (s.seen or self._group is not None):
-                    parts.append(_norm(s.buffer))
-            elif self.step_in_backward:
-                if s.buffer is not None:
                     parts.append(_norm(s.buffer))
             elif s.param.grad is not None:
                 parts.append(_norm(s.param.grad))

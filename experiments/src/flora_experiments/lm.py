@@ -149,7 +149,7 @@ def build(name: str, cfg: LMConfig, lr: float) -> tuple[nn.Module, torch.optim.O
         return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     if name == "adafactor":
         return model, torch.optim.Adafactor(model.parameters(), lr=lr)
-    if name in ("flora", "adafactor-momentum", "linear-momentum", "flora-linear") or (
+    if name in ("adafactor-momentum", "linear-momentum") or (
         name in FLORA_FORMS and not name.startswith("flora-adamw")
     ):
         from flora import Flora

@@ -310,6 +310,16 @@ def fsdp2_train(rank: int, world: int, tmpdir: str, steps: int) -> None:
                 {"params": full, "state_bytes": opt.state_bytes(), "shapes": local_shapes},
                 Path(tmpdir) / f"fsdp_{kind}_rank{rank}.pt",
             )
+        model = _fsdp_model()  # a gradient basis needs whole gradients: refused, by name
+        opt = make_fsdp_optimizer("flora", model.named_parameters(), distribution="gradient")
+        loss_of(model, global_batch(batches, 0, rank, world)).backward()
+        try:
+            opt.step()
+        except ValueError as err:
+            refusal = str(err)
+        else:
+            refusal = ""
+        torch.save({"refusal": refusal}, Path(tmpdir) / f"fsdp_gradient_rank{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()

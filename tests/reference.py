@@ -80,6 +80,22 @@ class CompressedMomentum:
         return direction
 
 
+def range_basis(x: Tensor, rank: int, side: str, sketch: Tensor, power_iterations: int) -> Tensor:
+    """Halko, Martinsson & Tropp (2011), Algorithms 4.4 + 5.1, float64, as printed: the
+    projector's rows (scaled by sqrt(d / r)) onto the dominant rank-r range of x (left: its
+    columns; right: its rows); ``sketch`` is the (k, other) Gaussian test matrix."""
+    a = x.double() if side == "left" else x.double().T
+    omega = sketch.double().T  # (other, k)
+    q = torch.linalg.qr(a @ omega).Q
+    for _ in range(power_iterations):
+        q_hat = torch.linalg.qr(a.T @ q).Q
+        q = torch.linalg.qr(a @ q_hat).Q
+    b = q.T @ a
+    u_b = torch.linalg.svd(b, full_matrices=False).U
+    basis = q @ u_b[:, :rank]  # (d, r), orthonormal columns
+    return (basis * (a.shape[0] / rank) ** 0.5).T
+
+
 def flora_adafactor(
     theta: Tensor,
     grads: Sequence[Tensor],

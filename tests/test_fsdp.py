@@ -65,6 +65,13 @@ def test_fsdp2_equals_single_device_and_shards_the_state(fsdp_runs, kind):
         assert ranks[1]["shapes"]["conv.weight"]["col_var"] == (8, 1, 3)  # 3-d: sharded
 
 
+def test_fsdp2_refuses_a_gradient_basis_by_name(fsdp_runs):
+    for r in (0, 1):
+        refusal = torch.load(fsdp_runs / f"fsdp_gradient_rank{r}.pt", weights_only=True)
+        assert "distribution='gradient'" in refusal["refusal"]
+        assert "FSDP2" in refusal["refusal"]
+
+
 @pytest.mark.parametrize("kind", ["flora", "adamw"])
 def test_dcp_reshards_fsdp2_state_between_world_sizes(tmp_path, kind):
     run_workers(fsdp2_dcp, 2, str(tmp_path), "save", kind)

@@ -8,7 +8,9 @@
 - unbiasedness at the rate of Theorem 2.4: the mean of P^T P G over N draws approaches G
   with error ~ 1/sqrt(N), and a single draw's error shrinks like 1/sqrt(r);
 - float32 is the float64 matrix rounded once; CUDA equals CPU (GPU machines);
-- down/up/transfer shapes and their definitions on both sides; bad arguments are refused.
+- down/up/transfer shapes and their definitions on both sides; bad arguments are refused;
+- the gradient basis (range finder): exact on a low-rank matrix, sharpened by power
+  iterations, orthonormal even for a zero matrix, its subspace independent of the sketch.
 """
 
 import subprocess
@@ -17,7 +19,14 @@ import sys
 import pytest
 import torch
 
-from flora.projection import down, parameter_key, projection_matrix, transfer, up
+from flora.projection import (
+    down,
+    parameter_key,
+    projection_matrix,
+    range_basis,
+    transfer,
+    up,
+)
 
 KEY = parameter_key("layers.0.attn.weight")
 
@@ -210,3 +219,69 @@ def test_coordinate_rows_select_distinct_coordinates():
     assert (counts - 5 / 16).abs().max() < 0.06  # 4 sigma of a binomial(800, 5/16) mean
     full = p(0, rank=16)
     assert torch.equal(full, torch.eye(16, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- gradient basis (range finder)
+def _projector(basis):
+    return (basis.shape[0] / basis.shape[1]) * basis.T @ basis
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_range_basis_is_exact_on_a_low_rank_matrix(side):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 6, generator=g, dtype=torch.float64) @ torch.randn(
+        6, 50, generator=g, dtype=torch.float64
+    )  # rank 6 <= k = 2r = 8
+    basis = range_basis(x, 4, side, seed=0, key=KEY, window=0)
+    a = x if side == "left" else x.T
+    u = torch.linalg.svd(a, full_matrices=False).U[:, :4]
+    assert basis.shape == (4, a.shape[0])
+    assert torch.allclose(basis @ basis.T, torch.eye(4, dtype=torch.float64) * a.shape[0] / 4)
+    assert (_projector(basis) - u @ u.T).abs().max() < 1e-10
+
+
+def test_range_basis_power_iteration_sharpens_a_flat_tail():
+    g = torch.Generator().manual_seed(1)
+    u, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(128, 64, generator=g, dtype=torch.float64))
+    spectrum = torch.cat([torch.full((4,), 10.0), torch.ones(60)]).double()
+    x = u @ torch.diag(spectrum) @ v.T
+    exact = u[:, :4] @ u[:, :4].T
+    errors = [
+        (_projector(range_basis(x, 4, "left", seed=0, key=KEY, window=0, power_iterations=q))
+         - exact).norm().item()
+        for q in (0, 1, 2)
+    ]  # fmt: skip
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_range_basis_depends_on_the_sketch_keys_only_through_accuracy():
+    x = torch.randn(20, 3, dtype=torch.float64) @ torch.randn(3, 40, dtype=torch.float64)
+    a = range_basis(x, 3, "left", seed=0, key=KEY, window=0)
+    b = range_basis(x, 3, "left", seed=5, key=KEY, window=2)
+    assert not torch.equal(a, b)  # another sketch ...
+    assert (_projector(a) - _projector(b)).abs().max() < 1e-10  # ... the same subspace
+    assert torch.equal(a, range_basis(x, 3, "left", seed=0, key=KEY, window=0))
+
+
+def test_range_basis_of_zero_is_still_orthonormal():
+    basis = range_basis(torch.zeros(7, 5), 3, "left", seed=0, key=KEY, window=0)
+    assert torch.allclose(basis @ basis.T, torch.eye(3) * 7 / 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(rank=9), ValueError, "rank <= dim"),
+        (dict(side="up"), ValueError, "side"),
+        (dict(power_iterations=-1), ValueError, "power_iterations"),
+        (dict(power_iterations=1.0), TypeError, "power_iterations"),
+        (dict(x=torch.zeros(3, 4, 5)), ValueError, "matrix"),
+        (dict(x=torch.zeros(8, 4, dtype=torch.int64)), TypeError, "floating"),
+    ],
+)
+def test_range_basis_bad_arguments(kwargs, exc, match):
+    args = {"x": torch.randn(8, 12), "rank": 3, "side": "left", **kwargs}
+    with pytest.raises(exc, match=match):
+        range_basis(args.pop("x"), args.pop("rank"), args.pop("side"), seed=0, key=KEY,
+                    window=0, **args)  # fmt: skip

@@ -39,6 +39,14 @@ def test_flora_adamw_bytes(rank, factored):
     assert opt.state_bytes() == 4 * (second + rank * 96 + 48 + 48) == opt.plan().state_bytes
 
 
+@pytest.mark.parametrize("opt_cls", [flora.Flora, flora.FloraAdamW])
+def test_gradient_basis_adds_r_times_d(opt_cls):
+    model = torch.nn.Linear(96, 48)  # left side: basis (r, 48) beside momentum (r, 96)
+    base = _stepped(opt_cls, model, rank=8).state_bytes()
+    opt = _stepped(opt_cls, torch.nn.Linear(96, 48), rank=8, distribution="gradient")
+    assert opt.state_bytes() == base + 4 * 8 * 48 == opt.plan().state_bytes
+
+
 def test_right_side_and_nd_bytes():
     model = torch.nn.Sequential(torch.nn.Embedding(1000, 16), torch.nn.Conv1d(16, 12, 5))
     opt = flora.Flora(model.named_parameters(), rank=4)

@@ -42,7 +42,10 @@ LoRA-Pre-style mixing, a state-full subspace and a state-free remainder. Limits:
 ``beta=0`` gives :math:`d_t = u_t`; an orthonormal projection of rank ``d`` gives the full
 momentum. With a Gaussian or Rademacher projection :math:`c\,P^\top P` is only
 approximately a projector (its eigenvalues spread as Marchenko–Pastur), so the split is
-approximate.
+approximate. With the optimizers' ``distribution="gradient"`` the basis is the dominant
+subspace of the gradient at the window's first step (:func:`flora.projection.range_basis`,
+GaLore's choice of subspace found by a randomized range finder instead of an SVD), so the
+momentum covers the directions the gradients share; the transfer and the split are the same.
 
 :math:`d_t` is the direction the optimizer then scales and applies.
 """

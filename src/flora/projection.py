@@ -41,6 +41,12 @@ Sides. A matrix :math:`G \in \mathbb{R}^{m \times n}` is compressed on the
 * ``"right"`` with :math:`P \in \mathbb{R}^{r \times n}`: :math:`C = G P^\top \in
   \mathbb{R}^{m \times r}`, :math:`\hat G = C P`.
 
+A fifth kind of basis is not seed-only: :func:`range_basis` (``distribution="gradient"`` of
+the optimizers) finds the dominant ``r``-dimensional subspace of a matrix — the gradient at a
+window's first step — with a seeded randomized range finder. Its rows are orthonormal and
+scaled like the ``"orthonormal"`` family (:math:`P P^\top = (d/r) I_r`), so every formula
+below applies unchanged; but it depends on data, so the optimizer stores it in its state.
+
 Transfer between windows (Algorithm 2, step 1) maps :math:`C` compressed with :math:`P` to
 :math:`P' P^\top C` (left) or :math:`C P P'^\top` (right), computed through the small
 :math:`r \times r` product.
@@ -62,6 +68,7 @@ __all__ = [
     "down",
     "parameter_key",
     "projection_matrix",
+    "range_basis",
     "transfer",
     "up",
 ]
@@ -70,8 +77,10 @@ Side = Literal["left", "right"]
 Distribution = Literal["gaussian", "rademacher", "orthonormal", "coordinates"]
 SIDES: tuple[str, ...] = ("left", "right")
 DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher", "orthonormal", "coordinates")
+#: the data-dependent basis of :func:`range_basis`, which an optimizer keeps in its state
+GRADIENT = "gradient"
 #: families whose rows are orthogonal with P P^T = (d/r) I exactly
-ORTHONORMAL: tuple[str, ...] = ("orthonormal", "coordinates")
+ORTHONORMAL: tuple[str, ...] = ("orthonormal", "coordinates", GRADIENT)
 
 _MASK32 = 0xFFFFFFFF
 # Odd multiplier < 2**31: a 32-bit value times it stays below 2**59, so int64 never overflows
@@ -187,6 +196,65 @@ def projection_matrix(
         signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
         normal = (q * signs).T.mul_(math.sqrt(dim / rank))
     return normal.to(dtype)
+
+
+def range_basis(
+    x: Tensor,
+    rank: int,
+    side: Side,
+    *,
+    seed: int,
+    key: int,
+    window: int,
+    stream: str = "momentum",
+    power_iterations: int = 1,
+) -> Tensor:
+    r"""Rows spanning the dominant ``rank``-dimensional subspace of ``x`` (m, n) on ``side``.
+
+    A randomized range finder with subspace iteration (Halko, Martinsson & Tropp, 2011,
+    Algorithms 4.4 and 5.1), for the left side (the column space of ``x``; the right side
+    applies it to :math:`x^\top`), with :math:`k = \min(2r, m)` sketch columns and
+    :math:`q` = ``power_iterations``:
+
+    .. math::
+        Y &= x\,\Omega^\top \quad(\Omega \in \mathbb{R}^{k \times n}
+            \text{ the seeded Gaussian } \texttt{projection\_matrix}
+            (k, n, \text{stream} = \text{stream} + \texttt{"/sketch"}))\\
+        Q &= \operatorname{qr}(Y), \text{ then } q \text{ times: }
+            Q = \operatorname{qr}(x\,\operatorname{qr}(x^\top Q))\\
+        U_B\,\Sigma\,V_B^\top &= Q^\top x \quad\text{(thin SVD)}\\
+        P &= \sqrt{m/r}\;\bigl(Q\,U_B[:, :r]\bigr)^\top \in \mathbb{R}^{r \times m}
+
+    so :math:`P P^\top = (m/r) I_r` and :math:`(r/m) P^\top P` is the orthogonal projector on
+    the ``rank`` leading left singular vectors of ``x`` (exactly so when ``x`` has rank
+    :math:`\le k`, otherwise to the range finder's accuracy). The arithmetic runs in ``x``'s
+    dtype on ``x``'s device; a zero ``x`` still gives orthonormal rows (Householder QR). The
+    result is deterministic for a given ``x`` and device, but not a function of the seed alone.
+    """
+    _check_side(side)
+    if x.dim() != 2:
+        raise ValueError(f"x must be a matrix, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    if isinstance(power_iterations, bool) or not isinstance(power_iterations, int):
+        raise TypeError(f"power_iterations must be an int, got {type(power_iterations).__name__}")
+    if power_iterations < 0:
+        raise ValueError(f"power_iterations must be >= 0, got {power_iterations}")
+    a = x if side == "left" else x.T  # basis of a's column space
+    dim, other = a.shape
+    _validate(rank, dim, seed, key, window)
+    if rank > dim:
+        raise ValueError(f"a gradient basis needs rank <= dim, got {rank} > {dim}")
+    k = min(2 * rank, dim)
+    sketch = projection_matrix(
+        k, other, seed=seed, key=key, window=window, stream=f"{stream}/sketch",
+        device=a.device, dtype=a.dtype,
+    )  # fmt: skip
+    q = torch.linalg.qr(a @ sketch.T).Q  # (dim, k)
+    for _ in range(power_iterations):
+        q = torch.linalg.qr(a @ torch.linalg.qr(a.T @ q).Q).Q
+    u_b = torch.linalg.svd(q.T @ a, full_matrices=False).U  # (k, k)
+    return (q @ u_b[:, :rank]).T.mul_(math.sqrt(dim / rank)).contiguous()
 
 
 def _check_side(side: str) -> None:

@@ -88,6 +88,8 @@ BAD = [
     (dict(momentum_variant="fancy"), ValueError, "momentum_variant"),
     (dict(nonfinite="ignore"), ValueError, "nonfinite"),
     (dict(distribution="uniform"), ValueError, "distribution"),
+    (dict(distribution="gradient", momentum_variant="history"), ValueError, "distribution"),
+    (dict(distribution="gradient", cache_projection=True), ValueError, "cache_projection"),
     (dict(compress=1), TypeError, "compress"),
     (dict(cache_projection="yes"), TypeError, "cache_projection"),
     (dict(exclude="(["), ValueError, "exclude"),
@@ -174,6 +176,7 @@ def _same_state(a, b):
 OPTIONS = {  # the momentum forms, each resumed across a window change
     "default": {},
     "subspace": dict(momentum_variant="subspace", distribution="orthonormal"),
+    "gradient": dict(distribution="gradient"),  # the basis is state: saved and restored
 }
 
 
@@ -215,6 +218,23 @@ def test_state_dict_round_trip_is_exact(opt_spec):
     before = {k: v.clone() for k, v in loaded["state"][1].items() if torch.is_tensor(v)}
     _steps(model, opt2, 4, 5)
     assert all(torch.equal(before[k], loaded["state"][1][k]) for k in before)
+
+
+def test_gradient_basis_state_is_checked_on_load(opt_spec):
+    model = _model()
+    opt = _make(opt_spec, model, distribution="gradient")
+    w = model[1].weight  # (40, 24): right side, basis (4, 24)
+    with pytest.raises(ValueError, match="first step"):
+        opt.projection(w)
+    _steps(model, opt, 0, 4)  # window 1
+    assert opt.state[w]["projection"].shape == (4, 24)
+    assert torch.equal(opt.projection(w), opt.state[w]["projection"])
+    with pytest.raises(ValueError, match="current window"):
+        opt.projection(w, window=0)
+    sd = opt.state_dict()
+    del sd["state"][1]["projection"]
+    with pytest.raises(ValueError, match="projection"):
+        _make(opt_spec, model, distribution="gradient").load_state_dict(sd)
 
 
 def test_seed_and_names_drive_the_projection(opt_spec):

@@ -10,7 +10,7 @@ Properties checked (same projection matrices on both sides, >= 3 resampling wind
 
 import pytest
 import torch
-from reference import CompressedMomentum, flora_adafactor, flora_adamw
+from reference import CompressedMomentum, flora_adafactor, flora_adamw, range_basis
 
 import flora
 
@@ -142,6 +142,74 @@ def test_flora_adamw_matches_reference(variant, distribution, factored, dtype, t
         )
         err = (p.double() - ref).abs().max().item() / ref.abs().max().item()
         assert err < tol, (key, err)
+
+
+def _run_gradient_basis(opt_cls, grads, **kw):
+    """Run with distribution="gradient"; return the bases each window used, as stored."""
+    params = {k: torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for k, s in SHAPES.items()}
+    init = {k: p.detach().clone() for k, p in params.items()}
+    opt = opt_cls(list(params.items()), rank=RANK, kappa=KAPPA, distribution="gradient", **kw)
+    bases: dict[str, dict[int, torch.Tensor]] = {"left": {}, "right": {}}
+    for t in range(STEPS):
+        for k, p in params.items():
+            p.grad = grads[k][t]
+        opt.step()
+        for k in bases:
+            st = opt.state[params[k]]
+            bases[k].setdefault(st["window"], st["projection"].clone())
+    return init, params, bases, opt
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_gradient_basis_is_the_range_finder_of_the_window_first_gradient(side):
+    """Window w's basis is Halko's range finder of the gradient at step max(1, w * kappa)."""
+    from flora.projection import parameter_key, projection_matrix
+
+    grads = _grads()
+    hp = dict(lr=0.05, beta1=0.9, beta2_decay=-0.8, d=1.0, weight_decay=0.0, eps=(None, 1e-3))
+    _, _, bases, _ = _run_gradient_basis(flora.Flora, grads, **hp)
+    m, n = SHAPES[side]
+    dim, other = (m, n) if side == "left" else (n, m)
+    for window, basis in bases[side].items():
+        sketch = projection_matrix(
+            min(2 * RANK, dim), other, seed=0, key=parameter_key(side), window=window,
+            stream="momentum/sketch", dtype=torch.float64,
+        )  # fmt: skip
+        g = grads[side][max(1, window * KAPPA) - 1]
+        ref = range_basis(g, RANK, side, sketch, power_iterations=1)
+        c = RANK / dim
+        projector, ref_projector = c * basis.T @ basis, c * ref.T @ ref
+        assert (projector - ref_projector).abs().max() < 1e-10, window
+        assert torch.allclose(basis @ basis.T, torch.eye(RANK, dtype=torch.float64) / c)
+
+
+@pytest.mark.parametrize("opt_name", ["Flora", "FloraAdamW"])
+def test_gradient_basis_matches_reference(opt_name):
+    """The subspace momentum fed the stored bases: equal to the float64 loop to 1e-12."""
+    grads = _grads()
+    if opt_name == "Flora":
+        hp = dict(lr=0.05, beta1=0.9, beta2_decay=-0.8, d=1.0, weight_decay=0.01)
+        init, params, bases, _ = _run_gradient_basis(flora.Flora, grads, eps=(None, 1e-3), **hp)
+    else:
+        hp = dict(lr=1e-2, eps=1e-8, weight_decay=0.05)
+        init, params, bases, _ = _run_gradient_basis(
+            flora.FloraAdamW, grads, betas=(0.9, 0.99), factor_second_moment=False, **hp
+        )
+    assert sorted(bases["left"]) == [0, 1, 2, 3]
+    for key, p in params.items():
+        if key == "vector":
+            m = _vector_momentum(0.9)
+        else:
+            m = _momentum(key, bases, 0.9, "subspace")
+        if opt_name == "Flora":
+            eps1 = torch.finfo(torch.float64).eps
+            ref = flora_adafactor(init[key], grads[key], eps1=eps1, eps2=1e-3, momentum=m, **hp)
+        else:
+            ref = flora_adamw(
+                init[key], grads[key], beta1=0.9, beta2=0.99, factored=False, momentum=m, **hp
+            )
+        err = (p.double() - ref).abs().max().item() / ref.abs().max().item()
+        assert err < 1e-12, (key, err)
 
 
 def test_reference_detects_a_wrong_transfer():

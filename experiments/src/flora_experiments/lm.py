@@ -20,6 +20,8 @@ Optimizers (``OPTIMIZERS``):
   Gaussian projection;
   ``flora-orthonormal`` — the default variant with an orthonormal projection;
   ``flora-adamw-subspace`` — ``flora.FloraAdamW`` with the subspace variant (``FLORA_FORMS``);
+  ``flora-gradient`` / ``flora-adamw-gradient`` — the subspace variant with each window's
+  basis taken from the gradient (``distribution="gradient"``, the basis kept in the state);
 * ``flora-opt`` — the official ``flora_opt.Flora`` (rank ``r``, ``beta1=0.9``);
 * ``galore`` — ``galore_torch.GaLoreAdamW`` and ``apollo`` — ``apollo_torch.APOLLOAdamW``
   (random projection), both at rank ``r`` on the attention and MLP matrices with their
@@ -63,6 +65,8 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
     "flora-subspace-coords": ("flora (subspace momentum, coordinates)", ADAFACTOR_LRS),
     "flora-orthonormal": ("flora (orthonormal projection)", ADAFACTOR_LRS),
     "flora-adamw-subspace": ("flora (subspace momentum, orthonormal)", ADAM_LRS),
+    "flora-gradient": ("flora (subspace momentum, gradient basis)", ADAFACTOR_LRS),
+    "flora-adamw-gradient": ("flora (subspace momentum, gradient basis)", ADAM_LRS),
     "linear-momentum": ("flora (compress=False, factor_second_moment=False)", ADAFACTOR_LRS),
     "flora-linear": ("flora (factor_second_moment=False)", ADAFACTOR_LRS),
     "flora-opt": ("flora-opt", ADAFACTOR_LRS),
@@ -83,6 +87,8 @@ FLORA_FORMS: dict[str, dict[str, str]] = {
     "flora-subspace-coords": {"momentum_variant": "subspace", "distribution": "coordinates"},
     "flora-orthonormal": {"distribution": "orthonormal"},
     "flora-adamw-subspace": {"momentum_variant": "subspace", "distribution": "orthonormal"},
+    "flora-gradient": {"momentum_variant": "subspace", "distribution": "gradient"},
+    "flora-adamw-gradient": {"momentum_variant": "subspace", "distribution": "gradient"},
 }
 
 
@@ -160,7 +166,7 @@ def build(name: str, cfg: LMConfig, lr: float) -> tuple[nn.Module, torch.optim.O
             **FLORA_FORMS.get(name, {}),
         )  # fmt: skip
         return model, opt
-    if name in ("flora-adamw", "flora-adamw-subspace"):
+    if name.startswith("flora-adamw"):
         from flora import FloraAdamW
 
         return model, FloraAdamW(

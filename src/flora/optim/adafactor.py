@@ -270,6 +270,9 @@ class Flora(FloraOptimizerBase):
         distribution: the projection family, ``"orthonormal"`` (default), ``"gaussian"``
             (the paper's), ``"rademacher"`` or ``"coordinates"``; see :mod:`flora.projection`.
             flora-opt's Flora is ``momentum_variant="history", distribution="gaussian"``.
+            ``"gradient"`` (with the subspace variant) takes each window's basis from the
+            gradient at its first step (:func:`flora.projection.range_basis`) and keeps it
+            as ``state["projection"]``: ``r * d`` more state per compressed matrix.
         nonfinite: what a NaN/Inf gradient does, decided for the whole step before any
             update: ``"skip"`` (default, GradScaler's convention: the whole step is skipped,
             a ``RuntimeWarning`` is issued and ``optimizer.skipped_steps`` counts it),
@@ -380,7 +383,7 @@ class Flora(FloraOptimizerBase):
             else:
                 state["variance"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
         beta1 = float(group["beta1"])
-        projections = self._momentum_inputs(p, group, name, state, beta1)
+        projections = self._momentum_inputs(p, group, name, state, beta1, grad)
         eps1, eps2 = group["eps"]
         flora_adafactor_update_(
             p,

@@ -224,7 +224,7 @@ class FloraAdamW(FloraOptimizerBase):
                 state["row_var"], state["col_var"] = factored_zeros(grad)
             else:
                 state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-        projections = self._momentum_inputs(p, group, name, state, beta1)
+        projections = self._momentum_inputs(p, group, name, state, beta1, grad)
         flora_adamw_update_(
             p,
             grad,

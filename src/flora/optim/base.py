@@ -68,7 +68,13 @@ from flora.policy import (
     momentum_growth,
     warn_unmatched_patterns,
 )
-from flora.projection import DISTRIBUTIONS, parameter_key, projection_matrix
+from flora.projection import (
+    DISTRIBUTIONS,
+    GRADIENT,
+    parameter_key,
+    projection_matrix,
+    range_basis,
+)
 from flora.replicas import check_same_settings
 from flora.state_plan import Plan, PlanRow
 
@@ -78,6 +84,8 @@ _SIDE_CODES = {"left": 0, "right": 1}
 _SIDE_NAMES = ("left", "right")
 NONFINITE_POLICIES = ("skip", "skip_parameter", "raise")
 MOMENTUM_VARIANTS = VARIANTS  # flora.momentum owns the list
+#: the momentum's projections: the seeded families, or a gradient basis kept in the state
+MOMENTUM_DISTRIBUTIONS = (*DISTRIBUTIONS, GRADIENT)
 SIDE_OPTIONS = ("auto", "left", "right")
 
 
@@ -238,11 +246,23 @@ class FloraOptimizerBase(Optimizer):
             ("side", SIDE_OPTIONS),
             ("momentum_variant", MOMENTUM_VARIANTS),
             ("nonfinite", NONFINITE_POLICIES),
-            ("distribution", DISTRIBUTIONS),
+            ("distribution", MOMENTUM_DISTRIBUTIONS),
         )
         for key, options in choices:
             if group[key] not in options:
                 raise ValueError(f"{where}{key} must be one of {options}, got {group[key]!r}")
+        if group["distribution"] == GRADIENT:
+            if group["momentum_variant"] != "subspace":
+                raise ValueError(
+                    f"{where}distribution='gradient' needs momentum_variant='subspace', got "
+                    f"{group['momentum_variant']!r}: only that form keeps the momentum inside "
+                    "an orthonormal basis, which a gradient basis is"
+                )
+            if group["cache_projection"]:
+                raise ValueError(
+                    f"{where}cache_projection=True has no effect with distribution='gradient' "
+                    "(its basis is kept in the state): leave it False"
+                )
         group["exclude"] = compile_patterns(group["exclude"])
         self._validate_hyperparameters(group, where)
 
@@ -382,6 +402,13 @@ class FloraOptimizerBase(Optimizer):
     def _projection(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], window: int
     ) -> Tensor:
+        if group["distribution"] == GRADIENT:  # data-dependent: only the current one exists
+            if "projection" not in state or window != state["window"]:
+                raise ValueError(
+                    "distribution='gradient': a basis exists only for the current window, "
+                    "after the window's first step"
+                )
+            return state["projection"]
         momentum = state["exp_avg"]
         side = _SIDE_NAMES[state["side"]]
         m, n = p.shape[0], math.prod(p.shape[1:])  # p may be a (possibly empty) row shard
@@ -411,7 +438,8 @@ class FloraOptimizerBase(Optimizer):
 
         Returns the ``(rank, dim)`` matrix of :func:`flora.projection.projection_matrix`;
         the side is ``self.decision(param).side``. Before the first step the state does not
-        exist yet and window 0 is used.
+        exist yet and window 0 is used. With ``distribution="gradient"`` only the current
+        window's basis exists (from its first step on); any other request raises ValueError.
         """
         for group, name, p in self._named_params():
             if p is not param:
@@ -424,6 +452,11 @@ class FloraOptimizerBase(Optimizer):
             d = self._decide(group, name, p)
             if not d.compressed or not self._uses_momentum(group):
                 return None
+            if group["distribution"] == GRADIENT:
+                raise ValueError(
+                    "distribution='gradient': the basis is found from the gradient at the "
+                    "first step; there is none before it"
+                )
             dim = d.compressed_dim
             assert dim is not None and d.rank is not None
             return projection_matrix(
@@ -440,21 +473,39 @@ class FloraOptimizerBase(Optimizer):
         raise ValueError("param is not optimized by this optimizer")
 
     def _momentum_projections(
-        self, p: Tensor, group: dict[str, Any], state: dict[str, Any], step: int
+        self, p: Tensor, group: dict[str, Any], state: dict[str, Any], step: int, grad: Tensor
     ) -> tuple[Tensor, Tensor | None, str]:
         """(P of the stored momentum, P of the new window or None, side); advances the window.
 
         A new window starts when ``step - window_start >= kappa``: with a constant kappa at
         steps ``kappa, 2 kappa, ...`` (Algorithm 2: "if t is a multiple of kappa"); only then
-        is the second entry a matrix, and the momentum is transferred to it.
+        is the second entry a matrix, and the momentum is transferred to it. With
+        ``distribution="gradient"`` a window's basis is :func:`flora.projection.range_basis`
+        of ``grad`` at its first step (step 1 for window 0), kept as ``state["projection"]``.
         """
         side = _SIDE_NAMES[state["side"]]
+        if group["distribution"] == GRADIENT and "projection" not in state:
+            state["projection"] = self._gradient_basis(p, group, state, grad, side)
         proj = self._projection(p, group, state, state["window"])
         if step - state["window_start"] < group["kappa"]:
             return proj, None, side
         state["window"] += 1
         state["window_start"] = step
+        if group["distribution"] == GRADIENT:
+            state["projection"] = self._gradient_basis(p, group, state, grad, side)
         return proj, self._projection(p, group, state, state["window"]), side
+
+    def _gradient_basis(
+        self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor, side: str
+    ) -> Tensor:
+        momentum = state["exp_avg"]
+        rank = momentum.shape[0] if side == "left" else momentum.shape[1]
+        matrix = grad.reshape(p.shape[0], math.prod(p.shape[1:]))
+        return range_basis(
+            matrix.to(momentum.dtype), rank, side,  # type: ignore[arg-type]
+            seed=group["seed"], key=state["key"], window=state["window"],
+            stream=self.projection_stream,
+        )  # fmt: skip
 
     def _init_momentum(
         self, p: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
@@ -483,6 +534,8 @@ class FloraOptimizerBase(Optimizer):
         if not self._uses_momentum(group):
             return second, second
         momentum = math.prod(d.state_shape) if d.compressed else numel  # type: ignore[arg-type]
+        if d.compressed and group["distribution"] == GRADIENT:  # the stored basis
+            momentum += d.rank * d.compressed_dim  # type: ignore[operator]
         return second + momentum, second + numel
 
     def plan(self) -> Plan:
@@ -678,6 +731,13 @@ class FloraOptimizerBase(Optimizer):
                     raise ValueError(f"{where}: inconsistent window {st['window']}")
                 ints |= {"key", "side", "window", "window_start"}
                 expected["exp_avg"] = d.state_shape  # type: ignore[assignment]
+                if group["distribution"] == GRADIENT:
+                    expected["projection"] = (d.rank, d.compressed_dim)  # type: ignore[assignment]
+                    if "projection" not in st:
+                        raise ValueError(
+                            f"{where}: no 'projection', which distribution='gradient' keeps "
+                            "(saved with a seeded distribution? load with the same one)"
+                        )
             else:
                 if "side" in st:
                     raise ValueError(
@@ -728,13 +788,19 @@ class FloraOptimizerBase(Optimizer):
         raise NotImplementedError
 
     def _momentum_inputs(
-        self, p: Tensor, group: dict[str, Any], name: str, state: dict[str, Any], beta1: float
-    ) -> tuple[Tensor, Tensor, str] | None:
+        self,
+        p: Tensor,
+        group: dict[str, Any],
+        name: str,
+        state: dict[str, Any],
+        beta1: float,
+        grad: Tensor,
+    ) -> tuple[Tensor, Tensor | None, str] | None:
         """Create the momentum lazily; return this step's projections if it is compressed."""
         if beta1 > 0 and "exp_avg" not in state:
             self._init_momentum(p, group, name, state)
         if beta1 > 0 and "side" in state:
-            return self._momentum_projections(p, group, state, state["step"] + 1)
+            return self._momentum_projections(p, group, state, state["step"] + 1, grad)
         return None
 
     @torch.no_grad()
@@ -760,6 +826,12 @@ class FloraOptimizerBase(Optimizer):
             return loss
         # FSDP2: work on each rank's shard; decisions use the global shape (see _decide)
         sharded = [_is_sharded(p) for _, _, p in named]
+        for (group, name, _), is_sharded in zip(named, sharded, strict=True):
+            if is_sharded and group["distribution"] == GRADIENT:
+                raise ValueError(
+                    f"distribution='gradient' does not support FSDP2-sharded parameters yet "
+                    f"({name}): its range finder needs the whole gradient"
+                )
         locals_ = [
             (p._local_tensor, p.grad._local_tensor) if is_sharded else (p, p.grad)
             for (_, _, p), is_sharded in zip(named, sharded, strict=True)

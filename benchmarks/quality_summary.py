@@ -40,11 +40,12 @@ def load() -> dict[tuple[int, int], dict[str, dict[int, dict]]]:
         setting = setting_of(command)
         kappa = re.search(r"--set kappa=(\d+)", command)  # a variant row, not a new setting
         suffix = f" (kappa {kappa.group(1)})" if kappa else ""
+        fixed = "--set lr=" in command  # a seed rerun at another seed's best step size
         for row in data["rows"]:
             seen = table.setdefault(setting, {}).setdefault(row["optimizer"] + suffix, {})
             if seed in seen and not math.isclose(seen[seed]["val_loss"], row["val_loss"]):
                 raise SystemExit(f"{path.name}: {row['optimizer']} seed {seed} differs")
-            seen.setdefault(seed, {**row, "file": path.name})
+            seen.setdefault(seed, {**row, "file": path.name, "fixed_lr": fixed})
     return table
 
 
@@ -65,9 +66,10 @@ def main() -> None:
         "Reproduce: the commands in each JSON's `env.command` (listed below), then "
         "`python benchmarks/quality_summary.py`.",
         "",
-        "Each row's loss is its best over a step-size sweep widened past any edge; the mean "
-        "and the spread (max - min) are over the seeds run. Gaps are of the mean loss, in "
-        "percent: negative is better.",
+        "Each row's loss is its best over a step-size sweep widened past any edge, except "
+        "seeds marked (fixed): run at the best step size of the seed-0 sweep only, to save "
+        "compute at width 512. The mean and the spread (max - min) are over the seeds run. "
+        "Gaps are of the mean loss, in percent: negative is better.",
         "",
     ]
     plots = {}
@@ -91,8 +93,11 @@ def main() -> None:
             state = next(iter(by.values()))["state_bytes"]
             gap = f"{100 * (means[o] / ref - 1):+.2f}%" if ref else "-"
             gap_a = f"{100 * (means[o] / apollo - 1):+.2f}%" if apollo else "-"
-            lrs = ", ".join(f"{s}: {r['lr']:g}{' (edge)' if r.get('lr_at_edge') else ''}"
-                            for s, r in sorted(by.items()))  # fmt: skip
+            lrs = ", ".join(
+                f"{s}: {r['lr']:g}{' (edge)' if r.get('lr_at_edge') else ''}"
+                f"{' (fixed)' if r['fixed_lr'] else ''}"
+                for s, r in sorted(by.items())
+            )
             lines.append(
                 f"| {o} | {len(by)} | {state:,} | {means[o]:.4f} | {max(losses) - min(losses):.4f} "
                 f"| {math.exp(means[o]):.3f} | {gap} | {gap_a} | {lrs} |"

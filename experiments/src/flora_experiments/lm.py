@@ -109,6 +109,7 @@ class LMConfig:
     evals: int = 10
     optimizers: tuple[str, ...] = tuple(OPTIMIZERS)
     lr_slice: slice | None = None  # run only this part of each sweep (None: all of it)
+    lr: float | None = None  # run only this step size (seeds at a sweep's best; no sweep)
     widen: int = 2  # step sizes tried past a sweep edge while the best sits on it
     kappas: tuple[int, ...] = (1, 10, 100, 1000, 10000)
     kappa_lr: float = 3e-2
@@ -123,6 +124,8 @@ class LMConfig:
         )  # fmt: skip
 
     def lrs(self, name: str) -> tuple[float, ...]:
+        if self.lr is not None:
+            return (float(self.lr),)
         sweep = OPTIMIZERS[name][1]
         return sweep[self.lr_slice] if self.lr_slice else sweep
 
@@ -336,7 +339,13 @@ def run(cfg: LMConfig, *, name: str, data_root=None) -> Results:
         )
         res.curves[f"{o} (lr {b['lr']:g})"] = b["curve"]
     res.notes.append(_describe(cfg, train))
-    res.notes.append(edge_note(res.rows, cfg.widen, "optimizer"))
+    if cfg.lr is None:
+        res.notes.append(edge_note(res.rows, cfg.widen, "optimizer"))
+    else:
+        res.notes.append(
+            f"No sweep: every row at lr {cfg.lr:g} (`--set lr=...`, a seed rerun at the best "
+            "step size of a sweep made with another seed)."
+        )
     res.notes += _lm_findings(res.rows)
     return res
 

@@ -177,6 +177,58 @@ def flora_adamw(
     return theta
 
 
+def subspace_adam(
+    theta: Tensor,
+    grads: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    side: str,
+    kappa: int,
+    projection: Callable[[int], Tensor],
+    growth_limit: float | None,
+) -> Tensor:
+    """GaLore's Adam in the subspace plus Fira's scaled remainder and norm-growth limiter,
+    with the moments transferred at a window change (FloraAdamW(preconditioner="subspace")).
+    Written on the transposed matrix for the right side, with an explicit orthonormal basis."""
+    theta = theta.double().clone()
+    tr = side == "right"
+    window, e_prev = 0, 0.0
+    q = None
+    m = v = None
+    for t, g in enumerate(grads, start=1):
+        g = g.double().T if tr else g.double()
+        w = t // kappa
+        q_new = projection(w).double()
+        q_new = q_new * (q_new.shape[0] / q_new.shape[1]) ** 0.5  # orthonormal rows
+        if m is None:
+            m = torch.zeros(q_new.shape[0], g.shape[1], dtype=torch.float64)
+            v = torch.zeros_like(m)
+        elif w != window:  # coordinates in the new basis: T = Q' Q^T
+            transfer = q_new @ q.T
+            m = transfer @ m
+            v = (transfer * transfer) @ v
+        q, window = q_new, w
+        theta = theta * (1 - lr * weight_decay)
+        r = q @ g  # (rank, n)
+        m = beta1 * m + (1 - beta1) * r
+        v = beta2 * v + (1 - beta2) * r * r
+        n = (m / (1 - beta1**t)) / (torch.sqrt(v / (1 - beta2**t)) + eps)
+        phi = torch.linalg.vector_norm(n, dim=0) / (torch.linalg.vector_norm(r, dim=0) + eps)
+        e = (g - q.T @ r) * phi  # column j scaled by phi_j
+        if growth_limit is not None:
+            norm = float(torch.linalg.vector_norm(e))
+            f = max(norm / e_prev, growth_limit) / growth_limit if e_prev > 0 else 1.0
+            e = e / f
+            e_prev = norm / f
+        update = q.T @ n + e
+        theta = theta - lr * (update.T if tr else update)
+    return theta
+
+
 def compressed_accumulation(
     grads: Sequence[Tensor], a: Tensor | None, side: str | None, *, scale: float = 1.0
 ) -> Tensor:

@@ -47,6 +47,17 @@ def test_gradient_basis_adds_r_times_d(opt_cls):
     assert opt.state_bytes() == base + 4 * 8 * 48 == opt.plan().state_bytes
 
 
+@pytest.mark.parametrize("distribution,basis", [("orthonormal", 0), ("gradient", 8 * 48)])
+def test_subspace_preconditioner_bytes(distribution, basis):
+    model = torch.nn.Linear(96, 48)  # left: exp_avg and exp_avg_sq (8, 96), residual norm
+    opt = _stepped(
+        flora.FloraAdamW, model, rank=8, preconditioner="subspace", distribution=distribution
+    )
+    weight = 2 * 8 * 96 + 1 + basis
+    bias = 48 + 48  # elementwise AdamW
+    assert opt.state_bytes() == 4 * (weight + bias) == opt.plan().state_bytes
+
+
 def test_right_side_and_nd_bytes():
     model = torch.nn.Sequential(torch.nn.Embedding(1000, 16), torch.nn.Conv1d(16, 12, 5))
     opt = flora.Flora(model.named_parameters(), rank=4)

@@ -111,6 +111,12 @@ ADAMW_BAD = [
     (dict(betas=(0.9, -0.1)), ValueError, "betas"),
     (dict(betas=0.9), TypeError, "betas"),
     (dict(eps=-1e-8), ValueError, "eps"),
+    (dict(preconditioner="diagonal"), ValueError, "preconditioner"),
+    (dict(growth_limit=0.9), ValueError, "growth_limit"),
+    (dict(growth_limit="1.01"), TypeError, "growth_limit"),
+    (dict(preconditioner="subspace", distribution="gaussian"), ValueError, "preconditioner"),
+    (dict(preconditioner="subspace", momentum_variant="paper"), ValueError, "preconditioner"),
+    (dict(preconditioner="subspace", betas=(0.0, 0.9)), ValueError, "preconditioner"),
 ]
 
 
@@ -198,6 +204,37 @@ def test_resume_is_bit_identical(opt_spec, split, options, tmp_path):
     _steps(resumed, opt2, split, 8)
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("distribution", ["orthonormal", "gradient"])
+@pytest.mark.parametrize("split", [2, 3, 4])
+def test_subspace_preconditioner_resume_is_bit_identical(split, distribution, tmp_path):
+    spec = (flora.FloraAdamW, {"lr": 1e-2})
+    options = dict(preconditioner="subspace", distribution=distribution)
+    model = _model()
+    opt = _make(spec, model, **options)
+    _steps(model, opt, 0, split)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+    _steps(model, opt, split, 8)
+    resumed = _model()
+    ckpt = torch.load(path, weights_only=True)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = _make(spec, resumed, **options)
+    opt2.load_state_dict(ckpt["opt"])
+    _steps(resumed, opt2, split, 8)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    # a state of the elementwise form is refused, naming what differs
+    other = _model()
+    plain = _make(spec, other)
+    _steps(other, plain, 0, 1)
+    with pytest.raises(
+        ValueError, match="projection" if distribution == "gradient" else "exp_avg_sq"
+    ):
+        _make(spec, model, **options).load_state_dict(
+            {**plain.state_dict(), "param_groups": opt.state_dict()["param_groups"]}
+        )
 
 
 def test_state_dict_round_trip_is_exact(opt_spec):

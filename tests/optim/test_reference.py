@@ -10,7 +10,13 @@ Properties checked (same projection matrices on both sides, >= 3 resampling wind
 
 import pytest
 import torch
-from reference import CompressedMomentum, flora_adafactor, flora_adamw, range_basis
+from reference import (
+    CompressedMomentum,
+    flora_adafactor,
+    flora_adamw,
+    range_basis,
+    subspace_adam,
+)
 
 import flora
 
@@ -210,6 +216,62 @@ def test_gradient_basis_matches_reference(opt_name):
             )
         err = (p.double() - ref).abs().max().item() / ref.abs().max().item()
         assert err < 1e-12, (key, err)
+
+
+SUBSPACE_CASES = [  # (distribution, dtype, tol); the gradient basis in float64 only: its
+    # float32 range finder differs from the float64 one by rounding, not by formula
+    ("orthonormal", torch.float64, 1e-12),
+    ("coordinates", torch.float64, 1e-12),
+    ("gradient", torch.float64, 1e-12),
+    ("orthonormal", torch.float32, 5e-5),
+]
+
+
+@pytest.mark.parametrize("distribution,dtype,tol", SUBSPACE_CASES)
+@pytest.mark.parametrize("growth_limit", [1.01, None])
+def test_subspace_preconditioner_matches_reference(distribution, dtype, tol, growth_limit):
+    """FloraAdamW(preconditioner="subspace"): GaLore + Fira with transferred moments."""
+    grads = _grads()
+    hp = dict(lr=1e-2, eps=1e-8, weight_decay=0.05)
+    kw = dict(betas=(0.9, 0.99), preconditioner="subspace", growth_limit=growth_limit, **hp)
+    if distribution == "gradient":
+        init, params, projs, _ = _run_gradient_basis(flora.FloraAdamW, grads, **kw)
+    else:
+        init, params, projs, _ = _run(
+            flora.FloraAdamW, dtype, grads, distribution=distribution, **kw
+        )
+    for key, p in params.items():
+        if key == "vector":  # not compressed: elementwise AdamW
+            ref = flora_adamw(
+                init[key].double(), grads[key], beta1=0.9, beta2=0.99, factored=False,
+                momentum=_vector_momentum(0.9), **hp,
+            )  # fmt: skip
+        else:
+            ref = subspace_adam(
+                init[key].double(), grads[key], beta1=0.9, beta2=0.99, side=key, kappa=KAPPA,
+                projection=lambda w, key=key: projs[key][w], growth_limit=growth_limit, **hp,
+            )  # fmt: skip
+        err = (p.double() - ref).abs().max().item() / ref.abs().max().item()
+        assert err < tol, (key, err)
+
+
+def test_subspace_preconditioner_limiter_and_transfer_matter():
+    """The comparison is sensitive to the limiter and to the moments' transfer."""
+    grads = _grads()
+    hp = dict(lr=1e-2, eps=1e-8, weight_decay=0.0)
+    init, params, projs, _ = _run(
+        flora.FloraAdamW, torch.float64, grads, betas=(0.9, 0.99), preconditioner="subspace", **hp
+    )
+    common = dict(beta1=0.9, beta2=0.99, side="left", kappa=KAPPA, **hp)
+    ref = subspace_adam(init["left"], grads["left"], projection=lambda w: projs["left"][w],
+                        growth_limit=1.01, **common)  # fmt: skip
+    no_limit = subspace_adam(init["left"], grads["left"], projection=lambda w: projs["left"][w],
+                             growth_limit=None, **common)  # fmt: skip
+    one_basis = subspace_adam(init["left"], grads["left"], projection=lambda w: projs["left"][0],
+                              growth_limit=1.01, **common)  # fmt: skip
+    assert torch.allclose(params["left"], ref, rtol=0, atol=1e-12)
+    assert not torch.allclose(params["left"], no_limit, rtol=0, atol=1e-6)
+    assert not torch.allclose(params["left"], one_basis, rtol=0, atol=1e-6)
 
 
 def test_reference_detects_a_wrong_transfer():

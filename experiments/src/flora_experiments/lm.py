@@ -22,6 +22,9 @@ Optimizers (``OPTIMIZERS``):
   ``flora-adamw-subspace`` — ``flora.FloraAdamW`` with the subspace variant (``FLORA_FORMS``);
   ``flora-gradient`` / ``flora-adamw-gradient`` — the subspace variant with each window's
   basis taken from the gradient (``distribution="gradient"``, the basis kept in the state);
+  ``flora-adamw-fira`` / ``flora-adamw-fira-gradient`` — ``flora.FloraAdamW`` with
+  ``preconditioner="subspace"`` (both moments in the subspace, the remainder scaled, GaLore +
+  Fira) on an orthonormal / gradient basis;
 * ``flora-opt`` — the official ``flora_opt.Flora`` (rank ``r``, ``beta1=0.9``);
 * ``galore`` — ``galore_torch.GaLoreAdamW`` and ``apollo`` — ``apollo_torch.APOLLOAdamW``
   (random projection), both at rank ``r`` on the attention and MLP matrices with their
@@ -67,6 +70,8 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
     "flora-adamw-subspace": ("flora (subspace momentum, orthonormal)", ADAM_LRS),
     "flora-gradient": ("flora (subspace momentum, gradient basis)", ADAFACTOR_LRS),
     "flora-adamw-gradient": ("flora (subspace momentum, gradient basis)", ADAM_LRS),
+    "flora-adamw-fira": ("flora (subspace Adam + scaled remainder, orthonormal)", ADAM_LRS),
+    "flora-adamw-fira-gradient": ("flora (subspace Adam + scaled remainder, gradient)", ADAM_LRS),
     "linear-momentum": ("flora (compress=False, factor_second_moment=False)", ADAFACTOR_LRS),
     "flora-linear": ("flora (factor_second_moment=False)", ADAFACTOR_LRS),
     "flora-opt": ("flora-opt", ADAFACTOR_LRS),
@@ -77,7 +82,7 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
 
 
 # the quality study's forms of Flora (issue 17): options on top of the defaults
-FLORA_FORMS: dict[str, dict[str, str]] = {
+FLORA_FORMS: dict[str, dict[str, Any]] = {
     # flora-opt's form, the library default before the study: the ``flora`` rows keep it
     "flora": {"momentum_variant": "history", "distribution": "gaussian"},
     "flora-adamw": {"momentum_variant": "history", "distribution": "gaussian"},
@@ -89,6 +94,8 @@ FLORA_FORMS: dict[str, dict[str, str]] = {
     "flora-adamw-subspace": {"momentum_variant": "subspace", "distribution": "orthonormal"},
     "flora-gradient": {"momentum_variant": "subspace", "distribution": "gradient"},
     "flora-adamw-gradient": {"momentum_variant": "subspace", "distribution": "gradient"},
+    "flora-adamw-fira": {"preconditioner": "subspace", "distribution": "orthonormal"},
+    "flora-adamw-fira-gradient": {"preconditioner": "subspace", "distribution": "gradient"},
 }
 
 

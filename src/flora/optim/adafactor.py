@@ -70,6 +70,7 @@ from flora.optim.base import (
     check_real,
     factored_zeros,
 )
+from flora.policy import Decision
 
 __all__ = ["Flora", "flora_adafactor_update_"]
 
@@ -367,8 +368,9 @@ class Flora(FloraOptimizerBase):
         return float(group["beta1"])
 
     def _second_moment_shapes(
-        self, group: dict[str, Any], shape: tuple[int, ...]
+        self, group: dict[str, Any], d: Decision
     ) -> dict[str, tuple[int, ...]]:
+        shape = d.shape
         if group["factor_second_moment"] and len(shape) >= 2:
             return {"row_var": (*shape[:-1], 1), "col_var": (*shape[:-2], 1, shape[-1])}
         return {"variance": shape}

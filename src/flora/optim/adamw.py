@@ -22,6 +22,39 @@ with ``momentum_variant="subspace"`` it is applied to the momentum term only,
 :math:`\hat m_t = (I - \Pi) g_t + c\,\operatorname{up}(M_t)/(1 - \beta_1^t)`, since the
 remainder is the exact gradient (:mod:`flora.momentum`); the second moment always sees the
 exact gradient; ``amsgrad`` is not offered.
+
+``preconditioner="subspace"`` (not in the Flora paper) keeps *both* moments of a compressed
+matrix in the projection's subspace, as GaLore (Zhao et al., 2024) does, and adds the
+gradient's remainder outside the subspace scaled by the subspace's normalisation, as Fira
+(Chen et al., 2024) does. With an orthonormal projection :math:`P \in \mathbb{R}^{r\times d}`
+(:math:`P P^\top = (d/r) I`, so :math:`\sqrt{c}\,P^\top` with :math:`c = r/d` has orthonormal
+columns), on the left side (the right side is the transpose):
+
+.. math::
+    R_t &= \sqrt c\,P G_t \in \mathbb{R}^{r \times n}
+        \quad\text{(the gradient's coordinates in the subspace)}\\
+    M &\leftarrow T M,\quad V \leftarrow (T \odot T)\,V,\quad T = c\,P' P^\top
+        \quad\text{(only when the window changes)}\\
+    M_t &= \beta_1 M_{t-1} + (1 - \beta_1) R_t,\qquad
+    V_t = \beta_2 V_{t-1} + (1 - \beta_2) R_t^2\\
+    N_t &= \frac{M_t / (1 - \beta_1^t)}{\sqrt{V_t / (1 - \beta_2^t)} + \epsilon}\\
+    \phi_j &= \lVert N_{t,:j} \rVert / (\lVert R_{t,:j} \rVert + \epsilon),\qquad
+    E_t = (G_t - \sqrt c\,P^\top R_t)\operatorname{diag}(\phi)\\
+    E_t &\leftarrow E_t / f_t,\quad f_t = \max(\lVert E_t\rVert / e_{t-1}, \gamma) / \gamma,
+        \quad e_t = \lVert E_t \rVert \quad\text{(norm-growth limiter; } f_t = 1
+        \text{ while } e_{t-1} = 0)\\
+    \theta_t &= \theta\,(1 - \gamma_{lr}\lambda) - \gamma_{lr}\,
+        \bigl(\sqrt c\,P^\top N_t + E_t\bigr)
+
+:math:`V`'s transfer keeps the diagonal of :math:`T \operatorname{diag}(v) T^\top` (exact
+for uncorrelated coordinates). State per compressed matrix: ``exp_avg`` and ``exp_avg_sq``
+of the compressed shape, the scalar ``residual_norm`` (:math:`e_t`), and the basis with
+``distribution="gradient"`` — :math:`2 r n + 1` numbers (+ :math:`r d`) instead of
+:math:`r n + m n`. Deviations from GaLore/Fira: no scale :math:`\alpha` on the subspace term
+(the step size absorbs it), the exact remainder :math:`(I - \Pi) G` (Fira subtracts the
+:math:`\alpha`-scaled projection), the moments transferred to a new basis instead of kept
+in the old coordinates, and a seeded basis by default (GaLore's is an SVD of the gradient,
+ours with ``distribution="gradient"`` a randomized range finder).
 """
 
 from __future__ import annotations
@@ -41,8 +74,14 @@ from flora.optim.base import (
     check_real,
     factored_zeros,
 )
+from flora.policy import Decision
+from flora.projection import ORTHONORMAL, down, up
 
-__all__ = ["FloraAdamW", "flora_adamw_update_"]
+__all__ = ["PRECONDITIONERS", "FloraAdamW", "flora_adamw_update_", "subspace_adam_update_"]
+
+#: how FloraAdamW divides by the second moment: per coordinate of the exact gradient, or
+#: inside the projection's subspace (GaLore + Fira, see the module docstring)
+PRECONDITIONERS: tuple[str, ...] = ("elementwise", "subspace")
 
 
 def flora_adamw_update_(
@@ -121,6 +160,55 @@ def flora_adamw_update_(
     param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
+def subspace_adam_update_(
+    param: Tensor,  # updated in place; float32/float64 (callers upcast fp16/bf16)
+    grad: Tensor,  # same shape and dtype as param
+    state: dict[str, Any],  # step:int, exp_avg, exp_avg_sq (compressed shape), residual_norm
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    projections: tuple[Tensor, Tensor | None, str],  # (P, P_next, side); P orthonormal
+    growth_limit: float | None,
+) -> None:
+    """One step of ``preconditioner="subspace"`` for one compressed matrix (module docstring)."""
+    state["step"] += 1
+    step = float(state["step"])
+    proj, proj_next, side = projections
+    left = side == "left"
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    c = proj.shape[0] / proj.shape[1]
+    root = math.sqrt(c)
+    if proj_next is not None:  # the moments move to the new basis: T = c P' P^T (left)
+        t = (proj_next @ proj.T).mul_(c) if left else (proj @ proj_next.T).mul_(c)
+        t2 = t * t
+        exp_avg.copy_(t @ exp_avg if left else exp_avg @ t)
+        exp_avg_sq.copy_(t2 @ exp_avg_sq if left else exp_avg_sq @ t2)
+        proj = proj_next
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    g = grad.reshape(param.shape[0], math.prod(param.shape[1:]))
+    low = down(g, proj, side).mul_(root)  # R
+    exp_avg.lerp_(low, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+    denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
+    normed = (exp_avg / (1 - beta1**step)).div_(denom)  # N
+    reduce = 0 if left else 1  # over the subspace coordinates: one factor per channel
+    phi = normed.norm(dim=reduce, keepdim=True).div_(low.norm(dim=reduce, keepdim=True).add_(eps))
+    residual = torch.sub(g, up(low, proj, side), alpha=root).mul_(phi)  # E
+    if growth_limit is not None:
+        previous = state["residual_norm"]
+        norm = residual.norm()
+        ratio = norm / previous.clamp(min=torch.finfo(norm.dtype).tiny)
+        factor = torch.where(previous > 0, ratio.clamp(min=growth_limit) / growth_limit, 1.0)
+        residual.div_(factor)
+        previous.copy_(norm / factor)
+    direction = residual.add_(up(normed, proj, side), alpha=root)
+    param.add_(direction.view_as(param), alpha=-lr)
+
+
 class FloraAdamW(FloraOptimizerBase):
     r"""AdamW with the first moment compressed by resampled random projections.
 
@@ -138,6 +226,15 @@ class FloraAdamW(FloraOptimizerBase):
         weight_decay: decoupled weight decay :math:`\lambda`. Default ``1e-2``.
         factor_second_moment: keep :math:`v` as Adafactor's row/column factors for tensors
             with >= 2 dims (sublinear memory) instead of full size. Default ``False``.
+        preconditioner: ``"elementwise"`` (default: Adam's division by the second moment of
+            the exact gradient, per coordinate) or ``"subspace"`` (both moments of a
+            compressed matrix kept in the projection's subspace and the remainder scaled,
+            GaLore + Fira; module docstring). ``"subspace"`` needs
+            ``momentum_variant="subspace"``, an orthonormal ``distribution``
+            (``"orthonormal"``, ``"coordinates"`` or ``"gradient"``) and ``betas[0] > 0``;
+            parameters left uncompressed keep the elementwise form.
+        growth_limit: the norm-growth limiter :math:`\gamma` of ``"subspace"``'s remainder
+            (Fira's 1.01, default), or ``None`` for no limit.
 
     Example:
         >>> import torch, flora
@@ -159,6 +256,8 @@ class FloraAdamW(FloraOptimizerBase):
         weight_decay: float = 1e-2,
         *,
         factor_second_moment: bool = False,
+        preconditioner: str = "elementwise",
+        growth_limit: float | None = 1.01,
         rank: int = 32,
         kappa: int = 1000,
         seed: int = 0,
@@ -178,6 +277,8 @@ class FloraAdamW(FloraOptimizerBase):
             eps=eps,
             weight_decay=weight_decay,
             factor_second_moment=factor_second_moment,
+            preconditioner=preconditioner,
+            growth_limit=growth_limit,
             rank=rank,
             kappa=kappa,
             seed=seed,
@@ -200,6 +301,32 @@ class FloraAdamW(FloraOptimizerBase):
         check_real(f"{where}betas[1]", betas[1], 0.0, 1.0, high_open=True)
         check_real(f"{where}eps", group["eps"], 0.0, float("inf"), high_open=False)
         check_bool(f"{where}factor_second_moment", group["factor_second_moment"])
+        preconditioner = group["preconditioner"]
+        if preconditioner not in PRECONDITIONERS:
+            raise ValueError(
+                f"{where}preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}"
+            )
+        if group["growth_limit"] is not None:
+            check_real(f"{where}growth_limit", group["growth_limit"], 1.0, math.inf,
+                       high_open=False)  # fmt: skip
+        if preconditioner == "subspace":
+            needs = [
+                (group["momentum_variant"] == "subspace", "momentum_variant='subspace'"),
+                (group["distribution"] in ORTHONORMAL, f"a distribution in {ORTHONORMAL}"),
+                (betas[0] > 0, "betas[0] > 0"),
+            ]
+            for ok, what in needs:
+                if not ok:
+                    raise ValueError(f"{where}preconditioner='subspace' needs {what}")
+
+    def _sharding_refusal(self, group: dict[str, Any]) -> str | None:
+        if group["preconditioner"] == "subspace":
+            return "preconditioner='subspace'"
+        return super()._sharding_refusal(group)
+
+    def _subspace(self, group: dict[str, Any], d: Decision) -> bool:
+        """Whether ``preconditioner="subspace"`` applies to a parameter with policy ``d``."""
+        return group["preconditioner"] == "subspace" and d.compressed
 
     def _uses_momentum(self, group: dict[str, Any]) -> bool:
         return group["betas"][0] > 0
@@ -208,8 +335,11 @@ class FloraAdamW(FloraOptimizerBase):
         return float(group["betas"][0])
 
     def _second_moment_shapes(
-        self, group: dict[str, Any], shape: tuple[int, ...]
+        self, group: dict[str, Any], d: Decision
     ) -> dict[str, tuple[int, ...]]:
+        shape = d.shape
+        if self._subspace(group, d):
+            return {"exp_avg_sq": d.state_shape, "residual_norm": ()}  # type: ignore[dict-item]
         if group["factor_second_moment"] and len(shape) >= 2:
             return {"row_var": (*shape[:-1], 1), "col_var": (*shape[:-2], 1, shape[-1])}
         return {"exp_avg_sq": shape}
@@ -218,13 +348,32 @@ class FloraAdamW(FloraOptimizerBase):
         self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
     ) -> None:
         beta1, beta2 = (float(b) for b in group["betas"])
-        if "step" not in state:
+        first = "step" not in state
+        if first:
             state["step"] = 0
+        projections = self._momentum_inputs(p, group, name, state, beta1, grad)
+        if projections is not None and group["preconditioner"] == "subspace":
+            if first:
+                state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+                state["residual_norm"] = torch.zeros((), dtype=p.dtype, device=p.device)
+            subspace_adam_update_(
+                p,
+                grad,
+                state,
+                lr=float(group["lr"]),
+                beta1=beta1,
+                beta2=beta2,
+                eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]),
+                projections=projections,
+                growth_limit=group["growth_limit"],
+            )
+            return
+        if first:
             if group["factor_second_moment"] and grad.dim() > 1:
                 state["row_var"], state["col_var"] = factored_zeros(grad)
             else:
                 state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-        projections = self._momentum_inputs(p, group, name, state, beta1, grad)
         flora_adamw_update_(
             p,
             grad,

@@ -530,7 +530,7 @@ class FloraOptimizerBase(Optimizer):
     def _state_numel(self, group: dict[str, Any], d: Decision) -> tuple[int, int]:
         """(elements of state, elements with compression off) for one parameter."""
         numel = math.prod(d.shape)
-        second = sum(map(math.prod, self._second_moment_shapes(group, d.shape).values()))
+        second = sum(map(math.prod, self._second_moment_shapes(group, d).values()))
         if not self._uses_momentum(group):
             return second, second
         momentum = math.prod(d.state_shape) if d.compressed else numel  # type: ignore[arg-type]
@@ -586,10 +586,16 @@ class FloraOptimizerBase(Optimizer):
 
     # ------------------------------------------------------------------ state dict
     def _second_moment_shapes(
-        self, group: dict[str, Any], shape: tuple[int, ...]
+        self, group: dict[str, Any], d: Decision
     ) -> dict[str, tuple[int, ...]]:
-        """Subclass hook: the second-moment state tensors of a parameter of ``shape``."""
+        """Subclass hook: the second-moment state tensors of a parameter (policy ``d``)."""
         raise NotImplementedError
+
+    def _sharding_refusal(self, group: dict[str, Any]) -> str | None:
+        """Why ``group``'s settings cannot update an FSDP2-sharded parameter, or None."""
+        if group["distribution"] == GRADIENT:
+            return "distribution='gradient' (its range finder needs the whole gradient)"
+        return None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like ``torch.optim.Optimizer``, with names, validation and Flora's dtypes.
@@ -702,8 +708,8 @@ class FloraOptimizerBase(Optimizer):
                 f"(a state saved by another optimizer than {cls}?)"
             )
         shape = tuple(p.shape)
-        expected: dict[str, tuple[int, ...]] = dict(self._second_moment_shapes(group, shape))
         d = self._decide(group, name, p)
+        expected: dict[str, tuple[int, ...]] = dict(self._second_moment_shapes(group, d))
         ints = {"step", "nonfinite_skips"}
         if self._uses_momentum(group) and "exp_avg" in st:
             if d.compressed:
@@ -762,7 +768,7 @@ class FloraOptimizerBase(Optimizer):
                     f"{where}: {key!r} has shape {tuple(value.shape)}, expected "
                     f"{tuple(expected[key])}"
                 )
-        missing = [k for k in self._second_moment_shapes(group, shape) if k not in st]
+        missing = [k for k in self._second_moment_shapes(group, d) if k not in st]
         if missing:
             raise ValueError(f"{where}: missing {missing}")
 
@@ -827,10 +833,10 @@ class FloraOptimizerBase(Optimizer):
         # FSDP2: work on each rank's shard; decisions use the global shape (see _decide)
         sharded = [_is_sharded(p) for _, _, p in named]
         for (group, name, _), is_sharded in zip(named, sharded, strict=True):
-            if is_sharded and group["distribution"] == GRADIENT:
+            refusal = self._sharding_refusal(group) if is_sharded else None
+            if refusal is not None:
                 raise ValueError(
-                    f"distribution='gradient' does not support FSDP2-sharded parameters yet "
-                    f"({name}): its range finder needs the whole gradient"
+                    f"{refusal} does not support FSDP2-sharded parameters yet ({name})"
                 )
         locals_ = [
             (p._local_tensor, p.grad._local_tensor) if is_sharded else (p, p.grad)

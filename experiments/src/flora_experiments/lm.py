@@ -24,7 +24,8 @@ Optimizers (``OPTIMIZERS``):
   basis taken from the gradient (``distribution="gradient"``, the basis kept in the state);
   ``flora-adamw-fira`` / ``flora-adamw-fira-gradient`` — ``flora.FloraAdamW`` with
   ``preconditioner="subspace"`` (both moments in the subspace, the remainder scaled, GaLore +
-  Fira) on an orthonormal / gradient basis;
+  Fira) on an orthonormal / gradient basis; a ``-xemb`` suffix leaves the token embedding
+  and the head uncompressed (``exclude``), the scope of the GaLore / APOLLO / LoRA rows;
 * ``flora-opt`` — the official ``flora_opt.Flora`` (rank ``r``, ``beta1=0.9``);
 * ``galore`` — ``galore_torch.GaLoreAdamW`` and ``apollo`` — ``apollo_torch.APOLLOAdamW``
   (random projection), both at rank ``r`` on the attention and MLP matrices with their
@@ -55,6 +56,7 @@ from flora_experiments.report import Results
 __all__ = ["OPTIMIZERS", "LMConfig", "run", "run_kappa", "train_one"]
 
 MATRICES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EMBEDDINGS = [r"embed_tokens", r"lm_head"]  # what the peers' rows leave to AdamW with the norms
 ADAM_LRS = (1e-3, 3e-3, 1e-2)
 ADAFACTOR_LRS = (1e-2, 3e-2, 1e-1)  # relative step caps
 OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, full lr sweep)
@@ -72,6 +74,9 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
     "flora-adamw-gradient": ("flora (subspace momentum, gradient basis)", ADAM_LRS),
     "flora-adamw-fira": ("flora (subspace Adam + scaled remainder, orthonormal)", ADAM_LRS),
     "flora-adamw-fira-gradient": ("flora (subspace Adam + scaled remainder, gradient)", ADAM_LRS),
+    "flora-gradient-xemb": ("flora (gradient basis; embeddings, head full)", ADAFACTOR_LRS),
+    "flora-subspace-xemb": ("flora (orthonormal; embeddings, head full)", ADAFACTOR_LRS),
+    "flora-adamw-fira-xemb": ("flora (subspace Adam; embeddings, head full)", ADAM_LRS),
     "linear-momentum": ("flora (compress=False, factor_second_moment=False)", ADAFACTOR_LRS),
     "flora-linear": ("flora (factor_second_moment=False)", ADAFACTOR_LRS),
     "flora-opt": ("flora-opt", ADAFACTOR_LRS),
@@ -96,6 +101,10 @@ FLORA_FORMS: dict[str, dict[str, Any]] = {
     "flora-adamw-gradient": {"momentum_variant": "subspace", "distribution": "gradient"},
     "flora-adamw-fira": {"preconditioner": "subspace", "distribution": "orthonormal"},
     "flora-adamw-fira-gradient": {"preconditioner": "subspace", "distribution": "gradient"},
+    # the scope of the GaLore / APOLLO / LoRA rows: the token embedding and the head uncompressed
+    "flora-gradient-xemb": {"distribution": "gradient", "exclude": EMBEDDINGS},
+    "flora-subspace-xemb": {"exclude": EMBEDDINGS},
+    "flora-adamw-fira-xemb": {"preconditioner": "subspace", "exclude": EMBEDDINGS},
 }
 
 

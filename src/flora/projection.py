@@ -56,7 +56,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -208,28 +209,35 @@ def range_basis(
     window: int,
     stream: str = "momentum",
     power_iterations: int = 1,
+    shard: tuple[int, int, Callable[[Tensor], Any]] | None = None,
 ) -> Tensor:
     r"""Rows spanning the dominant ``rank``-dimensional subspace of ``x`` (m, n) on ``side``.
 
     A randomized range finder with subspace iteration (Halko, Martinsson & Tropp, 2011,
-    Algorithms 4.4 and 5.1), for the left side (the column space of ``x``; the right side
-    applies it to :math:`x^\top`), with :math:`k = \min(2r, m)` sketch columns and
-    :math:`q` = ``power_iterations``:
+    Algorithms 4.3/4.4 and 5.1), for the left side (the column space of :math:`a = x`; the
+    right side takes :math:`a = x^\top`, of shape ``(d, o)``), with :math:`k = \min(2r, d)`
+    sketch columns and :math:`q` = ``power_iterations``:
 
     .. math::
-        Y &= x\,\Omega^\top \quad(\Omega \in \mathbb{R}^{k \times n}
+        Q &= \operatorname{qr}(a\,\Omega^\top) \quad(\Omega \in \mathbb{R}^{k \times o}
             \text{ the seeded Gaussian } \texttt{projection\_matrix}
-            (k, n, \text{stream} = \text{stream} + \texttt{"/sketch"}))\\
-        Q &= \operatorname{qr}(Y), \text{ then } q \text{ times: }
-            Q = \operatorname{qr}(x\,\operatorname{qr}(x^\top Q))\\
-        U_B\,\Sigma\,V_B^\top &= Q^\top x \quad\text{(thin SVD)}\\
-        P &= \sqrt{m/r}\;\bigl(Q\,U_B[:, :r]\bigr)^\top \in \mathbb{R}^{r \times m}
+            (k, o, \text{stream} = \text{stream} + \texttt{"/sketch"}))\\
+        Q &= \operatorname{qr}\bigl(a\,(a^\top Q)\bigr) \quad (q \text{ times})\\
+        U_B &= \text{the } r \text{ leading eigenvectors of } B B^\top,
+            \quad B = Q^\top a \in \mathbb{R}^{k \times o}\\
+        P &= \sqrt{d/r}\;\bigl(Q\,U_B\bigr)^\top \in \mathbb{R}^{r \times d}
 
-    so :math:`P P^\top = (m/r) I_r` and :math:`(r/m) P^\top P` is the orthogonal projector on
-    the ``rank`` leading left singular vectors of ``x`` (exactly so when ``x`` has rank
+    so :math:`P P^\top = (d/r) I_r` and :math:`(r/d) P^\top P` is the orthogonal projector on
+    the ``rank`` leading left singular vectors of ``a`` (exactly so when ``a`` has rank
     :math:`\le k`, otherwise to the range finder's accuracy). The arithmetic runs in ``x``'s
     dtype on ``x``'s device; a zero ``x`` still gives orthonormal rows (Householder QR). The
     result is deterministic for a given ``x`` and device, but not a function of the seed alone.
+
+    ``shard=(offset, rows, sum_)`` (right side only): ``x`` holds rows ``offset ..`` of a
+    matrix of ``rows`` rows split across processes (FSDP2), and ``sum_`` all-reduces a
+    tensor in place; every product above is a sum over rows, so each process uses its columns
+    of :math:`\Omega` and three all-reduces (of ``(d, k)``, ``(d, k)`` per power iteration and
+    ``(k, k)``) give every process the same basis as one device, to rounding.
     """
     _check_side(side)
     if x.dim() != 2:
@@ -240,21 +248,35 @@ def range_basis(
         raise TypeError(f"power_iterations must be an int, got {type(power_iterations).__name__}")
     if power_iterations < 0:
         raise ValueError(f"power_iterations must be >= 0, got {power_iterations}")
+    if shard is not None and side != "right":
+        raise ValueError("shard: a row-sharded matrix's basis is found on the right side only")
     a = x if side == "left" else x.T  # basis of a's column space
     dim, other = a.shape
+    offset, total, sum_ = shard if shard is not None else (0, other, _no_reduce)
     _validate(rank, dim, seed, key, window)
     if rank > dim:
         raise ValueError(f"a gradient basis needs rank <= dim, got {rank} > {dim}")
     k = min(2 * rank, dim)
     sketch = projection_matrix(
-        k, other, seed=seed, key=key, window=window, stream=f"{stream}/sketch",
+        k, total, seed=seed, key=key, window=window, stream=f"{stream}/sketch",
         device=a.device, dtype=a.dtype,
-    )  # fmt: skip
-    q = torch.linalg.qr(a @ sketch.T).Q  # (dim, k)
+    )[:, offset : offset + other]  # fmt: skip
+    y = a @ sketch.T  # (dim, k)
+    sum_(y)
+    q = torch.linalg.qr(y).Q
     for _ in range(power_iterations):
-        q = torch.linalg.qr(a @ torch.linalg.qr(a.T @ q).Q).Q
-    u_b = torch.linalg.svd(q.T @ a, full_matrices=False).U  # (k, k)
-    return (q @ u_b[:, :rank]).T.mul_(math.sqrt(dim / rank)).contiguous()
+        y = a @ (a.T @ q)
+        sum_(y)
+        q = torch.linalg.qr(y).Q
+    b = q.T @ a  # (k, other)
+    gram = b @ b.T
+    sum_(gram)
+    u_b = torch.linalg.eigh(gram).eigenvectors.flip(-1)[:, :rank]  # descending eigenvalues
+    return (q @ u_b).T.mul_(math.sqrt(dim / rank)).contiguous()
+
+
+def _no_reduce(t: Tensor) -> None:
+    return None
 
 
 def _check_side(side: str) -> None:

@@ -172,8 +172,12 @@ def subspace_adam_update_(
     weight_decay: float,
     projections: tuple[Tensor, Tensor | None, str],  # (P, P_next, side); P orthonormal
     growth_limit: float | None,
+    shards: ShardReduce | None = None,  # FSDP2: a row shard (compressed on the right)
 ) -> None:
-    """One step of ``preconditioner="subspace"`` for one compressed matrix (module docstring)."""
+    """One step of ``preconditioner="subspace"`` for one compressed matrix (module docstring).
+
+    Under FSDP2 everything is row-local except the remainder's norm for the limiter (one
+    all-reduce of one number)."""
     state["step"] += 1
     step = float(state["step"])
     proj, proj_next, side = projections
@@ -200,7 +204,12 @@ def subspace_adam_update_(
     residual = torch.sub(g, up(low, proj, side), alpha=root).mul_(phi)  # E
     if growth_limit is not None:
         previous = state["residual_norm"]
-        norm = residual.norm()
+        if shards is None:
+            norm = residual.norm()
+        else:
+            norm = residual.square().sum().reshape(1)
+            shards.sum_(norm)
+            norm = norm.sqrt_()[0]
         ratio = norm / previous.clamp(min=torch.finfo(norm.dtype).tiny)
         factor = torch.where(previous > 0, ratio.clamp(min=growth_limit) / growth_limit, 1.0)
         residual.div_(factor)
@@ -319,11 +328,6 @@ class FloraAdamW(FloraOptimizerBase):
                 if not ok:
                     raise ValueError(f"{where}preconditioner='subspace' needs {what}")
 
-    def _sharding_refusal(self, group: dict[str, Any]) -> str | None:
-        if group["preconditioner"] == "subspace":
-            return "preconditioner='subspace'"
-        return super()._sharding_refusal(group)
-
     def _subspace(self, group: dict[str, Any], d: Decision) -> bool:
         """Whether ``preconditioner="subspace"`` applies to a parameter with policy ``d``."""
         return group["preconditioner"] == "subspace" and d.compressed
@@ -367,6 +371,7 @@ class FloraAdamW(FloraOptimizerBase):
                 weight_decay=float(group["weight_decay"]),
                 projections=projections,
                 growth_limit=group["growth_limit"],
+                shards=self._shards,
             )
             return
         if first:

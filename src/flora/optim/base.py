@@ -173,8 +173,10 @@ class ShardReduce:
 
 def _row_sharded_keys(p: Tensor) -> Callable[[str], bool]:
     """Which state keys are split by rows like ``p`` (the rest are replicated): all but the
-    column factor of a matrix, whose rows are the reduced dimension."""
-    return lambda key: not (key == "col_var" and p.dim() == 2)
+    column factor of a matrix, whose rows are the reduced dimension, a gradient basis (over
+    the columns: FSDP2 compresses on the right) and scalars."""
+    replicated = {"projection", "residual_norm"}  # a basis over columns, a scalar
+    return lambda key: key not in replicated and not (key == "col_var" and p.dim() == 2)
 
 
 def _as_dtensor(local: Tensor, p: Tensor, row_sharded: bool) -> Tensor:
@@ -501,10 +503,21 @@ class FloraOptimizerBase(Optimizer):
         momentum = state["exp_avg"]
         rank = momentum.shape[0] if side == "left" else momentum.shape[1]
         matrix = grad.reshape(p.shape[0], math.prod(p.shape[1:]))
+        shard = None
+        if self._shards is not None:  # FSDP2: this rank's rows of the global matrix
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            whole = self._current_param
+            offset = compute_local_shape_and_global_offset(
+                whole.shape,
+                whole.device_mesh,
+                whole.placements,  # type: ignore[union-attr]
+            )[1][0]
+            shard = (int(offset), int(self._shards.shape[0]), self._shards.sum_)
         return range_basis(
             matrix.to(momentum.dtype), rank, side,  # type: ignore[arg-type]
             seed=group["seed"], key=state["key"], window=state["window"],
-            stream=self.projection_stream,
+            stream=self.projection_stream, shard=shard,
         )  # fmt: skip
 
     def _init_momentum(
@@ -592,9 +605,8 @@ class FloraOptimizerBase(Optimizer):
         raise NotImplementedError
 
     def _sharding_refusal(self, group: dict[str, Any]) -> str | None:
-        """Why ``group``'s settings cannot update an FSDP2-sharded parameter, or None."""
-        if group["distribution"] == GRADIENT:
-            return "distribution='gradient' (its range finder needs the whole gradient)"
+        """Subclass hook: why ``group``'s settings cannot update an FSDP2-sharded parameter,
+        or None (every option is supported today)."""
         return None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -64,6 +64,7 @@ class AccumulateConfig:
     widen: int = 2  # step sizes tried past a sweep edge while the best sits on it
     test_per_work: int = 100
     optimizer: str = "adamw"  # or "adafactor" (torch.optim.Adafactor, the paper's base)
+    distribution: str = "gaussian"  # the accumulator's projection family (flora.projection)
     seed: int = 0
 
     @classmethod
@@ -172,7 +173,11 @@ def train_one(
         raise ValueError(f"optimizer must be 'adamw' or 'adafactor', got {cfg.optimizer!r}")
     tau = 1 if kind == "none" else cfg.accumulate
     acc = (
-        flora.GradientAccumulator(model, tau, rank=rank, seed=cfg.seed) if kind == "flora" else None
+        flora.GradientAccumulator(
+            model, tau, rank=rank, seed=cfg.seed, distribution=cfg.distribution
+        )
+        if kind == "flora"
+        else None
     )
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     order = torch.randint(len(train), (cfg.steps * cfg.accumulate,), generator=gen).tolist()
@@ -246,7 +251,8 @@ def run(cfg: AccumulateConfig, *, name: str, data_root=None, pretrained: bool = 
         f"tokens, {cfg.steps} optimizer steps of {cfg.accumulate} micro-batches of 1 "
         f"(none: {cfg.steps * cfg.accumulate} steps of 1); {cfg.optimizer}, constant step "
         f"size, best of a sweep from {_listing(cfg.lrs)} (LoRA: {_listing(cfg.lora_lrs)}; "
-        f"alpha = r). Chance is {1 / len(cfg.works):.3f}."
+        f"alpha = r); the accumulator's projection: {cfg.distribution}. Chance is "
+        f"{1 / len(cfg.works):.3f}."
     )
     res.notes.append(edge_note(rows, cfg.widen))
     plot_sweeps(res, rows, "accuracy", "test accuracy", "accumulation_ratio",

@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from flora.optim.base import state_dtype
+from flora.options import state_dtype
 from flora.policy import (
     Decision,
     check_options,

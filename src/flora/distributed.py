@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from flora.optim.base import state_dtype
+from flora.options import state_dtype
 from flora.policy import check_options, compile_patterns, decide, warn_unmatched_patterns
 from flora.projection import down, parameter_key, projection_matrix, up
 from flora.replicas import check_same_settings

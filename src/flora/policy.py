@@ -33,10 +33,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from flora.options import SIDE_CHOICES, check_bool, check_choice, check_int
 from flora.projection import DISTRIBUTIONS, ORTHONORMAL
 
 __all__ = [
-    "SIDES",
     "Decision",
     "check_options",
     "check_unique_names",
@@ -46,8 +46,6 @@ __all__ = [
     "momentum_growth",
     "warn_unmatched_patterns",
 ]
-
-SIDES = ("auto", "left", "right")
 
 
 @dataclass(frozen=True)
@@ -174,18 +172,12 @@ def check_options(
 ) -> None:
     """Raise TypeError/ValueError naming the argument for bad compression options (shared by
     the accumulator and the DDP hook; the optimizers validate per parameter group)."""
-    for name, value, low in (("rank", rank, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
+    check_int("rank", rank, 1)
+    check_int("seed", seed, 0)
     for name, flag in flags.items():
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    if side not in SIDES:
-        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        check_bool(name, flag)
+    check_choice("side", side, SIDE_CHOICES)
+    check_choice("distribution", distribution, DISTRIBUTIONS)
 
 
 def decide(
@@ -216,8 +208,7 @@ def decide(
         if re.search(pattern, name):
             return Decision(name, shape, False, f"excluded by pattern {pattern!r}")
     m, n = view
-    if side not in SIDES:
-        raise ValueError(f"side must be 'auto', 'left' or 'right', got {side!r}")
+    check_choice("side", side, SIDE_CHOICES)
     why = ""
     if row_sharded:
         if side == "left":

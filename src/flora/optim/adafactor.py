@@ -66,10 +66,9 @@ from flora.momentum import compressed_ema_
 from flora.optim.base import (
     FloraOptimizerBase,
     ShardReduce,
-    check_bool,
-    check_real,
     factored_zeros,
 )
+from flora.options import check_bool, check_real
 from flora.policy import Decision
 
 __all__ = ["Flora", "flora_adafactor_update_"]

@@ -70,10 +70,9 @@ from flora.momentum import compressed_ema_
 from flora.optim.base import (
     FloraOptimizerBase,
     ShardReduce,
-    check_bool,
-    check_real,
     factored_zeros,
 )
+from flora.options import check_bool, check_real
 from flora.policy import Decision
 from flora.projection import ORTHONORMAL, down, up
 

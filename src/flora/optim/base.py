@@ -60,6 +60,16 @@ except ImportError:  # pragma: no cover
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 from flora.momentum import VARIANTS
+from flora.options import (
+    NONFINITE_POLICIES,
+    SIDE_CHOICES,
+    check_bool,
+    check_choice,
+    check_int,
+    check_real,
+    is_int,
+    state_dtype,
+)
 from flora.policy import (
     Decision,
     check_unique_names,
@@ -82,39 +92,8 @@ __all__ = ["FloraOptimizerBase", "ShardReduce"]
 
 _SIDE_CODES = {"left": 0, "right": 1}
 _SIDE_NAMES = ("left", "right")
-NONFINITE_POLICIES = ("skip", "skip_parameter", "raise")
-MOMENTUM_VARIANTS = VARIANTS  # flora.momentum owns the list
 #: the momentum's projections: the seeded families, or a gradient basis kept in the state
 MOMENTUM_DISTRIBUTIONS = (*DISTRIBUTIONS, GRADIENT)
-SIDE_OPTIONS = ("auto", "left", "right")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
-        isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex()
-    )
-
-
-def check_real(name: str, value: object, low: float, high: float, *, high_open: bool) -> None:
-    """Raise TypeError/ValueError naming ``name`` unless ``low <= value <= high`` (or ``<``)."""
-    if isinstance(value, Tensor) and value.numel() != 1:
-        raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
-    if not _is_real(value):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)  # type: ignore[arg-type]
-    if math.isnan(v) or v < low or (v >= high if high_open else v > high):
-        bracket = ")" if high_open else "]"
-        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {v}")
-
-
-def check_bool(name: str, value: object) -> None:
-    """Raise TypeError naming ``name`` unless ``value`` is a bool."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def factored_zeros(grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,11 +101,6 @@ def factored_zeros(grad: Tensor) -> tuple[Tensor, Tensor]:
     row_shape, col_shape = list(grad.shape), list(grad.shape)
     row_shape[-1], col_shape[-2] = 1, 1
     return grad.new_zeros(row_shape), grad.new_zeros(col_shape)
-
-
-def state_dtype(param: Tensor) -> torch.dtype:
-    """State and update math run in float32 for fp16/bf16 parameters, else in their dtype."""
-    return torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
 
 
 def _all_finite(grads: list[Tensor]) -> list[bool]:
@@ -227,32 +201,18 @@ class FloraOptimizerBase(Optimizer):
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
         check_real(f"{where}lr", group["lr"], 0.0, math.inf, high_open=False)
         check_real(f"{where}weight_decay", group["weight_decay"], 0.0, math.inf, high_open=False)
-        rank = group["rank"]
-        if not _is_int(rank):
-            raise TypeError(f"{where}rank must be an int, got {type(rank).__name__}")
-        if rank <= 0:
-            raise ValueError(f"{where}rank must be positive, got {rank}")
-        kappa = group["kappa"]
-        if not _is_int(kappa):
-            raise TypeError(f"{where}kappa must be an int, got {type(kappa).__name__}")
-        if kappa <= 0:
-            raise ValueError(f"{where}kappa must be positive, got {kappa}")
-        seed = group["seed"]
-        if not _is_int(seed):
-            raise TypeError(f"{where}seed must be an int, got {type(seed).__name__}")
-        if seed < 0:
-            raise ValueError(f"{where}seed must be >= 0, got {seed}")
+        for key, low in (("rank", 1), ("kappa", 1), ("seed", 0)):
+            check_int(f"{where}{key}", group[key], low)
         for flag in ("compress", "maximize", "cache_projection"):
             check_bool(f"{where}{flag}", group[flag])
         choices = (
-            ("side", SIDE_OPTIONS),
-            ("momentum_variant", MOMENTUM_VARIANTS),
+            ("side", SIDE_CHOICES),
+            ("momentum_variant", VARIANTS),
             ("nonfinite", NONFINITE_POLICIES),
             ("distribution", MOMENTUM_DISTRIBUTIONS),
         )
         for key, options in choices:
-            if group[key] not in options:
-                raise ValueError(f"{where}{key} must be one of {options}, got {group[key]!r}")
+            check_choice(f"{where}{key}", group[key], options)
         if group["distribution"] == GRADIENT:
             if group["momentum_variant"] != "subspace":
                 raise ValueError(
@@ -714,7 +674,7 @@ class FloraOptimizerBase(Optimizer):
         if not st:
             return
         step = st.get("step")
-        if not _is_int(step) or step < 0:
+        if not is_int(step) or step < 0:
             raise ValueError(
                 f"{where}: 'step' must be a non-negative int, got {type(step).__name__} "
                 f"(a state saved by another optimizer than {cls}?)"
@@ -726,7 +686,7 @@ class FloraOptimizerBase(Optimizer):
         if self._uses_momentum(group) and "exp_avg" in st:
             if d.compressed:
                 for key in ("key", "side", "window", "window_start"):
-                    if not _is_int(st.get(key)):
+                    if not is_int(st.get(key)):
                         raise ValueError(
                             f"{where}: a full-size momentum, but {cls} compresses it now "
                             f"({d.reason}); load into an optimizer with the same settings"
@@ -765,7 +725,7 @@ class FloraOptimizerBase(Optimizer):
                 expected["exp_avg"] = shape
         for key, value in st.items():
             if key in ints:
-                if not _is_int(value):
+                if not is_int(value):
                     raise ValueError(f"{where}: {key!r} must be an int")
                 continue
             if key not in expected:

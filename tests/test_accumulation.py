@@ -407,6 +407,55 @@ def test_step_in_backward_holds_one_gradient_at_a_time():
     assert live == [1] * (2 * n)  # one step per parameter per cycle, one gradient alive
 
 
+@pytest.mark.parametrize("opt_cls", ["Flora", "FloraAdamW"])
+def test_step_in_backward_is_linear_in_the_parameters(opt_cls):
+    """Flora's optimizers are stepped per parameter through step_parameter: the parameter
+    list is walked a constant number of times per cycle (once by the closing step()), not
+    once per parameter; step hooks see one step per cycle."""
+    import flora
+
+    model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(12)])  # 24 parameters
+    opt = getattr(flora, opt_cls)(model.named_parameters(), rank=2)
+    walked, hooks = [0], []
+    original = opt._named_params
+
+    def counting():
+        for item in original():
+            walked[0] += 1
+            yield item
+
+    opt._named_params = counting
+    opt.register_step_post_hook(lambda *_: hooks.append(1))
+    acc = GradientAccumulator(model, 2, rank=2, optimizer=opt, step_in_backward=True)
+    for _ in range(2):
+        for _ in range(2):
+            with acc.micro_batch():
+                model(torch.randn(3, 6)).square().mean().backward()
+    n = len(list(model.parameters()))
+    assert all(opt.state[p]["step"] == 2 for p in model.parameters())
+    assert hooks == [1, 1]
+    assert walked[0] <= 2 * 2 * n  # quadratic would be >= 2 * n * n = 1152
+
+
+def test_step_parameter_equals_a_step_with_one_gradient():
+    import flora
+
+    a, b = make_model(), make_model()
+    opt_a = flora.Flora(a.named_parameters(), rank=4)
+    opt_b = flora.Flora(b.named_parameters(), rank=4)
+    loss_of(a, make_batches(1)[0]).backward()
+    loss_of(b, make_batches(1)[0]).backward()
+    for p in list(a.parameters())[1:]:
+        p.grad = None
+    opt_a.step()
+    first = next(iter(b.parameters()))
+    opt_b.step_parameter(first)
+    assert torch.equal(next(iter(a.parameters())), first)
+    assert all(len(opt_b.state[p]) == 0 for p in list(b.parameters())[1:])
+    with pytest.raises(ValueError, match="not optimized"):
+        opt_b.step_parameter(nn.Parameter(torch.zeros(2)))
+
+
 def test_step_in_backward_steps_parameters_unused_in_the_last_micro_batch():
     class Gated(TinyNet):
         use_head = True

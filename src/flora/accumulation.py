@@ -32,14 +32,17 @@ Deviations from the paper, all deliberate:
   equals compressing the averaged gradient, with communication shrunk by ``r / min(m, n)``.
 
 Step-in-backward mode (``step_in_backward=True``): on the last micro-batch of a cycle each
-parameter's :math:`\hat G` is formed in its hook, ``optimizer.step()`` is called while only
-that parameter has a gradient, and the gradient is freed, so at most one full-size gradient
-exists at a time, *with* accumulation. The optimizer's param groups (and so LR schedulers)
-are used as they are. Global-norm clipping needs every gradient before the first update, so
-in this mode ``max_param_grad_norm`` clips each parameter's gradient separately, and
-:attr:`GradientAccumulator.last_grad_norm` reports the true global norm of the (unclipped)
-decompressed gradient of the cycle. ``GradScaler`` cannot unscale across parameters in this
-mode and is not supported with it.
+parameter's :math:`\hat G` is formed in its hook, the parameter is stepped — with
+``optimizer.step_parameter(p)`` where the optimizer has it (``Flora``, ``FloraAdamW``: time
+independent of the number of parameters, then one ``optimizer.step()`` with no gradient left
+at the end of the cycle, so step hooks and LR schedulers see one step), else
+``optimizer.step()`` while only that parameter has a gradient — and the gradient is freed,
+so at most one full-size gradient exists at a time, *with* accumulation. The optimizer's
+param groups (and so LR schedulers) are used as they are. Global-norm clipping needs every
+gradient before the first update, so in this mode ``max_param_grad_norm`` clips each
+parameter's gradient separately, and :attr:`GradientAccumulator.last_grad_norm` reports the
+true global norm of the (unclipped) decompressed gradient of the cycle. ``GradScaler``
+cannot unscale across parameters in this mode and is not supported with it.
 """
 
 from __future__ import annotations
@@ -298,6 +301,7 @@ class GradientAccumulator:
         self.exclude, self.reduction = patterns, reduction
         self.cache_projection = cache_projection
         self.optimizer, self.step_in_backward = optimizer, step_in_backward
+        self._step_parameter = getattr(optimizer, "step_parameter", None)
         self.max_param_grad_norm = max_param_grad_norm
         self.max_grad_norm = max_grad_norm
         self.is_last_micro_batch = is_last_micro_batch
@@ -562,7 +566,10 @@ class GradientAccumulator:
             g.mul_(coef.to(g.dtype))
         p.grad = g
         s.buffer = None if not s.compressed else s.buffer
-        self.optimizer.step()  # type: ignore[union-attr]  # only p has a gradient now
+        if self._step_parameter is not None:  # Flora's optimizers: O(1) in the parameters
+            self._step_parameter(p)
+        else:  # any other optimizer: a whole step() while only p has a gradient
+            self.optimizer.step()  # type: ignore[union-attr]
         p.grad = None
         s.stepped = True
 
@@ -610,6 +617,8 @@ class GradientAccumulator:
                 p.grad.mul_(1.0 / count)
         if self.step_in_backward and self._norm_sq is not None:
             self.last_grad_norm = self._norm_sq.sqrt()
+        if self.step_in_backward and self._step_parameter is not None:
+            self.optimizer.step()  # type: ignore[union-attr]  # no gradient left: hooks only
         if self.max_grad_norm is not None and self.grad_norm is not None:
             coef = (self.max_grad_norm / (self.grad_norm + 1e-6)).clamp(max=1.0)
             for s in self._slots:

@@ -187,6 +187,8 @@ class FloraOptimizerBase(Optimizer):
         self._shards: ShardReduce | None = None  # set while _update runs on an FSDP2 shard
         self._current_param: Tensor | None = None  # the parameter _update is working on
         self._replicas_unchecked = check_replicas  # checked across processes at first step
+        # ((group ids, parameter count), id(param) -> (group, name)) for step_parameter
+        self._index: tuple[Any, dict[int, tuple[dict[str, Any], str]]] | None = None
         #: whole steps skipped because of non-finite gradients (``nonfinite="skip"``), since
         #: construction (not part of ``state_dict``)
         self.skipped_steps = 0
@@ -261,6 +263,7 @@ class FloraOptimizerBase(Optimizer):
         self.__dict__.setdefault("_current_param", None)
         self.__dict__.setdefault("_replicas_unchecked", False)
         self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("_index", None)
         for key in self.__dict__.get("_option_names", ()):  # options added in later versions
             for group in self.param_groups:
                 group.setdefault(key, self.defaults[key])
@@ -789,6 +792,30 @@ class FloraOptimizerBase(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         named = [(g, name, p) for g, name, p in self._named_params() if p.grad is not None]
+        self._step_named(named)
+        return loss
+
+    @torch.no_grad()
+    def step_parameter(self, param: Tensor) -> None:
+        """Step ``param`` alone, as ``step()`` would if only ``param`` had a gradient, in time
+        independent of the number of parameters (step-in-backward calls it once per parameter;
+        :class:`flora.GradientAccumulator` then calls ``step()`` once, with no gradient left,
+        so that step hooks and LR schedulers see one step per cycle). A parameter without a
+        gradient is left alone; one the optimizer does not hold raises ValueError. Step hooks
+        do not run."""
+        groups = tuple(id(g) for g in self.param_groups)
+        count = sum(len(g["params"]) for g in self.param_groups)
+        if self._index is None or self._index[0] != (groups, count):
+            table = {id(p): (g, name) for g, name, p in self._named_params()}
+            self._index = ((groups, count), table)
+        entry = self._index[1].get(id(param))
+        if entry is None:
+            raise ValueError("param is not optimized by this optimizer")
+        if param.grad is not None:
+            self._step_named([(entry[0], entry[1], param)])
+
+    def _step_named(self, named: list[tuple[dict[str, Any], str, Tensor]]) -> None:
+        """The body of ``step()`` for the parameters in ``named`` (those with a gradient)."""
         for _, name, p in named:
             if p.grad.is_sparse:
                 raise RuntimeError(
@@ -801,7 +828,7 @@ class FloraOptimizerBase(Optimizer):
         if self._replicas_unchecked:
             self._check_replicas()
         if not named:
-            return loss
+            return
         # FSDP2: work on each rank's shard; decisions use the global shape (see _decide)
         sharded = [_is_sharded(p) for _, _, p in named]
         for (group, name, _), is_sharded in zip(named, sharded, strict=True):
@@ -818,7 +845,7 @@ class FloraOptimizerBase(Optimizer):
         if any(sharded):  # every rank must take the same skip decision
             finite = self._agree(named, sharded, finite)
         if not all(finite) and self._skip_whole_step(named, finite):
-            return loss
+            return
         for (group, name, p), ok, is_sharded, (local, local_grad) in zip(
             named, finite, sharded, locals_, strict=True
         ):
@@ -843,7 +870,6 @@ class FloraOptimizerBase(Optimizer):
                 self._store_sharded_state(p, state, view)
             if work is not local:
                 local.copy_(work)
-        return loss
 
     def _skip_whole_step(
         self, named: list[tuple[dict[str, Any], str, Tensor]], finite: list[bool]

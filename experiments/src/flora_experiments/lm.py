@@ -27,6 +27,8 @@ Optimizers (``OPTIMIZERS``):
   Fira) on an orthonormal / gradient basis; a ``-xemb`` suffix leaves the token embedding
   and the head uncompressed (``exclude``), the scope of the GaLore / APOLLO / LoRA rows;
 * ``flora-opt`` — the official ``flora_opt.Flora`` (rank ``r``, ``beta1=0.9``);
+* ``adamw-quarter`` — ``torch.optim.AdamW`` with the attention and MLP matrices at a quarter
+  of the step size: GaLore's step sizes (its ``scale=0.25``) without its projection;
 * ``galore`` — ``galore_torch.GaLoreAdamW`` and ``apollo`` — ``apollo_torch.APOLLOAdamW``
   (random projection), both at rank ``r`` on the attention and MLP matrices with their
   projection refreshed every ``kappa`` steps (``update_proj_gap``), AdamW elsewhere;
@@ -81,6 +83,7 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
     "flora-linear": ("flora (factor_second_moment=False)", ADAFACTOR_LRS),
     "flora-opt": ("flora-opt", ADAFACTOR_LRS),
     "galore": ("galore-torch", ADAM_LRS),
+    "adamw-quarter": ("torch (matrices at lr / 4)", ADAM_LRS),
     "apollo": ("apollo-torch", ADAM_LRS),
     "lora": ("peft", ADAM_LRS),
 }
@@ -172,6 +175,10 @@ def build(name: str, cfg: LMConfig, lr: float) -> tuple[nn.Module, torch.optim.O
     r, kappa = cfg.rank, cfg.kappa
     if name == "adamw":
         return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    if name == "adamw-quarter":  # GaLore's step sizes without its projection (scale 0.25)
+        rest, low = _lowrank_groups(model, {})
+        groups = [rest, {**low, "lr": lr * 0.25}]
+        return model, torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     if name == "adafactor":
         return model, torch.optim.Adafactor(model.parameters(), lr=lr)
     if name in ("adafactor-momentum", "linear-momentum") or (

@@ -108,10 +108,46 @@ def main() -> None:
         plots[setting] = (points, front)
     commands = sorted({json.loads(p.read_text())["env"]["command"]
                        for p in sorted(RESULTS.glob("lm_*.json")) + EXTRA})  # fmt: skip
+    lines += accumulation_section()
     lines += ["Commands:", ""] + [f"- `{c}`" for c in commands] + ["", "![pareto](pareto.png)"]
     (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
     _plot(plots)
     print("\n".join(lines))
+
+
+def accumulation_section() -> list[str]:
+    """Table 1's MiniLM accumulation row: naive accumulation against the accumulator at
+    r = n/8 with each projection family, mean test accuracy over seeds."""
+    table: dict[tuple[str, str], dict[int, float]] = {}
+    commands = set()
+    for path in sorted(RESULTS.glob("accumulate_*.json")):
+        data = json.loads(path.read_text())
+        command, seed = data["env"]["command"], data["env"]["seed"]
+        commands.add(command)
+        family = re.search(r"--set distribution=(\w+)", command)
+        family = family.group(1) if family else "gaussian"
+        for row in data["rows"]:
+            label = "(naive)" if row["method"] == "naive" else family
+            table.setdefault((row["method"], label), {})[seed] = row["accuracy"]
+    if not table:
+        return []
+    naive = [v for (m, _), by in table.items() if m == "naive" for v in by.values()]
+    ref = statistics.mean(naive)
+    lines = [
+        "## MiniLM gradient accumulation (Table 1 row), tau = 16",
+        "",
+        "| method | projection | runs (seeds) | test accuracy (mean) | spread | vs naive |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (method, family), by in sorted(table.items()):
+        values = list(by.values()) if method != "naive" else naive
+        mean = statistics.mean(values)
+        lines.append(
+            f"| {method} | {family} | {len(values)} ({', '.join(map(str, sorted(by)))}) "
+            f"| {mean:.4f} | {max(values) - min(values):.4f} | {100 * (mean / ref - 1):+.2f}% |"
+        )
+    lines += ["", "Commands: " + "; ".join(f"`{c}`" for c in sorted(commands)), ""]
+    return lines
 
 
 def _plot(plots) -> None:

@@ -29,6 +29,9 @@ Optimizers (``OPTIMIZERS``):
 * ``flora-opt`` — the official ``flora_opt.Flora`` (rank ``r``, ``beta1=0.9``);
 * ``adamw-quarter`` — ``torch.optim.AdamW`` with the attention and MLP matrices at a quarter
   of the step size: GaLore's step sizes (its ``scale=0.25``) without its projection;
+  ``flora-adamw-galore-split`` — ``flora.FloraAdamW(preconditioner="subspace",
+  distribution="gradient")`` in GaLore's setting: the attention and MLP matrices compressed at
+  a quarter of the step size, the rest uncompressed (AdamW) at the full step size;
 * ``galore`` — ``galore_torch.GaLoreAdamW`` and ``apollo`` — ``apollo_torch.APOLLOAdamW``
   (random projection), both at rank ``r`` on the attention and MLP matrices with their
   projection refreshed every ``kappa`` steps (``update_proj_gap``), AdamW elsewhere;
@@ -84,6 +87,7 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
     "flora-opt": ("flora-opt", ADAFACTOR_LRS),
     "galore": ("galore-torch", ADAM_LRS),
     "adamw-quarter": ("torch (matrices at lr / 4)", ADAM_LRS),
+    "flora-adamw-galore-split": ("flora (subspace Adam, gradient; GaLore's groups)", ADAM_LRS),
     "apollo": ("apollo-torch", ADAM_LRS),
     "lora": ("peft", ADAM_LRS),
 }
@@ -192,6 +196,20 @@ def build(name: str, cfg: LMConfig, lr: float) -> tuple[nn.Module, torch.optim.O
             **FLORA_FORMS.get(name, {}),
         )  # fmt: skip
         return model, opt
+    if name == "flora-adamw-galore-split":  # GaLore's setting: matrices at lr/4, rest AdamW
+        from flora import FloraAdamW
+
+        named = dict(model.named_parameters())
+        low = [n for n in named if any(m in n for m in MATRICES)]
+        rest = [n for n in named if n not in low]
+        groups = [
+            {"params": [(n, named[n]) for n in rest], "compress": False},
+            {"params": [(n, named[n]) for n in low], "lr": lr * 0.25},
+        ]
+        return model, FloraAdamW(
+            groups, lr=lr, rank=r, kappa=kappa, weight_decay=0.0, preconditioner="subspace",
+            distribution="gradient",
+        )  # fmt: skip
     if name.startswith("flora-adamw"):
         from flora import FloraAdamW
 

@@ -253,8 +253,9 @@ def make_fsdp_optimizer(kind: str, named_params, **extra):
         common.update(momentum_variant="subspace", distribution="orthonormal")
     if kind.endswith("_gradient"):  # the gradient basis (a range finder over shards)
         common.update(distribution="gradient")
-    if kind.startswith("adamw_fira"):  # Adam's moments in the subspace, remainder scaled
-        common.update(preconditioner="subspace")
+    if kind.startswith("adamw"):  # Adam's moments in the subspace (fira, the default), or
+        # per coordinate (the other kinds), each tested explicitly
+        common["preconditioner"] = "subspace" if kind.startswith("adamw_fira") else "elementwise"
     if kind.startswith("flora"):  # flora_linear: the unfactored (linear-memory) base
         return Flora(named_params, factor_second_moment=kind != "flora_linear", **common)
     return FloraAdamW(named_params, factor_second_moment=kind == "adamw_factored", **common)

@@ -86,7 +86,9 @@ def test_fsdp2_example_runs_and_resumes_at_another_world_size(tmp_path):
     assert sorted(int(r) for r, _, _ in states) == [0, 1]  # exactly one line per rank
     for _, local, whole in states:
         local, whole = int(local.replace(",", "")), int(whole.replace(",", ""))
-        assert local < 0.6 * whole  # sharded (plus the small replicated column factors)
+        # the row-sharded states halve; the column factors and the gradient bases (over the
+        # columns) are on every rank: 0.67 here
+        assert local < 0.75 * whole
     assert re.search(r"^final: step 5, loss [\d.]+, world 2", out, re.M)
     out = torchrun(1, "--steps", "7", "--resume", "ckpt", "--save", "ckpt1")
     assert "resumed from ckpt at step 5, world size 1" in out

@@ -87,13 +87,15 @@ def test_transformers_config_plan_equals_real_optimizers(tmp_path):
 
 
 def flora_bytes_by_hand(shapes, rank, *, momentum_vectors=True):
-    """Flora (Adafactor + momentum) state, fp32, from the paper's formulas."""
+    """Flora (Adafactor + momentum) state, fp32, from the paper's formulas, plus the default
+    gradient basis (r x the compressed, smaller dimension)."""
     total = 0
     for m, n in shapes:
         if n is None:  # a vector: full variance + full momentum
             total += m * (2 if momentum_vectors else 1)
         elif rank < min(m, n):
-            total += m + n + rank * max(m, n)  # row + column factors, compressed momentum
+            # row + column factors, compressed momentum, its basis
+            total += m + n + rank * max(m, n) + rank * min(m, n)
         else:
             total += m + n + m * n
     return 4 * total

@@ -1,9 +1,12 @@
 """Exact optimizer-state bytes as a function of shape and rank.
 
 The hand formula (fp32 state, 4 bytes an element), for a weight m x n compressed on the
-left (m <= n) with rank r, is: Flora = (m + n) Adafactor factors + r*n momentum;
-FloraAdamW = m*n second moment + r*n momentum (factored: m + n + r*n). Biases keep a full
-second moment (+ full momentum). The real state after a step, the plan, and the formula agree.
+left (m <= n) with rank r, is, with the defaults: Flora = (m + n) Adafactor factors + r*n
+momentum + r*m gradient basis; FloraAdamW = 2*r*n (both moments in the subspace) + 1 (the
+limiter's norm). With a seed-only projection Flora drops the r*m basis; FloraAdamW's
+elementwise form holds m*n second moment + r*n momentum (factored: m + n + r*n). Biases keep a
+full second moment (+ full momentum). The real state after a step, the plan, and the formula
+agree.
 """
 
 import pytest
@@ -23,10 +26,12 @@ def _stepped(opt_cls, model, **kw):
 def test_flora_bytes(rank):
     model = torch.nn.Linear(96, 48)  # weight (48, 96): left side, momentum (r, 96)
     opt = _stepped(flora.Flora, model, rank=rank)
-    weight = (48 + 96) + rank * 96
+    weight = (48 + 96) + rank * 96 + rank * 48
     bias = 48 + 48  # variance + full momentum
     assert opt.state_bytes() == 4 * (weight + bias) == opt.plan().state_bytes
     assert opt.plan().uncompressed_bytes == 4 * ((48 + 96) + 48 * 96 + bias)
+    seeded = _stepped(flora.Flora, torch.nn.Linear(96, 48), rank=rank, distribution="gaussian")
+    assert seeded.state_bytes() == 4 * (weight - rank * 48 + bias) == seeded.plan().state_bytes
     assert opt.plan().adamw_bytes == 4 * 2 * (48 * 96 + 48)
 
 
@@ -34,15 +39,21 @@ def test_flora_bytes(rank):
 @pytest.mark.parametrize("factored", [False, True])
 def test_flora_adamw_bytes(rank, factored):
     model = torch.nn.Linear(96, 48)
-    opt = _stepped(flora.FloraAdamW, model, rank=rank, factor_second_moment=factored)
+    opt = _stepped(
+        flora.FloraAdamW, model, rank=rank, factor_second_moment=factored,
+        preconditioner="elementwise",
+    )  # fmt: skip
     second = (48 + 96) if factored else 48 * 96
     assert opt.state_bytes() == 4 * (second + rank * 96 + 48 + 48) == opt.plan().state_bytes
+    default = _stepped(flora.FloraAdamW, torch.nn.Linear(96, 48), rank=rank)
+    subspace = 2 * rank * 96 + 1  # both moments (r, 96) and the limiter's norm
+    assert default.state_bytes() == 4 * (subspace + 48 + 48) == default.plan().state_bytes
 
 
 @pytest.mark.parametrize("opt_cls", [flora.Flora, flora.FloraAdamW])
 def test_gradient_basis_adds_r_times_d(opt_cls):
     model = torch.nn.Linear(96, 48)  # left side: basis (r, 48) beside momentum (r, 96)
-    base = _stepped(opt_cls, model, rank=8).state_bytes()
+    base = _stepped(opt_cls, model, rank=8, distribution="orthonormal").state_bytes()
     opt = _stepped(opt_cls, torch.nn.Linear(96, 48), rank=8, distribution="gradient")
     assert opt.state_bytes() == base + 4 * 8 * 48 == opt.plan().state_bytes
 
@@ -60,7 +71,7 @@ def test_subspace_preconditioner_bytes(distribution, basis):
 
 def test_right_side_and_nd_bytes():
     model = torch.nn.Sequential(torch.nn.Embedding(1000, 16), torch.nn.Conv1d(16, 12, 5))
-    opt = flora.Flora(model.named_parameters(), rank=4)
+    opt = flora.Flora(model.named_parameters(), rank=4, distribution="gaussian")
     x = torch.randint(0, 1000, (2, 20))
     model[1](model[0](x).transpose(1, 2)).sum().backward()
     opt.step()
@@ -75,11 +86,11 @@ def test_bf16_params_count_fp32_state():
     opt = flora.Flora(model.named_parameters(), rank=8)
     model(torch.randn(2, 96, dtype=torch.bfloat16)).float().sum().backward()
     opt.step()
-    assert opt.state_bytes() == 4 * ((48 + 96) + 8 * 96 + 96) == opt.plan().state_bytes
+    assert opt.state_bytes() == 4 * ((48 + 96) + 8 * 96 + 8 * 48 + 96) == opt.plan().state_bytes
 
 
 def test_flora_linear_memory_base_bytes():
     # factor_second_moment=False (Table 4): a full second moment plus the compressed momentum
     model = torch.nn.Linear(96, 48)
     opt = _stepped(flora.Flora, model, rank=8, factor_second_moment=False)
-    assert opt.state_bytes() == 4 * (48 * 96 + 8 * 96 + 48 + 48) == opt.plan().state_bytes
+    assert opt.state_bytes() == 4 * (48 * 96 + 8 * 96 + 8 * 48 + 48 + 48) == opt.plan().state_bytes

@@ -30,6 +30,9 @@ def _run(opt_cls, dtype, grads, **kw):
         for k, s in SHAPES.items()
     }
     init = {k: p.detach().clone() for k, p in params.items()}
+    kw.setdefault("distribution", "orthonormal")  # seed-only: projections known in advance
+    if opt_cls is flora.FloraAdamW:
+        kw.setdefault("preconditioner", "elementwise")
     opt = opt_cls(list(params.items()), rank=RANK, kappa=KAPPA, **kw)
     projs = {k: {w: opt.projection(p, window=w) for w in range(4)} for k, p in params.items()}
     for t in range(STEPS):
@@ -102,7 +105,7 @@ def test_flora_step_size_conventions_match_reference(scale_parameter, relative_s
         scale_parameter=scale_parameter,
         relative_step=relative_step,
         **hp,
-    )  # fmt: skip  (the default momentum form: subspace)
+    )  # fmt: skip  (the default momentum form, subspace, with a seed-only basis)
     for key, p in params.items():
         m = _vector_momentum(0.9) if key == "vector" else _momentum(key, projs, 0.9, "subspace")
         ref = flora_adafactor(
@@ -199,8 +202,9 @@ def test_gradient_basis_matches_reference(opt_name):
     else:
         hp = dict(lr=1e-2, eps=1e-8, weight_decay=0.05)
         init, params, bases, _ = _run_gradient_basis(
-            flora.FloraAdamW, grads, betas=(0.9, 0.99), factor_second_moment=False, **hp
-        )
+            flora.FloraAdamW, grads, betas=(0.9, 0.99), factor_second_moment=False,
+            preconditioner="elementwise", **hp,
+        )  # fmt: skip
     assert sorted(bases["left"]) == [0, 1, 2, 3]
     for key, p in params.items():
         if key == "vector":
@@ -278,7 +282,7 @@ def test_reference_detects_a_wrong_transfer():
     """The comparison is sensitive: dropping the transfer at a window change is caught."""
     grads = _grads()
     hp = dict(lr=0.05, beta1=0.9, beta2_decay=-0.8, d=1.0, weight_decay=0.0)
-    init, params, projs, _ = _run(flora.Flora, torch.float64, grads, **hp)  # the defaults
+    init, params, projs, _ = _run(flora.Flora, torch.float64, grads, **hp)  # seeded subspace
     m = _momentum("left", projs, 0.9, "subspace")
     m_no_transfer = _momentum("left", projs, 0.9, "subspace")
     original = m_no_transfer.__call__

@@ -95,22 +95,35 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
 
 # the quality study's forms of Flora (issue 17): options on top of the defaults
 FLORA_FORMS: dict[str, dict[str, Any]] = {
+    # every form pins what it measured, so a change of the library's defaults leaves it be;
     # flora-opt's form, the library default before the study: the ``flora`` rows keep it
     "flora": {"momentum_variant": "history", "distribution": "gaussian"},
-    "flora-adamw": {"momentum_variant": "history", "distribution": "gaussian"},
+    "flora-adamw": {
+        "momentum_variant": "history",
+        "distribution": "gaussian",
+        "preconditioner": "elementwise",
+    },
     "flora-linear": {"momentum_variant": "history", "distribution": "gaussian"},
     "flora-subspace": {"momentum_variant": "subspace", "distribution": "orthonormal"},
     "flora-subspace-gaussian": {"momentum_variant": "subspace", "distribution": "gaussian"},
     "flora-subspace-coords": {"momentum_variant": "subspace", "distribution": "coordinates"},
-    "flora-orthonormal": {"distribution": "orthonormal"},
-    "flora-adamw-subspace": {"momentum_variant": "subspace", "distribution": "orthonormal"},
+    "flora-orthonormal": {"momentum_variant": "history", "distribution": "orthonormal"},
+    "flora-adamw-subspace": {
+        "momentum_variant": "subspace",
+        "distribution": "orthonormal",
+        "preconditioner": "elementwise",
+    },
     "flora-gradient": {"momentum_variant": "subspace", "distribution": "gradient"},
-    "flora-adamw-gradient": {"momentum_variant": "subspace", "distribution": "gradient"},
+    "flora-adamw-gradient": {
+        "momentum_variant": "subspace",
+        "distribution": "gradient",
+        "preconditioner": "elementwise",
+    },
     "flora-adamw-fira": {"preconditioner": "subspace", "distribution": "orthonormal"},
     "flora-adamw-fira-gradient": {"preconditioner": "subspace", "distribution": "gradient"},
     # the scope of the GaLore / APOLLO / LoRA rows: the token embedding and the head uncompressed
     "flora-gradient-xemb": {"distribution": "gradient", "exclude": EMBEDDINGS},
-    "flora-subspace-xemb": {"exclude": EMBEDDINGS},
+    "flora-subspace-xemb": {"distribution": "orthonormal", "exclude": EMBEDDINGS},
     "flora-adamw-fira-xemb": {"preconditioner": "subspace", "exclude": EMBEDDINGS},
 }
 

@@ -42,12 +42,14 @@ Deviations from the paper, stated:
   (``benchmarks/results/momentum_order.md`` compares the two orders).
 * flora-opt uses ``lr`` as a constant relative step; ours is capped, :math:`\rho_t =
   \min(\texttt{lr}, 1/\sqrt t)` (``torch.optim.Adafactor``'s definition).
-* ``momentum_variant="subspace"`` with an orthonormal projection (the defaults) keeps the
-  momentum inside the projection's subspace and the exact update outside it (not in the
-  paper; :mod:`flora.momentum`); ``"history"`` compresses only the history (newest term
-  exact, as flora-opt's PyTorch code) and ``"paper"`` is Algorithm 2 as printed, both with
-  the paper's Gaussian projection by ``distribution="gaussian"``.
-* The projection is resampled every ``kappa`` steps (at steps ``kappa, 2 kappa, ...``) and the
+* ``momentum_variant="subspace"`` (the default) keeps the momentum inside the projection's
+  subspace and the exact update outside it (not in the paper; :mod:`flora.momentum`), and
+  the default ``distribution="gradient"`` makes that subspace the gradient's dominant one at
+  each window's first step, kept in the state (not seed-only, unlike the paper's
+  projection; :func:`flora.projection.range_basis`); ``"history"`` compresses only the
+  history (newest term exact, as flora-opt's PyTorch code) and ``"paper"`` is Algorithm 2 as
+  printed, both with the paper's Gaussian projection by ``distribution="gaussian"``.
+* The projection is resampled (the gradient basis refreshed) every ``kappa`` steps (at steps ``kappa, 2 kappa, ...``) and the
   momentum transferred to the new basis; the paper's default ``kappa = 1000`` is ours.
 * ``eps[0] = None`` means ``torch.finfo(float32).eps`` for fp16/bf16 parameters, because their
   state math runs in float32 (torch uses the parameter dtype's eps).
@@ -267,12 +269,14 @@ class Flora(FloraOptimizerBase):
             subspace, the exact update outside it, chosen by the quality study in
             ``benchmarks/results/quality``), ``"history"`` (flora-opt's form) or ``"paper"``
             (Algorithm 2 as printed); see :mod:`flora.momentum`.
-        distribution: the projection family, ``"orthonormal"`` (default), ``"gaussian"``
-            (the paper's), ``"rademacher"`` or ``"coordinates"``; see :mod:`flora.projection`.
-            flora-opt's Flora is ``momentum_variant="history", distribution="gaussian"``.
-            ``"gradient"`` (with the subspace variant) takes each window's basis from the
-            gradient at its first step (:func:`flora.projection.range_basis`) and keeps it
-            as ``state["projection"]``: ``r * d`` more state per compressed matrix.
+        distribution: the momentum's basis. ``"gradient"`` (default, chosen by the quality
+            study; subspace variant only) takes each window's basis from the gradient at its
+            first step (:func:`flora.projection.range_basis`) and keeps it as
+            ``state["projection"]``: ``r * d`` more state per compressed matrix, and no
+            projection is regenerated between windows. The seed-only families, which store
+            nothing: ``"orthonormal"``, ``"gaussian"`` (the paper's), ``"rademacher"``,
+            ``"coordinates"`` (:mod:`flora.projection`). flora-opt's Flora is
+            ``momentum_variant="history", distribution="gaussian"``.
         nonfinite: what a NaN/Inf gradient does, decided for the whole step before any
             update: ``"skip"`` (default, GradScaler's convention: the whole step is skipped,
             a ``RuntimeWarning`` is issued and ``optimizer.skipped_steps`` counts it),
@@ -316,7 +320,7 @@ class Flora(FloraOptimizerBase):
         exclude: str | Iterable[str] | None = None,
         side: str = "auto",
         momentum_variant: str = "subspace",
-        distribution: str = "orthonormal",
+        distribution: str = "gradient",
         nonfinite: str = "skip",
         cache_projection: bool = False,
         maximize: bool = False,

@@ -234,13 +234,16 @@ class FloraAdamW(FloraOptimizerBase):
         weight_decay: decoupled weight decay :math:`\lambda`. Default ``1e-2``.
         factor_second_moment: keep :math:`v` as Adafactor's row/column factors for tensors
             with >= 2 dims (sublinear memory) instead of full size. Default ``False``.
-        preconditioner: ``"elementwise"`` (default: Adam's division by the second moment of
-            the exact gradient, per coordinate) or ``"subspace"`` (both moments of a
-            compressed matrix kept in the projection's subspace and the remainder scaled,
-            GaLore + Fira; module docstring). ``"subspace"`` needs
+        preconditioner: ``"subspace"`` (default, chosen by the quality study: both moments
+            of a compressed matrix kept in the projection's subspace and the remainder
+            scaled, GaLore + Fira; module docstring) or ``"elementwise"`` (Adam's division by
+            the second moment of the exact gradient, per coordinate, the only form before).
+            ``"subspace"`` needs
             ``momentum_variant="subspace"``, an orthonormal ``distribution``
-            (``"orthonormal"``, ``"coordinates"`` or ``"gradient"``) and ``betas[0] > 0``;
-            parameters left uncompressed keep the elementwise form.
+            (``"orthonormal"``, ``"coordinates"`` or ``"gradient"``); parameters left
+            uncompressed, and all of them with ``betas[0] = 0`` (no first moment, nothing
+            compressed), keep the elementwise form, so the limits of ``torch.optim.AdamW``
+            hold with it too.
         growth_limit: the norm-growth limiter :math:`\gamma` of ``"subspace"``'s remainder
             (Fira's 1.01, default), or ``None`` for no limit.
 
@@ -264,7 +267,7 @@ class FloraAdamW(FloraOptimizerBase):
         weight_decay: float = 1e-2,
         *,
         factor_second_moment: bool = False,
-        preconditioner: str = "elementwise",
+        preconditioner: str = "subspace",
         growth_limit: float | None = 1.01,
         rank: int = 32,
         kappa: int = 1000,
@@ -321,15 +324,18 @@ class FloraAdamW(FloraOptimizerBase):
             needs = [
                 (group["momentum_variant"] == "subspace", "momentum_variant='subspace'"),
                 (group["distribution"] in ORTHONORMAL, f"a distribution in {ORTHONORMAL}"),
-                (betas[0] > 0, "betas[0] > 0"),
             ]
             for ok, what in needs:
                 if not ok:
-                    raise ValueError(f"{where}preconditioner='subspace' needs {what}")
+                    raise ValueError(
+                        f"{where}preconditioner='subspace' (FloraAdamW's default) needs {what}; "
+                        "pass preconditioner='elementwise' for the other forms"
+                    )
 
     def _subspace(self, group: dict[str, Any], d: Decision) -> bool:
-        """Whether ``preconditioner="subspace"`` applies to a parameter with policy ``d``."""
-        return group["preconditioner"] == "subspace" and d.compressed
+        """Whether ``preconditioner="subspace"`` applies to a parameter with policy ``d``: a
+        compressed matrix with a first moment (``betas[0] = 0`` compresses nothing)."""
+        return group["preconditioner"] == "subspace" and d.compressed and group["betas"][0] > 0
 
     def _uses_momentum(self, group: dict[str, Any]) -> bool:
         return group["betas"][0] > 0

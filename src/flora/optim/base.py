@@ -218,14 +218,17 @@ class FloraOptimizerBase(Optimizer):
         if group["distribution"] == GRADIENT:
             if group["momentum_variant"] != "subspace":
                 raise ValueError(
-                    f"{where}distribution='gradient' needs momentum_variant='subspace', got "
-                    f"{group['momentum_variant']!r}: only that form keeps the momentum inside "
-                    "an orthonormal basis, which a gradient basis is"
+                    f"{where}distribution='gradient' (Flora's default) needs "
+                    f"momentum_variant='subspace', got {group['momentum_variant']!r}: only "
+                    "that form keeps the momentum inside an orthonormal basis, which a "
+                    "gradient basis is; pass a seed-only distribution with it, e.g. "
+                    "distribution='gaussian' (the paper's)"
                 )
             if group["cache_projection"]:
                 raise ValueError(
                     f"{where}cache_projection=True has no effect with distribution='gradient' "
-                    "(its basis is kept in the state): leave it False"
+                    "(Flora's default: its basis is kept in the state): leave it False, or "
+                    "cache a seed-only distribution, e.g. distribution='orthonormal'"
                 )
         group["exclude"] = compile_patterns(group["exclude"])
         self._validate_hyperparameters(group, where)

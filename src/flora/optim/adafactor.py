@@ -49,8 +49,9 @@ Deviations from the paper, stated:
   projection; :func:`flora.projection.range_basis`); ``"history"`` compresses only the
   history (newest term exact, as flora-opt's PyTorch code) and ``"paper"`` is Algorithm 2 as
   printed, both with the paper's Gaussian projection by ``distribution="gaussian"``.
-* The projection is resampled (the gradient basis refreshed) every ``kappa`` steps (at steps ``kappa, 2 kappa, ...``) and the
-  momentum transferred to the new basis; the paper's default ``kappa = 1000`` is ours.
+* The projection is resampled (the gradient basis refreshed) every ``kappa`` steps (at
+  steps ``kappa, 2 kappa, ...``) and the momentum transferred to the new basis; the paper's
+  default ``kappa = 1000`` is ours.
 * ``eps[0] = None`` means ``torch.finfo(float32).eps`` for fp16/bf16 parameters, because their
   state math runs in float32 (torch uses the parameter dtype's eps).
 """

@@ -194,8 +194,15 @@ OPTIONS = {  # the momentum forms, each resumed across a window change
 @pytest.mark.parametrize("options", list(OPTIONS))
 @pytest.mark.parametrize("split", [2, 3, 4])  # before, at and after the window change (kappa=3)
 def test_resume_is_bit_identical(opt_spec, split, options, tmp_path):
+    _check_resume(opt_spec, OPTIONS[options], split, tmp_path)
+
+
+def _check_resume(opt_spec, options, split, tmp_path):
+    """Save at ``split``, train on to step 8; a fresh model and optimizer loaded from the
+    checkpoint and trained to step 8 end bit-identical. Returns the first run's model and
+    optimizer."""
     model = _model()
-    opt = _make(opt_spec, model, **OPTIONS[options])
+    opt = _make(opt_spec, model, **options)
     _steps(model, opt, 0, split)
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
@@ -204,11 +211,12 @@ def test_resume_is_bit_identical(opt_spec, split, options, tmp_path):
     resumed = _model()
     ckpt = torch.load(path, weights_only=True)
     resumed.load_state_dict(ckpt["model"])
-    opt2 = _make(opt_spec, resumed, **OPTIONS[options])
+    opt2 = _make(opt_spec, resumed, **options)
     opt2.load_state_dict(ckpt["opt"])
     _steps(resumed, opt2, split, 8)
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
+    return model, opt
 
 
 @pytest.mark.parametrize("distribution", ["orthonormal", "gradient"])
@@ -216,20 +224,7 @@ def test_resume_is_bit_identical(opt_spec, split, options, tmp_path):
 def test_subspace_preconditioner_resume_is_bit_identical(split, distribution, tmp_path):
     spec = (flora.FloraAdamW, {"lr": 1e-2})
     options = dict(preconditioner="subspace", distribution=distribution)
-    model = _model()
-    opt = _make(spec, model, **options)
-    _steps(model, opt, 0, split)
-    path = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
-    _steps(model, opt, split, 8)
-    resumed = _model()
-    ckpt = torch.load(path, weights_only=True)
-    resumed.load_state_dict(ckpt["model"])
-    opt2 = _make(spec, resumed, **options)
-    opt2.load_state_dict(ckpt["opt"])
-    _steps(resumed, opt2, split, 8)
-    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
+    model, opt = _check_resume(spec, options, split, tmp_path)
     # a state of the elementwise form is refused, naming what differs
     other = _model()
     plain = _make(spec, other, preconditioner="elementwise")

@@ -361,23 +361,22 @@ class FloraAdamW(FloraOptimizerBase):
         if first:
             state["step"] = 0
         projections = self._momentum_inputs(p, group, name, state, beta1, grad)
+        common = dict(
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            shards=self._shards,
+        )
         if projections is not None and group["preconditioner"] == "subspace":
             if first:
                 state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 state["residual_norm"] = torch.zeros((), dtype=p.dtype, device=p.device)
             subspace_adam_update_(
-                p,
-                grad,
-                state,
-                lr=float(group["lr"]),
-                beta1=beta1,
-                beta2=beta2,
-                eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]),
-                projections=projections,
-                growth_limit=group["growth_limit"],
-                shards=self._shards,
-            )
+                p, grad, state, projections=projections, growth_limit=group["growth_limit"],
+                **common,  # type: ignore[arg-type]
+            )  # fmt: skip
             return
         if first:
             if group["factor_second_moment"] and grad.dim() > 1:
@@ -385,15 +384,6 @@ class FloraAdamW(FloraOptimizerBase):
             else:
                 state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
         flora_adamw_update_(
-            p,
-            grad,
-            state,
-            lr=float(group["lr"]),
-            beta1=beta1,
-            beta2=beta2,
-            eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]),
-            projections=projections,
-            momentum_variant=group["momentum_variant"],
-            shards=self._shards,
-        )
+            p, grad, state, projections=projections, momentum_variant=group["momentum_variant"],
+            **common,  # type: ignore[arg-type]
+        )  # fmt: skip

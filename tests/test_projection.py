@@ -278,6 +278,7 @@ def test_range_basis_of_zero_is_still_orthonormal():
         (dict(power_iterations=1.0), TypeError, "power_iterations"),
         (dict(x=torch.zeros(3, 4, 5)), ValueError, "matrix"),
         (dict(x=torch.zeros(8, 4, dtype=torch.int64)), TypeError, "floating"),
+        (dict(shard=(0, 16, lambda t: None)), ValueError, "right side"),
     ],
 )
 def test_range_basis_bad_arguments(kwargs, exc, match):

@@ -263,7 +263,11 @@ def test_plan_gives_frozen_parameters_no_state(cls):
 
 # ------------------------------------------------------------------ odd tensors
 @pytest.mark.parametrize("layout", ["channels_last", "transposed"])
-def test_unfactored_second_moment_on_non_contiguous_parameters(layout):
+@pytest.mark.parametrize(
+    "distribution,atol",
+    [("orthonormal", 1e-7), ("gradient", 1e-6)],  # the gradient basis's products round
+)  # differently with the memory layout (measured: 3.6e-7 at entries of size 4)
+def test_unfactored_second_moment_on_non_contiguous_parameters(layout, distribution, atol):
     """Same steps as on a contiguous copy (it crashed: ``view`` on a non-contiguous clone)."""
     torch.manual_seed(0)
     if layout == "channels_last":
@@ -277,15 +281,17 @@ def test_unfactored_second_moment_on_non_contiguous_parameters(layout):
     assert not p_odd.is_contiguous()
     target = torch.randn(weight.shape)
     optimizers = [
-        flora.Flora([("w", p)], rank=4, kappa=2, factor_second_moment=False) for p in (p_odd, p_ref)
+        flora.Flora(
+            [("w", p)], rank=4, kappa=2, factor_second_moment=False, distribution=distribution
+        )
+        for p in (p_odd, p_ref)
     ]
     for _ in range(4):
         for p, opt in zip((p_odd, p_ref), optimizers, strict=True):
             opt.zero_grad()
             (p - target).square().sum().backward()
             opt.step()
-    # the gradient basis's products round differently with the memory layout
-    assert torch.allclose(p_odd, p_ref, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(p_odd, p_ref, rtol=1e-6, atol=atol)
 
 
 def test_zero_element_parameter(cls):

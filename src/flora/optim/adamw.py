@@ -72,7 +72,7 @@ from flora.optim.base import (
     ShardReduce,
     factored_zeros,
 )
-from flora.options import check_bool, check_real
+from flora.options import check_bool, check_choice, check_real
 from flora.policy import Decision
 from flora.projection import ORTHONORMAL, down, up
 
@@ -313,10 +313,7 @@ class FloraAdamW(FloraOptimizerBase):
         check_real(f"{where}eps", group["eps"], 0.0, float("inf"), high_open=False)
         check_bool(f"{where}factor_second_moment", group["factor_second_moment"])
         preconditioner = group["preconditioner"]
-        if preconditioner not in PRECONDITIONERS:
-            raise ValueError(
-                f"{where}preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}"
-            )
+        check_choice(f"{where}preconditioner", preconditioner, PRECONDITIONERS)
         if group["growth_limit"] is not None:
             check_real(f"{where}growth_limit", group["growth_limit"], 1.0, math.inf,
                        high_open=False)  # fmt: skip

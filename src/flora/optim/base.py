@@ -570,11 +570,6 @@ class FloraOptimizerBase(Optimizer):
         """Subclass hook: the second-moment state tensors of a parameter (policy ``d``)."""
         raise NotImplementedError
 
-    def _sharding_refusal(self, group: dict[str, Any]) -> str | None:
-        """Subclass hook: why ``group``'s settings cannot update an FSDP2-sharded parameter,
-        or None (every option is supported today)."""
-        return None
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like ``torch.optim.Optimizer``, with names, validation and Flora's dtypes.
 
@@ -834,12 +829,6 @@ class FloraOptimizerBase(Optimizer):
             return
         # FSDP2: work on each rank's shard; decisions use the global shape (see _decide)
         sharded = [_is_sharded(p) for _, _, p in named]
-        for (group, name, _), is_sharded in zip(named, sharded, strict=True):
-            refusal = self._sharding_refusal(group) if is_sharded else None
-            if refusal is not None:
-                raise ValueError(
-                    f"{refusal} does not support FSDP2-sharded parameters yet ({name})"
-                )
         locals_ = [
             (p._local_tensor, p.grad._local_tensor) if is_sharded else (p, p.grad)
             for (_, _, p), is_sharded in zip(named, sharded, strict=True)

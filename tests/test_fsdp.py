@@ -51,7 +51,7 @@ def test_fsdp2_equals_single_device_and_shards_the_state(fsdp_runs, kind):
     # each rank holds only its rows; a matrix's column factor (1, n), a gradient basis over
     # the columns and the limiter's scalar are on every rank
     replicated = sum(
-        opt.state[p][key].numel() * 8
+        opt.state[p][key].numel() * opt.state[p][key].element_size()
         for p in model.parameters()
         for key in ("col_var", "projection", "residual_norm")
         if key in opt.state[p] and (key != "col_var" or p.dim() == 2)

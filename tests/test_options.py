@@ -6,7 +6,15 @@ import math
 import pytest
 import torch
 
-from flora.options import check_bool, check_choice, check_int, check_real, state_dtype
+from flora.options import (
+    BASIS_DTYPES,
+    check_bool,
+    check_choice,
+    check_dtype,
+    check_int,
+    check_real,
+    state_dtype,
+)
 
 
 @pytest.mark.parametrize(
@@ -45,6 +53,15 @@ def test_check_bool_and_choice():
     with pytest.raises(ValueError, match=r"side must be one of \('auto', 'left', 'right'\)"):
         check_choice("side", "top", ("auto", "left", "right"))
     check_choice("side", "left", ("auto", "left", "right"))
+
+
+def test_check_dtype():
+    check_dtype("basis_dtype", None, BASIS_DTYPES)
+    check_dtype("basis_dtype", torch.bfloat16, BASIS_DTYPES)
+    with pytest.raises(TypeError, match="basis_dtype"):
+        check_dtype("basis_dtype", "bfloat16", BASIS_DTYPES)
+    with pytest.raises(ValueError, match="basis_dtype"):
+        check_dtype("basis_dtype", torch.int32, BASIS_DTYPES)
 
 
 def test_state_dtype_is_float32_for_half_precision():

@@ -56,6 +56,11 @@ def test_gradient_basis_adds_r_times_d(opt_cls):
     base = _stepped(opt_cls, model, rank=8, distribution="orthonormal").state_bytes()
     opt = _stepped(opt_cls, torch.nn.Linear(96, 48), rank=8, distribution="gradient")
     assert opt.state_bytes() == base + 4 * 8 * 48 == opt.plan().state_bytes
+    half = _stepped(
+        opt_cls, torch.nn.Linear(96, 48), rank=8, distribution="gradient",
+        basis_dtype=torch.bfloat16,
+    )  # fmt: skip
+    assert half.state_bytes() == base + 2 * 8 * 48 == half.plan().state_bytes
 
 
 @pytest.mark.parametrize("distribution,basis", [("orthonormal", 0), ("gradient", 8 * 48)])

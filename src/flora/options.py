@@ -18,10 +18,12 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BASIS_DTYPES",
     "NONFINITE_POLICIES",
     "SIDE_CHOICES",
     "check_bool",
     "check_choice",
+    "check_dtype",
     "check_int",
     "check_real",
     "is_int",
@@ -32,6 +34,15 @@ __all__ = [
 SIDE_CHOICES: tuple[str, ...] = ("auto", "left", "right")
 #: what a non-finite gradient does to an optimizer step
 NONFINITE_POLICIES: tuple[str, ...] = ("skip", "skip_parameter", "raise")
+
+
+#: dtypes a stored projection basis may be kept in (None: the state dtype)
+BASIS_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32,
+    torch.float64,
+    torch.bfloat16,
+    torch.float16,
+)
 
 
 def is_int(value: object) -> bool:
@@ -79,6 +90,17 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
     """Raise ValueError naming ``name`` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_dtype(name: str, value: object, choices: Sequence[torch.dtype]) -> None:
+    """Raise TypeError naming ``name`` unless ``value`` is None or a ``torch.dtype``, and
+    ValueError unless it is one of ``choices``."""
+    if value is None:
+        return
+    if not isinstance(value, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype or None, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be None or one of {tuple(choices)}, got {value}")
 
 
 def state_dtype(param: Tensor) -> torch.dtype:

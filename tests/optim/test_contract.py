@@ -96,6 +96,8 @@ BAD = [
     (dict(distribution="uniform"), ValueError, "distribution"),
     (dict(distribution="gradient", momentum_variant="history"), ValueError, "distribution"),
     (dict(distribution="gradient", cache_projection=True), ValueError, "cache_projection"),
+    (dict(basis_dtype="bfloat16"), TypeError, "basis_dtype"),
+    (dict(basis_dtype=torch.int8), ValueError, "basis_dtype"),
     (dict(compress=1), TypeError, "compress"),
     (dict(cache_projection="yes"), TypeError, "cache_projection"),
     (dict(exclude="(["), ValueError, "exclude"),
@@ -188,6 +190,7 @@ OPTIONS = {  # the momentum forms, each resumed across a window change
     "default": {},
     "subspace": dict(momentum_variant="subspace", distribution="orthonormal"),
     "gradient": dict(distribution="gradient"),  # the basis is state: saved and restored
+    "gradient-bf16": dict(distribution="gradient", basis_dtype=torch.bfloat16),
 }
 
 
@@ -269,6 +272,16 @@ def test_gradient_basis_state_is_checked_on_load(opt_spec):
     with pytest.raises(ValueError, match="current window"):
         opt.projection(w, window=0)
     sd = opt.state_dict()
+    # a bf16 basis stays bf16 through a round trip (torch would cast it to the parameter's
+    # dtype); the saved groups' basis_dtype is restored with them, like every option
+    other = _model()
+    half = _make(opt_spec, other, distribution="gradient", basis_dtype=torch.bfloat16)
+    _steps(other, half, 0, 2)
+    again = _make(opt_spec, other, distribution="gradient")
+    again.load_state_dict(half.state_dict())
+    assert again.param_groups[0]["basis_dtype"] is torch.bfloat16
+    assert again.state[other[1].weight]["projection"].dtype == torch.bfloat16
+    _same_state(half.state, again.state)
     del sd["state"][1]["projection"]
     with pytest.raises(ValueError, match="projection"):
         _make(opt_spec, model, distribution="gradient").load_state_dict(sd)

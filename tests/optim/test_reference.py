@@ -154,7 +154,9 @@ def test_flora_adamw_matches_reference(variant, distribution, factored, dtype, t
 
 
 def _run_gradient_basis(opt_cls, grads, **kw):
-    """Run with distribution="gradient"; return the bases each window used, as stored."""
+    """Run with distribution="gradient"; return the bases each window used, as stored (in
+    ``basis_dtype`` if given, checked), converted to float64."""
+    stored = kw.get("basis_dtype") or torch.float64
     params = {k: torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for k, s in SHAPES.items()}
     init = {k: p.detach().clone() for k, p in params.items()}
     opt = opt_cls(list(params.items()), rank=RANK, kappa=KAPPA, distribution="gradient", **kw)
@@ -165,7 +167,8 @@ def _run_gradient_basis(opt_cls, grads, **kw):
         opt.step()
         for k in bases:
             st = opt.state[params[k]]
-            bases[k].setdefault(st["window"], st["projection"].clone())
+            assert st["projection"].dtype == stored
+            bases[k].setdefault(st["window"], st["projection"].double())
     return init, params, bases, opt
 
 
@@ -192,18 +195,22 @@ def test_gradient_basis_is_the_range_finder_of_the_window_first_gradient(side):
         assert torch.allclose(basis @ basis.T, torch.eye(RANK, dtype=torch.float64) / c)
 
 
+@pytest.mark.parametrize("basis_dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("opt_name", ["Flora", "FloraAdamW"])
-def test_gradient_basis_matches_reference(opt_name):
-    """The subspace momentum fed the stored bases: equal to the float64 loop to 1e-12."""
+def test_gradient_basis_matches_reference(opt_name, basis_dtype):
+    """The subspace momentum fed the stored bases: equal to the float64 loop to 1e-12 (a
+    bf16 basis is rounded once when stored and used exactly as stored)."""
     grads = _grads()
     if opt_name == "Flora":
         hp = dict(lr=0.05, beta1=0.9, beta2_decay=-0.8, d=1.0, weight_decay=0.01)
-        init, params, bases, _ = _run_gradient_basis(flora.Flora, grads, eps=(None, 1e-3), **hp)
+        init, params, bases, _ = _run_gradient_basis(
+            flora.Flora, grads, eps=(None, 1e-3), basis_dtype=basis_dtype, **hp
+        )
     else:
         hp = dict(lr=1e-2, eps=1e-8, weight_decay=0.05)
         init, params, bases, _ = _run_gradient_basis(
             flora.FloraAdamW, grads, betas=(0.9, 0.99), factor_second_moment=False,
-            preconditioner="elementwise", **hp,
+            preconditioner="elementwise", basis_dtype=basis_dtype, **hp,
         )  # fmt: skip
     assert sorted(bases["left"]) == [0, 1, 2, 3]
     for key, p in params.items():
@@ -227,6 +234,7 @@ SUBSPACE_CASES = [  # (distribution, dtype, tol); the gradient basis in float64 
     ("orthonormal", torch.float64, 1e-12),
     ("coordinates", torch.float64, 1e-12),
     ("gradient", torch.float64, 1e-12),
+    ("gradient-bf16", torch.float64, 1e-12),  # basis_dtype=torch.bfloat16
     ("orthonormal", torch.float32, 5e-5),
 ]
 
@@ -238,7 +246,11 @@ def test_subspace_preconditioner_matches_reference(distribution, dtype, tol, gro
     grads = _grads()
     hp = dict(lr=1e-2, eps=1e-8, weight_decay=0.05)
     kw = dict(betas=(0.9, 0.99), preconditioner="subspace", growth_limit=growth_limit, **hp)
-    if distribution == "gradient":
+    if distribution == "gradient-bf16":
+        init, params, projs, _ = _run_gradient_basis(
+            flora.FloraAdamW, grads, basis_dtype=torch.bfloat16, **kw
+        )
+    elif distribution == "gradient":
         init, params, projs, _ = _run_gradient_basis(flora.FloraAdamW, grads, **kw)
     else:
         init, params, projs, _ = _run(

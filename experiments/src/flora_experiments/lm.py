@@ -22,6 +22,7 @@ Optimizers (``OPTIMIZERS``):
   ``flora-adamw-subspace`` — ``flora.FloraAdamW`` with the subspace variant (``FLORA_FORMS``);
   ``flora-gradient`` / ``flora-adamw-gradient`` — the subspace variant with each window's
   basis taken from the gradient (``distribution="gradient"``, the basis kept in the state);
+  ``flora-gradient-bf16`` — the same with the basis kept in bf16 (``basis_dtype``);
   ``flora-adamw-fira`` / ``flora-adamw-fira-gradient`` — ``flora.FloraAdamW`` with
   ``preconditioner="subspace"`` (both moments in the subspace, the remainder scaled, GaLore +
   Fira) on an orthonormal / gradient basis; a ``-xemb`` suffix leaves the token embedding
@@ -77,6 +78,7 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
     "flora-adamw-subspace": ("flora (subspace momentum, orthonormal)", ADAM_LRS),
     "flora-gradient": ("flora (subspace momentum, gradient basis)", ADAFACTOR_LRS),
     "flora-adamw-gradient": ("flora (subspace momentum, gradient basis)", ADAM_LRS),
+    "flora-gradient-bf16": ("flora (subspace momentum, gradient basis in bf16)", ADAFACTOR_LRS),
     "flora-adamw-fira": ("flora (subspace Adam + scaled remainder, orthonormal)", ADAM_LRS),
     "flora-adamw-fira-gradient": ("flora (subspace Adam + scaled remainder, gradient)", ADAM_LRS),
     "flora-gradient-xemb": ("flora (gradient basis; embeddings, head full)", ADAFACTOR_LRS),
@@ -114,6 +116,11 @@ FLORA_FORMS: dict[str, dict[str, Any]] = {
         "preconditioner": "elementwise",
     },
     "flora-gradient": {"momentum_variant": "subspace", "distribution": "gradient"},
+    "flora-gradient-bf16": {
+        "momentum_variant": "subspace",
+        "distribution": "gradient",
+        "basis_dtype": torch.bfloat16,
+    },
     "flora-adamw-gradient": {
         "momentum_variant": "subspace",
         "distribution": "gradient",

@@ -278,6 +278,10 @@ class Flora(FloraOptimizerBase):
             nothing: ``"orthonormal"``, ``"gaussian"`` (the paper's), ``"rademacher"``,
             ``"coordinates"`` (:mod:`flora.projection`). flora-opt's Flora is
             ``momentum_variant="history", distribution="gaussian"``.
+        basis_dtype: the dtype ``distribution="gradient"`` keeps its basis in, or ``None``
+            (default) for the state dtype. ``torch.bfloat16`` halves the basis's ``r * d``
+            bytes; the basis is rounded once when a window starts and used in the state
+            dtype. Seed-only distributions store no basis, so it does not apply to them.
         nonfinite: what a NaN/Inf gradient does, decided for the whole step before any
             update: ``"skip"`` (default, GradScaler's convention: the whole step is skipped,
             a ``RuntimeWarning`` is issued and ``optimizer.skipped_steps`` counts it),
@@ -322,6 +326,7 @@ class Flora(FloraOptimizerBase):
         side: str = "auto",
         momentum_variant: str = "subspace",
         distribution: str = "gradient",
+        basis_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
         cache_projection: bool = False,
         maximize: bool = False,
@@ -345,6 +350,7 @@ class Flora(FloraOptimizerBase):
             side=side,
             momentum_variant=momentum_variant,
             distribution=distribution,
+            basis_dtype=basis_dtype,
             nonfinite=nonfinite,
             cache_projection=cache_projection,
             maximize=maximize,

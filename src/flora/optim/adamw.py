@@ -222,8 +222,8 @@ class FloraAdamW(FloraOptimizerBase):
 
     See the module docstring for the math and deviations. The options ``rank``, ``kappa``,
     ``seed``, ``compress``, ``exclude``, ``side``, ``momentum_variant``, ``distribution``,
-    ``nonfinite``, ``cache_projection``, ``maximize`` and ``check_replicas`` are those of
-    :class:`flora.Flora`.
+    ``basis_dtype``, ``nonfinite``, ``cache_projection``, ``maximize`` and
+    ``check_replicas`` are those of :class:`flora.Flora`.
 
     Args:
         params: parameters, ``model.named_parameters()`` or parameter groups; groups may
@@ -277,6 +277,7 @@ class FloraAdamW(FloraOptimizerBase):
         side: str = "auto",
         momentum_variant: str = "subspace",
         distribution: str = "orthonormal",
+        basis_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
         cache_projection: bool = False,
         maximize: bool = False,
@@ -298,6 +299,7 @@ class FloraAdamW(FloraOptimizerBase):
             side=side,
             momentum_variant=momentum_variant,
             distribution=distribution,
+            basis_dtype=basis_dtype,
             nonfinite=nonfinite,
             cache_projection=cache_projection,
             maximize=maximize,

@@ -61,10 +61,12 @@ except ImportError:  # pragma: no cover
 
 from flora.momentum import VARIANTS
 from flora.options import (
+    BASIS_DTYPES,
     NONFINITE_POLICIES,
     SIDE_CHOICES,
     check_bool,
     check_choice,
+    check_dtype,
     check_int,
     check_real,
     is_int,
@@ -166,6 +168,15 @@ def _as_dtensor(local: Tensor, p: Tensor, row_sharded: bool) -> Tensor:
     )
 
 
+def _basis_dtype(group: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
+    """The dtype a gradient basis is stored in: the group's ``basis_dtype``, else ``dtype``."""
+    return group["basis_dtype"] or dtype
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def _local(t: Any) -> Any:
     return t._local_tensor if DTensor is not None and isinstance(t, DTensor) else t
 
@@ -215,6 +226,7 @@ class FloraOptimizerBase(Optimizer):
         )
         for key, options in choices:
             check_choice(f"{where}{key}", group[key], options)
+        check_dtype(f"{where}basis_dtype", group["basis_dtype"], BASIS_DTYPES)
         if group["distribution"] == GRADIENT:
             if group["momentum_variant"] != "subspace":
                 raise ValueError(
@@ -376,7 +388,8 @@ class FloraOptimizerBase(Optimizer):
                     "distribution='gradient': a basis exists only for the current window, "
                     "after the window's first step"
                 )
-            return state["projection"]
+            basis, dtype = state["projection"], state["exp_avg"].dtype
+            return basis if basis.dtype == dtype else basis.to(dtype)
         momentum = state["exp_avg"]
         side = _SIDE_NAMES[state["side"]]
         m, n = p.shape[0], math.prod(p.shape[1:])  # p may be a (possibly empty) row shard
@@ -480,11 +493,13 @@ class FloraOptimizerBase(Optimizer):
                 whole.placements,  # type: ignore[union-attr]
             )[1][0]
             shard = (int(offset), int(self._shards.shape[0]), self._shards.sum_)
-        return range_basis(
+        basis = range_basis(
             matrix.to(momentum.dtype), rank, side,  # type: ignore[arg-type]
             seed=group["seed"], key=state["key"], window=state["window"],
             stream=self.projection_stream, shard=shard,
         )  # fmt: skip
+        dtype = _basis_dtype(group, momentum.dtype)
+        return basis if basis.dtype == dtype else basis.to(dtype)
 
     def _init_momentum(
         self, p: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
@@ -506,16 +521,22 @@ class FloraOptimizerBase(Optimizer):
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     # ------------------------------------------------------------------ plan
-    def _state_numel(self, group: dict[str, Any], d: Decision) -> tuple[int, int]:
-        """(elements of state, elements with compression off) for one parameter."""
+    def _state_bytes(
+        self, group: dict[str, Any], d: Decision, dtype: torch.dtype
+    ) -> tuple[int, int]:
+        """(bytes of state, bytes with compression off) for one parameter whose state
+        tensors are kept in ``dtype`` (a gradient basis in its ``basis_dtype``)."""
+        itemsize = _itemsize(dtype)
         numel = math.prod(d.shape)
         second = sum(map(math.prod, self._second_moment_shapes(group, d).values()))
         if not self._uses_momentum(group):
-            return second, second
+            return second * itemsize, second * itemsize
         momentum = math.prod(d.state_shape) if d.compressed else numel  # type: ignore[arg-type]
+        extra = 0
         if d.compressed and group["distribution"] == GRADIENT:  # the stored basis
-            momentum += d.rank * d.compressed_dim  # type: ignore[operator]
-        return second + momentum, second + numel
+            basis = d.rank * d.compressed_dim  # type: ignore[operator]
+            extra = basis * _itemsize(_basis_dtype(group, dtype))
+        return (second + momentum) * itemsize + extra, (second + numel) * itemsize
 
     def plan(self) -> Plan:
         """Per-parameter decisions and exact state bytes (see :class:`flora.state_plan.Plan`)."""
@@ -528,8 +549,8 @@ class FloraOptimizerBase(Optimizer):
                             None, None, 0, 0, 0)
                 )  # fmt: skip
                 continue
-            itemsize = torch.empty((), dtype=state_dtype(p)).element_size()
-            numel, full = self._state_numel(group, d)
+            itemsize = _itemsize(state_dtype(p))
+            state_bytes, full_bytes = self._state_bytes(group, d, state_dtype(p))
             compressed = d.compressed and self._uses_momentum(group)
             plan.rows.append(
                 PlanRow(
@@ -539,8 +560,8 @@ class FloraOptimizerBase(Optimizer):
                     reason=d.reason if self._uses_momentum(group) else "no momentum (beta1=0)",
                     side=d.side if compressed else None,
                     rank=d.rank if compressed else None,
-                    state_bytes=numel * itemsize,
-                    uncompressed_bytes=full * itemsize,
+                    state_bytes=state_bytes,
+                    uncompressed_bytes=full_bytes,
                     adamw_bytes=2 * p.numel() * p.element_size(),
                     growth=self._growth(group, d) if compressed else None,
                 )
@@ -747,17 +768,18 @@ class FloraOptimizerBase(Optimizer):
 
     def _restore_dtypes(self, sd: dict[str, Any]) -> None:
         """Re-copy floating state from ``sd`` in the state dtype (torch cast it to the
-        parameter's dtype, which would round float32 state of bf16 parameters)."""
-        saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params, strict=True):
-            saved = sd["state"].get(saved_id)
-            if not saved:
-                continue
-            dtype = state_dtype(p)
-            for key, value in saved.items():
-                if isinstance(value, Tensor) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+        parameter's dtype, which would round float32 state of bf16 parameters), a gradient
+        basis in its group's ``basis_dtype``."""
+        for saved_group, group in zip(sd["param_groups"], self.param_groups, strict=True):
+            for saved_id, p in zip(saved_group["params"], group["params"], strict=True):
+                saved = sd["state"].get(saved_id)
+                if not saved:
+                    continue
+                dtype = state_dtype(p)
+                for key, value in saved.items():
+                    if isinstance(value, Tensor) and value.is_floating_point():
+                        to = _basis_dtype(group, dtype) if key == "projection" else dtype
+                        self.state[p][key] = value.to(device=p.device, dtype=to, copy=True)
 
     # ------------------------------------------------------------------ step
     def _update(

@@ -240,15 +240,19 @@ def dcp_roundtrip(rank: int, world: int, tmpdir: str, direction: str) -> None:
 FSDP_OPTIMIZERS = (
     "adamw", "adamw_factored", "flora", "flora_linear", "flora_subspace", "adamw_subspace",
     "flora_gradient", "flora_gradient_bf16", "adamw_fira", "adamw_fira_gradient",
+    "sgd_gradient", "lion_gradient",
 )  # fmt: skip
 DATA_WORLD = 2  # the global batch of step t is batches[2t] + batches[2t + 1], at any world size
 
 
 def make_fsdp_optimizer(kind: str, named_params, **extra):
     """The optimizers the FSDP2 tests compare with single-device training."""
-    from flora import Flora, FloraAdamW
+    from flora import Flora, FloraAdamW, FloraLion, FloraSGD
 
     common = dict(lr=1e-2, rank=4, kappa=2, weight_decay=0.1, **extra)
+    if kind in ("sgd_gradient", "lion_gradient"):  # their default gradient basis
+        cls = FloraSGD if kind.startswith("sgd") else FloraLion
+        return cls(named_params, **common)
     if kind.endswith("_subspace"):  # the subspace momentum with an orthonormal projection
         common.update(momentum_variant="subspace", distribution="orthonormal")
     if kind.endswith("_gradient"):  # the gradient basis (a range finder over shards)

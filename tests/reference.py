@@ -250,3 +250,80 @@ def compressed_accumulation(
     for g in grads:
         c = c + _down(g.double().reshape(m, n), a, side)
     return (scale * _up(c, a, side)).reshape(shape)
+
+
+def _projector(a: Tensor) -> Tensor:
+    """The orthogonal projector c A^T A onto the row space of an orthonormal A (r x d)."""
+    return (a.shape[0] / a.shape[1]) * a.T @ a
+
+
+def _on_side(pi: Tensor, x: Tensor, side: str) -> Tensor:
+    return pi @ x if side == "left" else x @ pi
+
+
+def subspace_sgd(
+    theta: Tensor,
+    grads: Sequence[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    side: str | None,
+    kappa: int,
+    projection: Callable[[int], Tensor] | None,
+) -> Tensor:
+    """torch SGD's buffer inside the subspace of window floor(t / kappa), the gradient outside.
+
+    Written in the full space: the buffer's subspace part is a full matrix ``b_in`` that the
+    window change projects onto the new subspace, ``b = (I - Pi) g + b_in``.
+    """
+    theta = theta.clone()
+    b = b_in = None
+    for t, g in enumerate(grads, start=1):
+        g = g + weight_decay * theta
+        if side is None:
+            b = g.clone() if t == 1 else momentum * b + (1 - dampening) * g
+        else:
+            pi = _projector(projection(t // kappa))
+            if b_in is not None and t % kappa == 0:
+                b_in = _on_side(pi, b_in, side)
+            pg = _on_side(pi, g, side)
+            b_in = pg if t == 1 else momentum * b_in + (1 - dampening) * pg
+            b = g - pg + b_in
+        d = g + momentum * b if nesterov else b
+        theta = theta - lr * d
+    return theta
+
+
+def subspace_lion(
+    theta: Tensor,
+    grads: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    side: str | None,
+    kappa: int,
+    projection: Callable[[int], Tensor] | None,
+) -> Tensor:
+    """Lion (Chen et al., 2023, Program 1) with its momentum inside the subspace of window
+    floor(t / kappa) and the gradient itself outside, written in the full space."""
+    theta = theta.clone()
+    m = torch.zeros_like(theta)
+    for t, g in enumerate(grads, start=1):
+        theta = theta * (1 - lr * weight_decay)
+        if side is None:
+            c = torch.sign(beta1 * m + (1 - beta1) * g)
+            m = beta2 * m + (1 - beta2) * g
+        else:
+            pi = _projector(projection(t // kappa))
+            if t % kappa == 0:
+                m = _on_side(pi, m, side)
+            pg = _on_side(pi, g, side)
+            c = torch.sign(g - pg + beta1 * m + (1 - beta1) * pg)
+            m = beta2 * m + (1 - beta2) * pg
+        theta = theta - lr * c
+    return theta

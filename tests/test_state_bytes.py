@@ -6,7 +6,7 @@ momentum + r*m gradient basis; FloraAdamW = 2*r*n (both moments in the subspace)
 limiter's norm). With a seed-only projection Flora drops the r*m basis; FloraAdamW's
 elementwise form holds m*n second moment + r*n momentum (factored: m + n + r*n). Biases keep a
 full second moment (+ full momentum). The real state after a step, the plan, and the formula
-agree.
+agree. FloraSGD and FloraLion hold one buffer: r*n (+ r*m basis) per compressed matrix.
 """
 
 import pytest
@@ -99,3 +99,16 @@ def test_flora_linear_memory_base_bytes():
     model = torch.nn.Linear(96, 48)
     opt = _stepped(flora.Flora, model, rank=8, factor_second_moment=False)
     assert opt.state_bytes() == 4 * (48 * 96 + 8 * 96 + 8 * 48 + 48 + 48) == opt.plan().state_bytes
+
+
+@pytest.mark.parametrize("opt_cls", [flora.FloraSGD, flora.FloraLion])
+def test_sgd_and_lion_bytes(opt_cls):
+    # one compressed buffer (r, 96) and the gradient basis (r, 48); the bias a full buffer
+    opt = _stepped(opt_cls, torch.nn.Linear(96, 48), rank=8)
+    assert opt.state_bytes() == 4 * (8 * 96 + 8 * 48 + 48) == opt.plan().state_bytes
+    seeded = _stepped(opt_cls, torch.nn.Linear(96, 48), rank=8, distribution="orthonormal")
+    assert seeded.state_bytes() == 4 * (8 * 96 + 48) == seeded.plan().state_bytes
+    full = _stepped(opt_cls, torch.nn.Linear(96, 48), rank=8, compress=False)
+    assert full.state_bytes() == 4 * (48 * 96 + 48) == full.plan().state_bytes
+    none = dict(momentum=0.0) if opt_cls is flora.FloraSGD else dict(betas=(0.0, 0.99))
+    assert _stepped(opt_cls, torch.nn.Linear(96, 48), **none).state_bytes() == 0

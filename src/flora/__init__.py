@@ -4,7 +4,7 @@ Hao, Cao, Mou, "Flora: Low-Rank Adapters Are Secretly Gradient Compressors", ICM
 """
 
 from flora.accumulation import AccumulationMemory, GradientAccumulator
-from flora.optim import Flora, FloraAdamW
+from flora.optim import Flora, FloraAdamW, FloraLion, FloraSGD
 from flora.policy import Decision, decide
 from flora.projection import down, parameter_key, projection_matrix, transfer, up
 from flora.state_plan import Plan, PlanRow
@@ -16,6 +16,8 @@ __all__ = [
     "Decision",
     "Flora",
     "FloraAdamW",
+    "FloraLion",
+    "FloraSGD",
     "GradientAccumulator",
     "Plan",
     "PlanRow",

@@ -57,9 +57,41 @@ from torch import Tensor
 
 from flora.projection import down, transfer
 
-__all__ = ["VARIANTS", "compressed_ema_"]
+__all__ = ["VARIANTS", "compressed_ema_", "subspace_direction", "subspace_transfer_"]
 
 VARIANTS: tuple[str, ...] = ("history", "paper", "subspace")
+
+
+def subspace_transfer_(momentum: Tensor, proj_old: Tensor, proj_new: Tensor, side: str) -> Tensor:
+    r"""Move a subspace state to a new window's basis in place: :math:`M \leftarrow
+    c\,\operatorname{transfer}_{P \to P'}(M)`, the projection of the old subspace's vector
+    onto the new subspace (orthonormal bases: it never inflates the state)."""
+    shrink = proj_new.shape[0] / proj_new.shape[1]
+    return momentum.copy_(transfer(momentum, proj_old, proj_new, side)).mul_(shrink)
+
+
+def subspace_direction(
+    update: Tensor,  # (m, n) u
+    inside: Tensor,  # compressed shape: the direction's coordinates inside the subspace
+    fresh: Tensor,  # down(u), same shape as ``inside``
+    proj: Tensor,
+    side: str,
+    *,
+    outside: float = 1.0,
+    inside_scale: float = 1.0,
+    overwrite: bool = False,
+) -> Tensor:
+    r""":math:`o\,(I - \Pi)\,u + c\operatorname{up}(k\,\text{inside})` with :math:`o` =
+    ``outside`` and :math:`k` = ``inside_scale``, computed as :math:`o\,u +
+    c\operatorname{up}(k\,\text{inside} - o\operatorname{down}(u))` without forming
+    :math:`\Pi`. ``fresh`` is overwritten; with ``overwrite=True`` so is ``update``, with the
+    result (no temporary of the parameter's size)."""
+    shrink = proj.shape[0] / proj.shape[1]
+    residual = fresh.mul_(-outside).add_(inside, alpha=inside_scale)
+    a, b = (proj.T, residual) if side == "left" else (residual, proj)
+    if overwrite:
+        return _mm_into(update, a, b, beta=outside, alpha=shrink)
+    return torch.addmm(update, a, b, beta=outside, alpha=shrink)
 
 
 def _mm_into(out: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float) -> Tensor:
@@ -117,16 +149,14 @@ def compressed_ema_(
         momentum.mul_(beta).add_(fresh, alpha=w_new)
         return direction
     if variant == "subspace":
-        shrink = proj_new.shape[0] / proj_new.shape[1]  # c = r / d
         if resampled:
-            momentum.copy_(transfer(momentum, proj_old, proj_new, side)).mul_(shrink)
+            subspace_transfer_(momentum, proj_old, proj_new, side)
         fresh = down(update, proj_new, side)  # P' U
         momentum.mul_(beta).add_(fresh, alpha=w_new)
-        residual = fresh.mul_(-scale).add_(momentum, alpha=momentum_scale)  # kM - down(u_t)
-        a, b = (proj_new.T, residual) if left else (residual, proj_new)
-        if overwrite:
-            return _mm_into(update, a, b, beta=scale, alpha=shrink)
-        return torch.addmm(update, a, b, beta=scale, alpha=shrink)
+        return subspace_direction(
+            update, momentum, fresh, proj_new, side,
+            outside=scale, inside_scale=momentum_scale, overwrite=overwrite,
+        )  # fmt: skip
     # variant == "paper"
     if resampled:
         momentum.copy_(transfer(momentum, proj_old, proj_new, side))

@@ -14,6 +14,7 @@ Properties:
 """
 
 import copy
+import inspect
 import io
 import warnings
 
@@ -26,6 +27,8 @@ from flora.projection import down, parameter_key, projection_matrix
 OPTIMIZERS = {
     "Flora": (flora.Flora, dict(lr=0.02)),
     "FloraAdamW": (flora.FloraAdamW, dict(lr=1e-2)),
+    "FloraSGD": (flora.FloraSGD, dict(lr=0.5)),
+    "FloraLion": (flora.FloraLion, dict(lr=3e-3)),
 }
 
 
@@ -71,7 +74,10 @@ def _make(opt_spec, model, **kw):
 
 
 def _paper_form(opt_spec) -> dict:
-    """Algorithm 2 as printed, Gaussian projection (FloraAdamW: per-coordinate Adam)."""
+    """Algorithm 2 as printed, Gaussian projection (FloraAdamW: per-coordinate Adam);
+    FloraSGD and FloraLion have only the subspace form: theirs, with a Gaussian."""
+    if opt_spec[0] in (flora.FloraSGD, flora.FloraLion):
+        return dict(distribution="gaussian")
     form = dict(momentum_variant="paper", distribution="gaussian")
     return form if opt_spec[0] is flora.Flora else {**form, "preconditioner": "elementwise"}
 
@@ -127,15 +133,38 @@ ADAMW_BAD = [
 ]
 
 
+SGD_BAD = [
+    (dict(momentum=1.0), ValueError, "momentum"),
+    (dict(momentum=-0.5), ValueError, "momentum"),
+    (dict(dampening=1.5), ValueError, "dampening"),
+    (dict(nesterov="yes"), TypeError, "nesterov"),
+    (dict(nesterov=True, dampening=0.1), ValueError, "nesterov"),
+    (dict(nesterov=True, momentum=0.0), ValueError, "nesterov"),
+    (dict(momentum_variant="history"), ValueError, "momentum_variant"),
+]
+LION_BAD = [
+    (dict(betas=(1.0, 0.99)), ValueError, "betas"),
+    (dict(betas=(0.9, -0.1)), ValueError, "betas"),
+    (dict(betas=0.9), TypeError, "betas"),
+    (dict(weight_decay=-1.0), ValueError, "weight_decay"),
+    (dict(momentum_variant="paper"), ValueError, "momentum_variant"),
+]
+
+
 @pytest.mark.parametrize("kwargs,exc,name", BAD)
 def test_bad_hyperparameters_name_the_argument(opt_spec, kwargs, exc, name):
+    if not set(kwargs) <= set(inspect.signature(opt_spec[0]).parameters):
+        pytest.skip(f"{opt_spec[0].__name__} has no {sorted(kwargs)}")
     with pytest.raises(exc, match=name):
         _make(opt_spec, _model(), **kwargs)
 
 
 @pytest.mark.parametrize(
     "cls,kwargs,exc,name",
-    [(flora.Flora, *b) for b in FLORA_BAD] + [(flora.FloraAdamW, *b) for b in ADAMW_BAD],
+    [(flora.Flora, *b) for b in FLORA_BAD]
+    + [(flora.FloraAdamW, *b) for b in ADAMW_BAD]
+    + [(flora.FloraSGD, *b) for b in SGD_BAD]
+    + [(flora.FloraLion, *b) for b in LION_BAD],
 )
 def test_bad_base_hyperparameters(cls, kwargs, exc, name):
     with pytest.raises(exc, match=name):
@@ -310,6 +339,8 @@ def test_window_advances_every_kappa_and_projection_is_used(opt_spec):
         windows.append(opt.state[w]["window"])
     assert windows == [0, 0, 1, 1, 1, 2, 2]
     assert opt.decision(w).side == "right"
+    if opt_spec[0] not in (flora.Flora, flora.FloraAdamW):
+        return  # FloraSGD's and FloraLion's first momentum: tests/optim/test_sgd_lion.py
     # one fresh step from zero momentum: M_1 = (1 - beta1) * down(u_1)
     is_flora = opt_spec[0] is flora.Flora
     m2 = _model()

@@ -768,3 +768,29 @@ def test_max_grad_norm_is_refused_with_step_in_backward():
     with pytest.raises(ValueError, match="max_grad_norm needs every gradient"):
         GradientAccumulator(model, TAU, rank=2, optimizer=opt, step_in_backward=True,
                             max_grad_norm=1.0)  # fmt: skip
+
+
+def test_a_state_from_before_generator_v2_decodes_with_v1():
+    """A state_dict without 'generator' was written with the first projection generator:
+    the accumulator keeps using it, so a resumed cycle decodes its buffers as written."""
+    from flora.projection import projection_matrix
+
+    model = make_model()
+    acc = GradientAccumulator(model, TAU, rank=4)
+    with acc.micro_batch():
+        loss_of(model, make_batches(1)[0]).backward()
+    state = acc.state_dict()
+    assert state["generator"] == 2
+    old = {k: v for k, v in state.items() if k != "generator"}
+    other = make_model()
+    resumed = GradientAccumulator(other, TAU, rank=4)
+    resumed.load_state_dict(old)
+    assert resumed.generator == 1
+    p = next(p for p in other.parameters() if resumed.projection(p) is not None)
+    rows, dim = resumed.projection(p).shape
+    slot = resumed._slot(p)
+    expected = projection_matrix(rows, dim, seed=0, key=slot.key, window=0,
+                                 stream="accumulation", generator=1)  # fmt: skip
+    assert torch.equal(resumed.projection(p), expected)
+    with pytest.raises(ValueError, match="generator"):
+        GradientAccumulator(make_model(), TAU, rank=4).load_state_dict({**state, "generator": 3})

@@ -1,13 +1,17 @@
 """Properties of the seeded projection (flora.projection).
 
-- determinism: same arguments, same matrix, across calls and across processes; a golden
-  value pins the generator so a restart (or a new release) decodes old checkpoints;
+- determinism: same arguments, same matrix, across calls and across processes; golden
+  values pin both generators so a restart (or a new release) decodes old checkpoints;
+- generator v2: Philox4x32-10 equals the Random123 known answers and a pure-Python
+  implementation written from the published algorithm; the entries are that reference's
+  words through the stated transforms; no float64 arithmetic for float32 matrices; the
+  Gaussian's spectrum follows Marchenko-Pastur (a one-round Philox fails the same test);
 - independence: changing the seed, parameter key, window or stream changes the matrix and
   leaves it uncorrelated with the old one;
 - distribution: entries have mean 0 and variance 1/r (Gaussian; Rademacher is +-1/sqrt(r));
 - unbiasedness at the rate of Theorem 2.4: the mean of P^T P G over N draws approaches G
   with error ~ 1/sqrt(N), and a single draw's error shrinks like 1/sqrt(r);
-- float32 is the float64 matrix rounded once; CUDA equals CPU (GPU machines);
+- v1: float32 is the float64 matrix rounded once; CUDA equals CPU (GPU machines);
 - down/up/transfer shapes and their definitions on both sides; bad arguments are refused;
 - the gradient basis (range finder): exact on a low-rank matrix, sharpened by power
   iterations, orthonormal even for a zero matrix, its subspace independent of the sketch.
@@ -20,8 +24,11 @@ import pytest
 import torch
 
 from flora.projection import (
+    GENERATOR,
     down,
+    gaussian_from_words,
     parameter_key,
+    philox4x32,
     projection_matrix,
     range_basis,
     transfer,
@@ -48,9 +55,12 @@ def test_deterministic_across_processes():
 
 
 def test_golden_values_pin_the_generator():
-    """Changing the generator would silently break every saved checkpoint: pin it."""
+    """Changing a generator would silently break every saved checkpoint: pin v1 (v2 is
+    pinned by the pure-Python reference below)."""
     assert parameter_key("w") == 9108506241023605964
-    p = projection_matrix(2, 3, seed=0, key=parameter_key("w"), window=0, dtype=torch.float64)
+    p = projection_matrix(
+        2, 3, seed=0, key=parameter_key("w"), window=0, dtype=torch.float64, generator=1
+    )
     expected = torch.tensor(
         [
             [-0.6214874682, 1.1319275423, -0.4819477915],
@@ -119,9 +129,153 @@ def test_single_draw_error_shrinks_like_one_over_sqrt_rank():
 
 
 def test_float32_is_float64_rounded_once():
-    p64 = projection_matrix(8, 300, seed=5, key=KEY, window=1, dtype=torch.float64)
-    p32 = projection_matrix(8, 300, seed=5, key=KEY, window=1, dtype=torch.float32)
+    """v1: one float64 computation, rounded once; v2: float32 arithmetic for float32, equal
+    to the float64 matrix to float32 accuracy (the integer-exact families bit for bit)."""
+    kw = dict(seed=5, key=KEY, window=1)
+    p64 = projection_matrix(8, 300, dtype=torch.float64, generator=1, **kw)
+    p32 = projection_matrix(8, 300, dtype=torch.float32, generator=1, **kw)
     assert torch.equal(p32, p64.to(torch.float32))
+    for distribution in ("gaussian", "orthonormal", "rademacher", "coordinates"):
+        p64 = projection_matrix(8, 300, dtype=torch.float64, distribution=distribution, **kw)
+        p32 = projection_matrix(8, 300, dtype=torch.float32, distribution=distribution, **kw)
+        if distribution in ("rademacher", "coordinates"):
+            assert torch.equal(p32, p64.to(torch.float32)), distribution
+        else:
+            torch.testing.assert_close(p32.double(), p64, rtol=0, atol=2e-6)
+
+
+# ---------------------------------------------------------------- generator v2 (Philox)
+_M, _W, _MASK = (0xD2511F53, 0xCD9E8D57), (0x9E3779B9, 0xBB67AE85), 0xFFFFFFFF
+
+
+def _philox_python(ctr, key, rounds=10):
+    """Philox4x32-R in Python integers, from Salmon et al. (SC 2011), Random123's order."""
+    c, (k0, k1) = list(ctr), key
+    for r in range(rounds):
+        if r > 0:
+            k0, k1 = (k0 + _W[0]) & _MASK, (k1 + _W[1]) & _MASK
+        p0, p1 = _M[0] * c[0], _M[1] * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k0, p1 & _MASK, (p0 >> 32) ^ c[3] ^ k1, p0 & _MASK]
+    return c
+
+
+KNOWN_ANSWERS = [  # Random123 kat_vectors: philox4x32 10, counter, key, expected
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((_MASK,) * 4, (_MASK,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+@pytest.mark.parametrize("ctr,key,expected", KNOWN_ANSWERS)
+def test_philox_known_answers(ctr, key, expected):
+    assert tuple(_philox_python(ctr, key)) == expected
+    words = philox4x32(torch.tensor([ctr[0]]), ctr[1], ctr[2], ctr[3], *key)
+    assert tuple(int(w) for w in words[:, 0]) == expected
+
+
+def test_philox_tensor_equals_pure_python():
+    g = torch.Generator().manual_seed(0)
+    counters = torch.randint(0, 2**32, (300,), generator=g, dtype=torch.int64)
+    for ints in ([0, 0, 0, 0, 0], [_MASK, 1, 2**31, 12345, _MASK], [7, 8, 9, 10, 11]):
+        words = philox4x32(counters, *ints)
+        for i in range(0, 300, 7):
+            ref = _philox_python((int(counters[i]), *ints[:3]), tuple(ints[3:]))
+            assert [int(w) for w in words[:, i]] == ref
+
+
+def test_v2_entries_are_the_reference_words_through_the_stated_transforms():
+    """The golden values of v2, derived here: the stream's words from the pure-Python
+    Philox, then the Box-Muller, sign and sort transforms of the module docstring."""
+    import hashlib
+    import math
+
+    rank, dim, key = 3, 10, parameter_key("w")
+
+    def words(distribution, blocks):
+        text = f"flora-projection/v2|0|{key}|0|momentum|{distribution}".encode()
+        digest = hashlib.blake2b(text, digest_size=20).digest()
+        c1, c2, c3, k0, k1 = (int.from_bytes(digest[i : i + 4], "little") for i in range(0, 20, 4))
+        return [_philox_python((c, c1, c2, c3), (k0, k1)) for c in range(blocks)]
+
+    def uniform(w):
+        return (2 * (w >> 9) + 1) / 2**24
+
+    normals = []
+    for w in words("gaussian", (rank * dim + 3) // 4):
+        for a, b in ((w[0], w[1]), (w[2], w[3])):
+            radius = math.sqrt(-2 * math.log(uniform(a)))
+            normals += [radius * math.cos(2 * math.pi * uniform(b)),
+                        radius * math.sin(2 * math.pi * uniform(b))]  # fmt: skip
+    expected = torch.tensor(normals[: rank * dim], dtype=torch.float64).view(rank, dim)
+    expected /= math.sqrt(rank)
+    kw = dict(seed=0, key=key, window=0)
+    p = projection_matrix(rank, dim, **kw)
+    torch.testing.assert_close(p.double(), expected, rtol=0, atol=2e-6)
+    signs = [1 - 2 * (x >> 31) for w in words("rademacher", (rank * dim + 3) // 4) for x in w]
+    expected = torch.tensor(signs[: rank * dim], dtype=torch.float32).view(rank, dim)
+    p = projection_matrix(rank, dim, distribution="rademacher", **kw)
+    assert torch.equal(p, expected * torch.tensor(1 / math.sqrt(rank), dtype=torch.float32))
+    sort_keys = [(w[0] << 31) | (w[1] >> 1) for w in words("coordinates", dim)]
+    chosen = sorted(sorted(range(dim), key=lambda j: sort_keys[j])[:rank])
+    p = projection_matrix(rank, dim, distribution="coordinates", **kw)
+    assert p.nonzero()[:, 1].tolist() == chosen
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "orthonormal", "rademacher", "coordinates"])
+def test_v2_uses_no_float64(distribution):
+    """Every op of a float32 v2 projection (and of the range finder) avoids float64."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[torch.dtype] = set()
+
+    class Dtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    seen.add(t.dtype)
+            return out
+
+    x = torch.randn(40, 24)
+    with Dtypes():
+        projection_matrix(8, 64, seed=1, key=KEY, window=0, distribution=distribution)
+        range_basis(x, 4, "left", seed=1, key=KEY, window=0)
+    assert torch.float64 not in seen and GENERATOR == 2
+
+
+def _marchenko_pastur_ks(p):
+    """Kolmogorov-Smirnov distance of the spectrum of (r/d) P P^T (unit-variance entries)
+    to the Marchenko-Pastur law of ratio r/d."""
+    import math
+
+    rank, dim = p.shape
+    y = rank / dim
+    eig = torch.linalg.eigvalsh((p.double() @ p.double().T) * (rank / dim)).sort().values
+    lo, hi = (1 - math.sqrt(y)) ** 2, (1 + math.sqrt(y)) ** 2
+    grid = torch.linspace(lo, hi, 20001, dtype=torch.float64)
+    density = torch.sqrt(((hi - grid) * (grid - lo)).clamp(min=0)) / (2 * math.pi * y * grid)
+    cdf = torch.cumsum(density, 0) * (grid[1] - grid[0])
+    cdf /= cdf[-1].clone()
+    model = torch.from_numpy(__import__("numpy").interp(eig.numpy(), grid.numpy(), cdf.numpy()))
+    empirical = torch.arange(1, rank + 1, dtype=torch.float64) / rank
+    return (model - empirical).abs().max().item(), eig[0].item(), eig[-1].item(), lo, hi
+
+
+def test_gaussian_spectrum_follows_marchenko_pastur():
+    """The quality gate of a generator: P P^T's eigenvalues fill the Marchenko-Pastur
+    support with its density. A one-round Philox, whose words repeat across counters,
+    fails the same test by far."""
+    p = projection_matrix(128, 1024, seed=3, key=KEY, window=0)
+    ks, first, last, lo, hi = _marchenko_pastur_ks(p)
+    assert ks < 0.05
+    assert lo - 0.05 < first and last < hi + 0.1
+    weak = philox4x32(torch.arange(128 * 1024 // 4), 1, 2, 3, 4, 5, rounds=1)
+    bad = gaussian_from_words(weak, 128 * 1024, torch.float32).view(128, 1024) / 128**0.5
+    assert _marchenko_pastur_ks(bad)[0] > 0.2
 
 
 def test_prefix_property_fixed_by_element_index():
@@ -192,7 +346,9 @@ def test_orthonormal_rows_are_exactly_orthogonal_and_unbiased():
     torch.testing.assert_close(a @ a.T, 4.0 * torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-12)
     assert torch.equal(a, p(0)) and not torch.allclose(a, p(1))
     single = projection_matrix(4, 16, seed=0, key=KEY, window=0, distribution="orthonormal")
-    assert single.dtype == torch.float32 and torch.equal(single, a.float())
+    assert single.dtype == torch.float32  # its own float32 QR: orthonormal to float32
+    torch.testing.assert_close(single.double(), a, rtol=0, atol=2e-6)
+    torch.testing.assert_close(single @ single.T, 4.0 * torch.eye(4), rtol=0, atol=2e-6)
     # E[P^T P] = I over windows (deterministic here: 400 seeded windows, max entry deviation
     # 0.077; a wrong scale would be off by 3 on the diagonal)
     mean = sum(p(w).T @ p(w) for w in range(400)) / 400

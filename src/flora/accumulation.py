@@ -67,7 +67,7 @@ from flora.policy import (
     decide,
     warn_unmatched_patterns,
 )
-from flora.projection import parameter_key, projection_matrix, up
+from flora.projection import GENERATOR, GENERATORS, parameter_key, projection_matrix, up
 from flora.replicas import check_same_settings
 from flora.state_plan import Plan, PlanRow
 
@@ -298,6 +298,8 @@ class GradientAccumulator:
             )
         self.steps, self.rank, self.seed = steps, rank, seed
         self.compress, self.side, self.distribution = compress, side, distribution
+        #: the projection generator (:mod:`flora.projection`); a loaded state sets its own
+        self.generator = GENERATOR
         self.exclude, self.reduction = patterns, reduction
         self.cache_projection = cache_projection
         self.optimizer, self.step_in_backward = optimizer, step_in_backward
@@ -410,6 +412,7 @@ class GradientAccumulator:
             distribution=self.distribution,  # type: ignore[arg-type]
             device=s.param.device,
             dtype=s.dtype,
+            generator=self.generator,
         )
 
     def _projection_now(self, s: _Slot) -> Tensor:
@@ -733,6 +736,7 @@ class GradientAccumulator:
                         grads[s.name] = t.clone()
         return {
             "version": _STATE_VERSION,
+            "generator": self.generator,
             "cycle": self.cycle,
             "position": self.position,
             "settings": self._settings(),
@@ -781,6 +785,9 @@ class GradientAccumulator:
         names = [s.name for s in self._slots if s.compressed]
         if list(state_dict["compressed"]) != names:
             raise ValueError("state_dict compresses different parameters than this accumulator")
+        generator = state_dict.get("generator", 1)  # absent: written before generator v2
+        if isinstance(generator, bool) or generator not in GENERATORS:
+            raise ValueError(f"state_dict generator must be one of {GENERATORS}, got {generator!r}")
         cycle, position = state_dict["cycle"], state_dict["position"]
         for key, value in (("cycle", cycle), ("position", position)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -805,7 +812,9 @@ class GradientAccumulator:
                 _check_tensor(g, tuple(s.param.shape), None, name)
         # valid: apply
         self._release()
-        self.cycle, self.position = cycle, position
+        self.cycle, self.position, self.generator = cycle, position, generator
+        for s in self._slots:  # cached projections may come from the other generator
+            s.proj = None
         self.sync_gradients = False
         if position == 0:
             return

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from flora.options import state_dtype
 from flora.policy import check_options, compile_patterns, decide, warn_unmatched_patterns
-from flora.projection import down, parameter_key, projection_matrix, up
+from flora.projection import GENERATOR, GENERATORS, down, parameter_key, projection_matrix, up
 from flora.replicas import check_same_settings
 
 __all__ = ["FloraCommState", "flora_comm_hook"]
@@ -77,6 +77,7 @@ class FloraCommState:
         self.process_group = ddp.process_group
         self.rank, self.seed, self.distribution = rank, seed, distribution
         self.iteration = 0
+        self.generator = GENERATOR  # the projection generator; a loaded state sets its own
         self.last_communicated_bytes = 0  # bytes all-reduced in the last completed step
         self._bytes_this_step = 0
         self.decisions = {}
@@ -120,6 +121,7 @@ class FloraCommState:
             distribution=self.distribution,  # type: ignore[arg-type]
             device=param.device,
             dtype=state_dtype(param),
+            generator=self.generator,
         )
 
     def compressed_bytes(self) -> int:
@@ -131,7 +133,12 @@ class FloraCommState:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "seed": self.seed, "rank": self.rank}
+        return {
+            "iteration": self.iteration,
+            "seed": self.seed,
+            "rank": self.rank,
+            "generator": self.generator,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("seed") != self.seed or state.get("rank") != self.rank:
@@ -139,7 +146,11 @@ class FloraCommState:
                 f"state_dict has seed={state.get('seed')}, rank={state.get('rank')}; "
                 f"this hook state has seed={self.seed}, rank={self.rank}"
             )
+        generator = state.get("generator", 1)  # absent: written before generator v2
+        if isinstance(generator, bool) or generator not in GENERATORS:
+            raise ValueError(f"state_dict generator must be one of {GENERATORS}, got {generator!r}")
         self.iteration = int(state["iteration"])
+        self.generator = generator
 
 
 def flora_comm_hook(state: FloraCommState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:

@@ -26,12 +26,26 @@ It is a **pure function** of
 * its shape ``(rank, dim)`` and the distribution.
 
 Nothing depends on Python's ``hash()``, on a ``torch.Generator`` or on the device: the
-entries come from a counter-based generator — an integer hash of the element's index,
-keyed by a BLAKE2b digest of the tuple above, computed in int64 tensor arithmetic that never
-overflows — followed by a Box–Muller transform in float64 and a single rounding to the
-requested dtype. The same arguments therefore give the same matrix on CPU and CUDA (bit for
-bit unless a float64 transcendental lands within one ulp of a float32 rounding boundary) and
-after a restart.
+entries come from a counter-based generator keyed by a BLAKE2b digest of the tuple above,
+computed in int64 tensor arithmetic that never overflows. Two generators exist, and the
+version is part of every state that holds a compressed buffer, so checkpoints written with
+the first keep decoding with it (``generator=`` of :func:`projection_matrix`):
+
+* **v2** (``generator=2``, :data:`GENERATOR`, used by every new state):
+  Philox4x32-10 (Salmon, Moraes, Dror & Shaw, SC 2011; checked against the Random123
+  known-answer vectors), counter ``(index, c1, c2, c3)`` and key ``(k0, k1)`` from the
+  digest; its 32-bit words become uniforms :math:`(2\lfloor w / 2^9 \rfloor + 1) / 2^{24}`
+  (exact in float32, in :math:`(0, 1)`), and Gaussians by a Box–Muller transform in float32
+  (float64 only when a float64 matrix is asked for). No float64 arithmetic otherwise, so it
+  runs where float64 does not (Apple MPS) and fast where float64 is slow. The Rademacher and
+  coordinate families are integer-exact: bit-identical on every device. Gaussian and
+  orthonormal matrices agree across devices to float32 rounding of ``log``, ``cos``, ``sin``
+  (and the QR).
+* **v1** (``generator=1``, checkpoints written before v2): a two-stage 32-bit integer hash
+  of the element's index followed by a Box–Muller transform in float64 and one rounding to
+  the requested dtype.
+
+Either way the same arguments give the same matrix after a restart.
 
 Sides. A matrix :math:`G \in \mathbb{R}^{m \times n}` is compressed on the
 
@@ -64,10 +78,14 @@ from torch import Tensor
 
 __all__ = [
     "DISTRIBUTIONS",
+    "GENERATOR",
+    "GENERATORS",
     "ORTHONORMAL",
     "SIDES",
     "down",
+    "gaussian_from_words",
     "parameter_key",
+    "philox4x32",
     "projection_matrix",
     "range_basis",
     "transfer",
@@ -88,6 +106,13 @@ _MASK32 = 0xFFFFFFFF
 # and the low 32 bits are exact on every backend.
 _MUL = 0x045D9F3B
 _VERSION = "flora-projection/v1"
+#: the projection generators a state may name: 1 (hash + float64 Box-Muller), 2 (Philox)
+GENERATORS: tuple[int, ...] = (1, 2)
+#: the generator new states use
+GENERATOR = 2
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Random123's Philox4x32 multipliers
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # and Weyl key increments
+_PHILOX_ROUNDS = 10
 
 
 def parameter_key(name_or_position: str | int) -> int:
@@ -126,6 +151,53 @@ def _hash(counter: Tensor, k0: int, k1: int) -> Tensor:
     return _mix32(_mix32(counter ^ k0).bitwise_xor_(k1))
 
 
+def philox4x32(
+    counter: Tensor, c1: int, c2: int, c3: int, k0: int, k1: int, *, rounds: int = _PHILOX_ROUNDS
+) -> Tensor:
+    """Philox4x32-``rounds`` of the counters ``(counter[i], c1, c2, c3)`` under key ``(k0, k1)``.
+
+    ``counter`` is an int64 tensor of values in ``[0, 2**32)``; returns an int64 tensor of
+    shape ``(4, len(counter))`` holding the four 32-bit output words. The 32x32 -> 64-bit
+    products are split into 16-bit halves, so int64 never overflows on any backend. The
+    projections use 10 rounds (Random123's default); fewer exist for tests of the tests.
+    """
+    n = counter.numel()
+    even = torch.stack((counter.reshape(-1), torch.full((n,), c2, dtype=torch.int64,
+                        device=counter.device)))  # fmt: skip  # words 0 and 2
+    odd = torch.tensor([[c1], [c3]], dtype=torch.int64, device=counter.device).expand(2, n)
+    mult = torch.tensor([[_PHILOX_M[0]], [_PHILOX_M[1]]], dtype=torch.int64, device=counter.device)
+    keys = []
+    for _ in range(rounds):
+        keys.append((k0, k1))
+        k0, k1 = (k0 + _PHILOX_W[0]) & _MASK32, (k1 + _PHILOX_W[1]) & _MASK32
+    round_keys = torch.tensor(keys, dtype=torch.int64, device=counter.device).unsqueeze(-1)
+    for r in range(rounds):
+        a = (even >> 16) * mult  # < 2**48
+        t = ((a & 0xFFFF) << 16) + (even & 0xFFFF) * mult  # < 2**49
+        hi = (a >> 16) + (t >> 32)
+        lo = t.bitwise_and_(_MASK32)
+        # (hi1 ^ c1 ^ k0, hi0 ^ c3 ^ k1) and (lo1, lo0): words (0, 2) and (1, 3)
+        even = hi.flip(0).bitwise_xor_(odd).bitwise_xor_(round_keys[r])
+        odd = lo.flip(0)
+    return torch.stack((even[0], odd[0], even[1], odd[1]))
+
+
+def _philox_words(
+    seed: int, key: int, window: int, stream: str, distribution: str
+) -> tuple[int, int, int, int, int]:
+    text = f"flora-projection/v2|{seed}|{key}|{window}|{stream}|{distribution}"
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=20).digest()
+    c1, c2, c3, k0, k1 = (int.from_bytes(digest[i : i + 4], "little") for i in range(0, 20, 4))
+    return c1, c2, c3, k0, k1
+
+
+def _check_generator(generator: object) -> None:
+    if isinstance(generator, bool) or not isinstance(generator, int):
+        raise TypeError(f"generator must be an int, got {type(generator).__name__}")
+    if generator not in GENERATORS:
+        raise ValueError(f"generator must be one of {GENERATORS}, got {generator}")
+
+
 def _validate(rank: int, dim: int, seed: int, key: int, window: int) -> None:
     for name, value in (("rank", rank), ("dim", dim), ("seed", seed), ("key", key)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -153,10 +225,14 @@ def projection_matrix(
     distribution: Distribution = "gaussian",
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    generator: int = GENERATOR,
 ) -> Tensor:
     r"""The projection :math:`P \in \mathbb{R}^{\text{rank} \times \text{dim}}` for these keys.
 
-    Entry ``(i, j)`` depends only on the arguments and on its flat index ``i * dim + j``.
+    Entry ``(i, j)`` depends only on the arguments and on its flat index ``i * dim + j``
+    (the orthonormal family: through the QR of the whole Gaussian matrix). ``generator``
+    picks the counter-based generator (module docstring): 2, the default, or 1 for states
+    written before it.
 
     Example:
         >>> p = projection_matrix(4, 6, seed=0, key=parameter_key("w"), window=0)
@@ -168,15 +244,18 @@ def projection_matrix(
     _validate(rank, dim, seed, key, window)
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    _check_generator(generator)
     device = torch.device("cpu") if device is None else torch.device(device)
+    if distribution in ORTHONORMAL and rank > dim:
+        raise ValueError(f"an orthonormal projection needs rank <= dim, got {rank} > {dim}")
+    if generator == 2:
+        return _projection_v2(rank, dim, seed, key, window, stream, distribution, device, dtype)
     numel = rank * dim
     k0, k1, k2, k3 = _stream_keys(seed, key, window, stream, distribution)
     if distribution == "rademacher":
         bits = _hash(torch.arange(numel, dtype=torch.int64, device=device), k0, k1) >> 31
         signs = 1.0 - 2.0 * bits.to(torch.float64)
         return (signs * (1.0 / math.sqrt(rank))).to(dtype).view(rank, dim)
-    if distribution in ORTHONORMAL and rank > dim:
-        raise ValueError(f"an orthonormal projection needs rank <= dim, got {rank} > {dim}")
     if distribution == "coordinates":
         # _hash is a bijection of 32-bit counters, so the keys of 0..d-1 are distinct
         order = torch.argsort(_hash(torch.arange(dim, dtype=torch.int64, device=device), k0, k1))
@@ -199,6 +278,55 @@ def projection_matrix(
     return normal.to(dtype)
 
 
+def gaussian_from_words(words: Tensor, numel: int, dtype: torch.dtype) -> Tensor:
+    r"""``numel`` standard normals in ``dtype`` from Philox words ``(4, blocks)``.
+
+    Each word :math:`w` becomes :math:`u = (2\lfloor w/2^9 \rfloor + 1)/2^{24} \in (0, 1)`
+    (exact in float32); words 0 and 1 of counter :math:`c` give entries :math:`4c, 4c+1` as
+    :math:`\sqrt{-2\ln u_0}\,(\cos 2\pi u_1, \sin 2\pi u_1)` (Box–Muller), words 2 and 3
+    entries :math:`4c+2, 4c+3`.
+    """
+    uniform = ((words >> 9) * 2 + 1).to(dtype).mul_(2.0**-24)
+    radius = uniform[0::2].log_().mul_(-2.0).sqrt_()  # words 0, 2
+    theta = uniform[1::2].mul_(2.0 * math.pi)  # words 1, 3
+    normal = torch.stack((radius * theta.cos(), radius * theta.sin()), dim=-1)  # (2, blocks, 2)
+    return normal.permute(1, 0, 2).reshape(-1)[:numel]
+
+
+def _projection_v2(
+    rank: int,
+    dim: int,
+    seed: int,
+    key: int,
+    window: int,
+    stream: str,
+    distribution: str,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
+    c1, c2, c3, k0, k1 = _philox_words(seed, key, window, stream, distribution)
+    numel = rank * dim
+    if distribution == "coordinates":  # a 63-bit sort key per coordinate from two words
+        words = philox4x32(torch.arange(dim, dtype=torch.int64, device=device), c1, c2, c3, k0, k1)
+        order = torch.argsort((words[0] << 31) | (words[1] >> 1), stable=True)
+        chosen = order[:rank].sort().values
+        p = torch.zeros(rank, dim, dtype=dtype, device=device)
+        p[torch.arange(rank, device=device), chosen] = math.sqrt(dim / rank)
+        return p
+    blocks = (numel + 3) // 4  # four words per counter
+    words = philox4x32(torch.arange(blocks, dtype=torch.int64, device=device), c1, c2, c3, k0, k1)
+    if distribution == "rademacher":  # the top bit of each word, entries in counter order
+        bits = words.T.reshape(-1)[:numel] >> 31
+        return (1 - 2 * bits).to(dtype).mul_(1.0 / math.sqrt(rank)).view(rank, dim)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    normal = gaussian_from_words(words, numel, work).mul_(1.0 / math.sqrt(rank)).view(rank, dim)
+    if distribution == "orthonormal":
+        q, r = torch.linalg.qr(normal.T)  # (dim, rank), (rank, rank)
+        signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
+        normal = (q * signs).T.mul_(math.sqrt(dim / rank))
+    return normal.to(dtype)
+
+
 def range_basis(
     x: Tensor,
     rank: int,
@@ -210,6 +338,7 @@ def range_basis(
     stream: str = "momentum",
     power_iterations: int = 1,
     shard: tuple[int, int, Callable[[Tensor], Any]] | None = None,
+    generator: int = GENERATOR,
 ) -> Tensor:
     r"""Rows spanning the dominant ``rank``-dimensional subspace of ``x`` (m, n) on ``side``.
 
@@ -237,7 +366,8 @@ def range_basis(
     matrix of ``rows`` rows split across processes (FSDP2), and ``sum_`` all-reduces a
     tensor in place; every product above is a sum over rows, so each process uses its columns
     of :math:`\Omega` and three all-reduces (of ``(d, k)``, ``(d, k)`` per power iteration and
-    ``(k, k)``) give every process the same basis as one device, to rounding.
+    ``(k, k)``) give every process the same basis as one device, to rounding. ``generator``
+    is the sketch's (:func:`projection_matrix`).
     """
     _check_side(side)
     if x.dim() != 2:
@@ -259,7 +389,7 @@ def range_basis(
     k = min(2 * rank, dim)
     sketch = projection_matrix(
         k, total, seed=seed, key=key, window=window, stream=f"{stream}/sketch",
-        device=a.device, dtype=a.dtype,
+        device=a.device, dtype=a.dtype, generator=generator,
     )[:, offset : offset + other]  # fmt: skip
     y = a @ sketch.T  # (dim, k)
     sum_(y)

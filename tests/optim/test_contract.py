@@ -559,3 +559,27 @@ def test_projection_cache_holds_one_matrix_per_parameter_with_bf16(opt_spec):
     opt = _make(opt_spec, model, cache_projection=True, distribution="orthonormal")
     _steps(model, opt, 0, 5)
     assert opt.projection_cache_bytes() == opt.plan().projection_cache_bytes > 0
+
+
+def test_a_state_from_before_generator_v2_decodes_with_v1(opt_spec):
+    """Compressed states name their projection generator (2 now); a state without one was
+    written with v1, and keeps its projections: a resumed run decodes its momentum as
+    written."""
+    model = _model()
+    seeded = dict(distribution="orthonormal")
+    opt = _make(opt_spec, model, **seeded)
+    _steps(model, opt, 0, 2)
+    w = model[1].weight
+    assert opt.state[w]["generator"] == 2
+    sd = copy.deepcopy(opt.state_dict())  # torch's state_dict shares the state's dicts
+    for st in sd["state"].values():
+        st.pop("generator", None)
+    old = _make(opt_spec, model, **seeded)
+    old.load_state_dict(sd)
+    expected = projection_matrix(4, 24, seed=0, key=parameter_key("1.weight"), window=0,
+                                 distribution="orthonormal", generator=1)  # fmt: skip
+    assert torch.equal(old.projection(w), expected)
+    assert not torch.equal(opt.projection(w), expected)
+    sd["state"][1]["generator"] = 3
+    with pytest.raises(ValueError, match="generator"):
+        _make(opt_spec, model, **seeded).load_state_dict(sd)

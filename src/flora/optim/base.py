@@ -82,6 +82,8 @@ from flora.policy import (
 )
 from flora.projection import (
     DISTRIBUTIONS,
+    GENERATOR,
+    GENERATORS,
     GRADIENT,
     parameter_key,
     projection_matrix,
@@ -394,7 +396,8 @@ class FloraOptimizerBase(Optimizer):
         side = _SIDE_NAMES[state["side"]]
         m, n = p.shape[0], math.prod(p.shape[1:])  # p may be a (possibly empty) row shard
         rank, dim = (momentum.shape[0], m) if side == "left" else (momentum.shape[1], n)
-        cache_key = (group["seed"], state["key"], window, rank, dim)
+        generator = state.get("generator", 1)  # states from before v2 name none
+        cache_key = (group["seed"], state["key"], window, rank, dim, generator)
         if group["cache_projection"]:
             cached = self._projection_cache.get(state["key"])
             if cached is not None and cached[0] == cache_key:
@@ -409,6 +412,7 @@ class FloraOptimizerBase(Optimizer):
             distribution=group["distribution"],
             device=p.device,
             dtype=momentum.dtype,
+            generator=generator,
         )
         if group["cache_projection"]:
             self._projection_cache[state["key"]] = (cache_key, proj)
@@ -496,7 +500,7 @@ class FloraOptimizerBase(Optimizer):
         basis = range_basis(
             matrix.to(momentum.dtype), rank, side,  # type: ignore[arg-type]
             seed=group["seed"], key=state["key"], window=state["window"],
-            stream=self.projection_stream, shard=shard,
+            stream=self.projection_stream, shard=shard, generator=state.get("generator", 1),
         )  # fmt: skip
         dtype = _basis_dtype(group, momentum.dtype)
         return basis if basis.dtype == dtype else basis.to(dtype)
@@ -513,6 +517,7 @@ class FloraOptimizerBase(Optimizer):
             state["side"] = _SIDE_CODES[d.side]  # type: ignore[index]
             state["window"] = 0
             state["window_start"] = 0
+            state["generator"] = GENERATOR  # how its projections are drawn, for resumes
             # p is the local tensor: under FSDP2 a row shard, so a right-side state is (m_local, r)
             n = math.prod(p.shape[1:])
             shape = (d.rank, n) if d.side == "left" else (p.shape[0], d.rank)
@@ -729,7 +734,12 @@ class FloraOptimizerBase(Optimizer):
                     )
                 if st["window_start"] > step or st["window"] < 0:
                     raise ValueError(f"{where}: inconsistent window {st['window']}")
-                ints |= {"key", "side", "window", "window_start"}
+                if st.get("generator", 1) not in GENERATORS:  # absent: written before v2
+                    raise ValueError(
+                        f"{where}: projection generator {st.get('generator')!r} is not one "
+                        f"of {GENERATORS} (a state from a newer flora?)"
+                    )
+                ints |= {"key", "side", "window", "window_start", "generator"}
                 expected["exp_avg"] = d.state_shape  # type: ignore[assignment]
                 if group["distribution"] == GRADIENT:
                     expected["projection"] = (d.rank, d.compressed_dim)  # type: ignore[assignment]

@@ -327,3 +327,18 @@ def subspace_lion(
             m = beta2 * m + (1 - beta2) * pg
         theta = theta - lr * c
     return theta
+
+
+_PHILOX_M, _PHILOX_W, _MASK32 = (0xD2511F53, 0xCD9E8D57), (0x9E3779B9, 0xBB67AE85), 0xFFFFFFFF
+
+
+def philox_python(ctr: Sequence[int], key: Sequence[int], rounds: int = 10) -> list[int]:
+    """Philox4x32-R in Python integers, from Salmon et al. (SC 2011), Random123's order:
+    the key is bumped before every round but the first."""
+    c, (k0, k1) = list(ctr), key
+    for r in range(rounds):
+        if r > 0:
+            k0, k1 = (k0 + _PHILOX_W[0]) & _MASK32, (k1 + _PHILOX_W[1]) & _MASK32
+        p0, p1 = _PHILOX_M[0] * c[0], _PHILOX_M[1] * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k0, p1 & _MASK32, (p0 >> 32) ^ c[3] ^ k1, p0 & _MASK32]
+    return c

@@ -76,6 +76,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from flora.philox import philox4x32, stream_words
+
 __all__ = [
     "DISTRIBUTIONS",
     "GENERATOR",
@@ -85,7 +87,6 @@ __all__ = [
     "down",
     "gaussian_from_words",
     "parameter_key",
-    "philox4x32",
     "projection_matrix",
     "range_basis",
     "transfer",
@@ -110,9 +111,6 @@ _VERSION = "flora-projection/v1"
 GENERATORS: tuple[int, ...] = (1, 2)
 #: the generator new states use
 GENERATOR = 2
-_PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Random123's Philox4x32 multipliers
-_PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # and Weyl key increments
-_PHILOX_ROUNDS = 10
 
 
 def parameter_key(name_or_position: str | int) -> int:
@@ -149,46 +147,6 @@ def _mix32(x: Tensor) -> Tensor:
 def _hash(counter: Tensor, k0: int, k1: int) -> Tensor:
     # keyed two-stage bijection of the 32-bit counter
     return _mix32(_mix32(counter ^ k0).bitwise_xor_(k1))
-
-
-def philox4x32(
-    counter: Tensor, c1: int, c2: int, c3: int, k0: int, k1: int, *, rounds: int = _PHILOX_ROUNDS
-) -> Tensor:
-    """Philox4x32-``rounds`` of the counters ``(counter[i], c1, c2, c3)`` under key ``(k0, k1)``.
-
-    ``counter`` is an int64 tensor of values in ``[0, 2**32)``; returns an int64 tensor of
-    shape ``(4, len(counter))`` holding the four 32-bit output words. The 32x32 -> 64-bit
-    products are split into 16-bit halves, so int64 never overflows on any backend. The
-    projections use 10 rounds (Random123's default); fewer exist for tests of the tests.
-    """
-    n = counter.numel()
-    even = torch.stack((counter.reshape(-1), torch.full((n,), c2, dtype=torch.int64,
-                        device=counter.device)))  # fmt: skip  # words 0 and 2
-    odd = torch.tensor([[c1], [c3]], dtype=torch.int64, device=counter.device).expand(2, n)
-    mult = torch.tensor([[_PHILOX_M[0]], [_PHILOX_M[1]]], dtype=torch.int64, device=counter.device)
-    keys = []
-    for _ in range(rounds):
-        keys.append((k0, k1))
-        k0, k1 = (k0 + _PHILOX_W[0]) & _MASK32, (k1 + _PHILOX_W[1]) & _MASK32
-    round_keys = torch.tensor(keys, dtype=torch.int64, device=counter.device).unsqueeze(-1)
-    for r in range(rounds):
-        a = (even >> 16) * mult  # < 2**48
-        t = ((a & 0xFFFF) << 16) + (even & 0xFFFF) * mult  # < 2**49
-        hi = (a >> 16) + (t >> 32)
-        lo = t.bitwise_and_(_MASK32)
-        # (hi1 ^ c1 ^ k0, hi0 ^ c3 ^ k1) and (lo1, lo0): words (0, 2) and (1, 3)
-        even = hi.flip(0).bitwise_xor_(odd).bitwise_xor_(round_keys[r])
-        odd = lo.flip(0)
-    return torch.stack((even[0], odd[0], even[1], odd[1]))
-
-
-def _philox_words(
-    seed: int, key: int, window: int, stream: str, distribution: str
-) -> tuple[int, int, int, int, int]:
-    text = f"flora-projection/v2|{seed}|{key}|{window}|{stream}|{distribution}"
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=20).digest()
-    c1, c2, c3, k0, k1 = (int.from_bytes(digest[i : i + 4], "little") for i in range(0, 20, 4))
-    return c1, c2, c3, k0, k1
 
 
 def _check_generator(generator: object) -> None:
@@ -304,7 +262,9 @@ def _projection_v2(
     device: torch.device,
     dtype: torch.dtype,
 ) -> Tensor:
-    c1, c2, c3, k0, k1 = _philox_words(seed, key, window, stream, distribution)
+    c1, c2, c3, k0, k1 = stream_words(
+        "flora-projection/v2", seed, key, window, stream, distribution
+    )
     numel = rank * dim
     if distribution == "coordinates":  # a 63-bit sort key per coordinate from two words
         words = philox4x32(torch.arange(dim, dtype=torch.int64, device=device), c1, c2, c3, k0, k1)

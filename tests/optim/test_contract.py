@@ -99,6 +99,7 @@ BAD = [
     (dict(side="top"), ValueError, "side"),
     (dict(momentum_variant="fancy"), ValueError, "momentum_variant"),
     (dict(nonfinite="ignore"), ValueError, "nonfinite"),
+    (dict(rounding="up"), ValueError, "rounding"),
     (dict(distribution="uniform"), ValueError, "distribution"),
     (dict(distribution="gradient", momentum_variant="history"), ValueError, "distribution"),
     (dict(distribution="gradient", cache_projection=True), ValueError, "cache_projection"),

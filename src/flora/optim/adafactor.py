@@ -288,6 +288,11 @@ class Flora(FloraOptimizerBase):
             ``"skip_parameter"`` (only the offending parameters are not updated;
             ``state["nonfinite_skips"]`` counts it; their step counters then fall behind) or
             ``"raise"`` (``FloatingPointError``, no parameter updated).
+        rounding: how the float32 step is written into bf16 parameters (there are no
+            float32 master weights): ``"nearest"`` (default), ``"stochastic"`` (unbiased,
+            keyed by seed, parameter and step: reproducible and resumable) or
+            ``"compensated"`` (Kahan, a bf16 buffer ``state["compensation"]``, 2 bytes per
+            parameter); see :mod:`flora.rounding`. float32 parameters are not rounded.
         cache_projection: keep each parameter's current projection in memory instead of
             regenerating it every step (faster; memory in ``plan().projection_cache_bytes``).
         maximize: maximize the objective instead of minimizing.
@@ -328,6 +333,7 @@ class Flora(FloraOptimizerBase):
         distribution: str = "gradient",
         basis_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
+        rounding: str = "nearest",
         cache_projection: bool = False,
         maximize: bool = False,
         check_replicas: bool = True,
@@ -352,6 +358,7 @@ class Flora(FloraOptimizerBase):
             distribution=distribution,
             basis_dtype=basis_dtype,
             nonfinite=nonfinite,
+            rounding=rounding,
             cache_projection=cache_projection,
             maximize=maximize,
         )

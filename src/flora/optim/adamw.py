@@ -222,7 +222,7 @@ class FloraAdamW(FloraOptimizerBase):
 
     See the module docstring for the math and deviations. The options ``rank``, ``kappa``,
     ``seed``, ``compress``, ``exclude``, ``side``, ``momentum_variant``, ``distribution``,
-    ``basis_dtype``, ``nonfinite``, ``cache_projection``, ``maximize`` and
+    ``basis_dtype``, ``nonfinite``, ``rounding``, ``cache_projection``, ``maximize`` and
     ``check_replicas`` are those of :class:`flora.Flora`.
 
     Args:
@@ -279,6 +279,7 @@ class FloraAdamW(FloraOptimizerBase):
         distribution: str = "orthonormal",
         basis_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
+        rounding: str = "nearest",
         cache_projection: bool = False,
         maximize: bool = False,
         check_replicas: bool = True,
@@ -301,6 +302,7 @@ class FloraAdamW(FloraOptimizerBase):
             distribution=distribution,
             basis_dtype=basis_dtype,
             nonfinite=nonfinite,
+            rounding=rounding,
             cache_projection=cache_projection,
             maximize=maximize,
         )

@@ -72,6 +72,7 @@ from flora.options import (
     is_int,
     state_dtype,
 )
+from flora.philox import random_words, stream_words
 from flora.policy import (
     Decision,
     check_unique_names,
@@ -90,6 +91,7 @@ from flora.projection import (
     range_basis,
 )
 from flora.replicas import check_same_settings
+from flora.rounding import ROUNDINGS, compensated_round_, stochastic_round_
 from flora.state_plan import Plan, PlanRow
 
 __all__ = ["FloraOptimizerBase", "ShardReduce"]
@@ -170,6 +172,24 @@ def _as_dtensor(local: Tensor, p: Tensor, row_sharded: bool) -> Tensor:
     )
 
 
+def _global_row_offset(whole: Tensor | None) -> int:
+    """The first global row of this rank's shard of a row-sharded (FSDP2) DTensor."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    assert whole is not None
+    offset = compute_local_shape_and_global_offset(
+        whole.shape,
+        whole.device_mesh,  # type: ignore[attr-defined]
+        whole.placements,  # type: ignore[attr-defined]
+    )[1]
+    return int(offset[0]) if len(offset) else 0
+
+
+def _compensated(group: dict[str, Any], p: Tensor) -> bool:
+    """Whether ``p`` keeps a bf16 compensation buffer (``rounding="compensated"``)."""
+    return group["rounding"] == "compensated" and p.dtype == torch.bfloat16
+
+
 def _basis_dtype(group: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
     """The dtype a gradient basis is stored in: the group's ``basis_dtype``, else ``dtype``."""
     return group["basis_dtype"] or dtype
@@ -225,6 +245,7 @@ class FloraOptimizerBase(Optimizer):
             ("momentum_variant", VARIANTS),
             ("nonfinite", NONFINITE_POLICIES),
             ("distribution", MOMENTUM_DISTRIBUTIONS),
+            ("rounding", ROUNDINGS),
         )
         for key, options in choices:
             check_choice(f"{where}{key}", group[key], options)
@@ -264,6 +285,11 @@ class FloraOptimizerBase(Optimizer):
                 raise TypeError(
                     f"{type(self).__name__} does not support complex parameters "
                     f"(param_groups[{index}] holds one of shape {tuple(p.shape)})"
+                )
+            if p.dtype == torch.float16 and group["rounding"] != "nearest":
+                raise ValueError(
+                    f"param_groups[{index}].rounding={group['rounding']!r} is for bf16 "
+                    "parameters; float16 ones need rounding='nearest' (or a bf16 model)"
                 )
         if group["exclude"] and "param_names" not in group:
             raise ValueError("exclude patterns need parameter names: pass model.named_parameters()")
@@ -488,15 +514,8 @@ class FloraOptimizerBase(Optimizer):
         matrix = grad.reshape(p.shape[0], math.prod(p.shape[1:]))
         shard = None
         if self._shards is not None:  # FSDP2: this rank's rows of the global matrix
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-            whole = self._current_param
-            offset = compute_local_shape_and_global_offset(
-                whole.shape,
-                whole.device_mesh,
-                whole.placements,  # type: ignore[union-attr]
-            )[1][0]
-            shard = (int(offset), int(self._shards.shape[0]), self._shards.sum_)
+            offset = _global_row_offset(self._current_param)
+            shard = (offset, int(self._shards.shape[0]), self._shards.sum_)
         basis = range_basis(
             matrix.to(momentum.dtype), rank, side,  # type: ignore[arg-type]
             seed=group["seed"], key=state["key"], window=state["window"],
@@ -556,6 +575,9 @@ class FloraOptimizerBase(Optimizer):
                 continue
             itemsize = _itemsize(state_dtype(p))
             state_bytes, full_bytes = self._state_bytes(group, d, state_dtype(p))
+            if _compensated(group, p):  # the bf16 compensation buffer, either way
+                state_bytes += 2 * p.numel()
+                full_bytes += 2 * p.numel()
             compressed = d.compressed and self._uses_momentum(group)
             plan.rows.append(
                 PlanRow(
@@ -755,6 +777,8 @@ class FloraOptimizerBase(Optimizer):
                         f"({d.reason}); load into an optimizer with the same settings"
                     )
                 expected["exp_avg"] = shape
+        if _compensated(group, p):
+            expected["compensation"] = shape
         for key, value in st.items():
             if key in ints:
                 if not is_int(value):
@@ -789,6 +813,7 @@ class FloraOptimizerBase(Optimizer):
                 for key, value in saved.items():
                     if isinstance(value, Tensor) and value.is_floating_point():
                         to = _basis_dtype(group, dtype) if key == "projection" else dtype
+                        to = p.dtype if key == "compensation" else to
                         self.state[p][key] = value.to(device=p.device, dtype=to, copy=True)
 
     # ------------------------------------------------------------------ step
@@ -888,12 +913,34 @@ class FloraOptimizerBase(Optimizer):
                 self._update(
                     work, grad if grad.dtype == dtype else grad.to(dtype), group, name, view
                 )
+                if work is not local:
+                    self._write_back(local, work, group, name, view)
             finally:
                 self._current_param, self._shards = None, None
             if is_sharded:
                 self._store_sharded_state(p, state, view)
-            if work is not local:
-                local.copy_(work)
+
+    def _write_back(
+        self, local: Tensor, work: Tensor, group: dict[str, Any], name: str, view: dict[str, Any]
+    ) -> None:
+        """Round the float32 result ``work`` into the fp16/bf16 tensor ``local`` by the
+        group's ``rounding`` (:mod:`flora.rounding`)."""
+        rounding = group["rounding"]
+        if rounding == "nearest" or local.dtype != torch.bfloat16:
+            local.copy_(work)
+        elif rounding == "compensated":
+            if "compensation" not in view:
+                view["compensation"] = torch.zeros_like(local)
+            compensated_round_(local, work, view["compensation"])
+        else:  # stochastic: keyed by (seed, parameter, step), indexed in the whole parameter
+            offset = 0
+            if self._shards is not None:
+                offset = _global_row_offset(self._current_param) * math.prod(local.shape[1:])
+            words = stream_words(
+                "flora-rounding/v1", group["seed"], self._key_of(group, name), view["step"]
+            )
+            bits = random_words(local.numel(), words, offset=offset, device=local.device)
+            stochastic_round_(local, work, bits)
 
     def _skip_whole_step(
         self, named: list[tuple[dict[str, Any], str, Tensor]], finite: list[bool]

@@ -102,7 +102,7 @@ class FloraSGD(FloraOptimizerBase):
 
     See the module docstring for the math. The options ``rank``, ``kappa``, ``seed``,
     ``compress``, ``exclude``, ``side``, ``momentum_variant``, ``distribution``,
-    ``basis_dtype``, ``nonfinite``,
+    ``basis_dtype``, ``nonfinite``, ``rounding``,
     ``cache_projection``, ``maximize`` and ``check_replicas`` are those of
     :class:`flora.Flora`; ``momentum_variant`` takes ``"subspace"`` only (the
     split this optimizer is defined by; the other forms raise ValueError).
@@ -146,6 +146,7 @@ class FloraSGD(FloraOptimizerBase):
         distribution: str = "gradient",
         basis_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
+        rounding: str = "nearest",
         cache_projection: bool = False,
         maximize: bool = False,
         check_replicas: bool = True,
@@ -166,6 +167,7 @@ class FloraSGD(FloraOptimizerBase):
             distribution=distribution,
             basis_dtype=basis_dtype,
             nonfinite=nonfinite,
+            rounding=rounding,
             cache_projection=cache_projection,
             maximize=maximize,
         )

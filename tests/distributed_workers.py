@@ -240,7 +240,7 @@ def dcp_roundtrip(rank: int, world: int, tmpdir: str, direction: str) -> None:
 FSDP_OPTIMIZERS = (
     "adamw", "adamw_factored", "flora", "flora_linear", "flora_subspace", "adamw_subspace",
     "flora_gradient", "flora_gradient_bf16", "adamw_fira", "adamw_fira_gradient",
-    "sgd_gradient", "lion_gradient",
+    "sgd_gradient", "lion_gradient", "flora_bf16_moments",
 )  # fmt: skip
 DATA_WORLD = 2  # the global batch of step t is batches[2t] + batches[2t + 1], at any world size
 
@@ -259,6 +259,8 @@ def make_fsdp_optimizer(kind: str, named_params, **extra):
         common.update(distribution="gradient")
     if kind.endswith("_gradient_bf16"):  # ... stored in bf16
         common.update(distribution="gradient", basis_dtype=torch.bfloat16)
+    if kind.endswith("_bf16_moments"):  # moments rounded stochastically into bf16
+        common.update(moment_dtype=torch.bfloat16)
     if kind.startswith("adamw"):  # Adam's moments in the subspace (fira, the default), or
         # per coordinate (the other kinds), each tested explicitly
         common["preconditioner"] = "subspace" if kind.startswith("adamw_fira") else "elementwise"

@@ -6,7 +6,10 @@
   words of (seed, parameter key, step); a long run of updates below half an ulp stalls
   with ``"nearest"`` and tracks float32 with both other modes;
 - resume is bit-identical for both; the compensation buffer is state (bf16, 2 bytes per
-  parameter, in the plan, kept bf16 by ``load_state_dict``); bad values are refused.
+  parameter, in the plan, kept bf16 by ``load_state_dict``); bad values are refused;
+- ``moment_dtype=torch.bfloat16``: every moment is stored in bf16 (the basis, the limiter's
+  scalar and the compensation keep theirs), equal to the float32 step's moments rounded with
+  the stated words; exact bytes in the plan; bit-identical resume; training still works.
 """
 
 import io
@@ -178,3 +181,83 @@ def test_bad_rounding_is_refused():
     with pytest.raises(ValueError, match="rounding"):
         flora.FloraAdamW(half.named_parameters(), rounding="stochastic")
     flora.FloraAdamW(half.named_parameters())  # nearest: fine for float16
+
+
+# ---------------------------------------------------------------- bf16 moments
+def _fp32_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Tanh(), torch.nn.Linear(24, 8))
+
+
+def _loss32(model, i):
+    g = torch.Generator().manual_seed(i)
+    return model(torch.randn(6, 16, generator=g)).square().mean()
+
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS)
+def test_bf16_moments_are_the_float32_moments_rounded_with_the_stated_words(cls, kw):
+    m16, m32 = _fp32_model(), _fp32_model()
+    o16 = cls(m16.named_parameters(), rank=4, moment_dtype=torch.bfloat16, seed=2, **kw)
+    o32 = cls(m32.named_parameters(), rank=4, seed=2, **kw)
+    for m, o in ((m16, o16), (m32, o32)):
+        _loss32(m, 0).backward()
+        o.step()
+    for (name, p16), p32 in zip(m16.named_parameters(), m32.parameters(), strict=True):
+        assert torch.equal(p16, p32)  # the first step's update reads fp32 moments
+        s16, s32 = o16.state[p16], o32.state[p32]
+        assert s16.keys() == s32.keys()
+        for k, v in s32.items():
+            if not torch.is_tensor(v):
+                continue
+            if k == "projection" or v.dim() == 0:
+                assert torch.equal(s16[k], v), (name, k)
+                continue
+            words = stream_words("flora-state/v1", 2, parameter_key(name), 1, k)
+            expected = stochastic_round_(
+                torch.empty_like(v, dtype=torch.bfloat16), v, random_words(v.numel(), words)
+            )
+            assert torch.equal(s16[k], expected), (name, k)
+    assert o16.state_bytes() == o16.plan().state_bytes < o32.state_bytes()
+
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS)
+def test_bf16_moments_resume_bit_identically_and_train(cls, kw):
+    def run(model, opt, start, stop):
+        for i in range(start, stop):
+            opt.zero_grad()
+            loss = _loss32(model, i % 2)
+            loss.backward()
+            opt.step()
+        return loss.item()
+
+    options = dict(rank=4, kappa=2, moment_dtype=torch.bfloat16, **kw)
+    model = _fp32_model()
+    opt = cls(model.named_parameters(), **options)
+    first = _loss32(model, 0).item()
+    run(model, opt, 0, 3)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    last = run(model, opt, 3, 40)
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=True)
+    resumed = _fp32_model()
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = cls(resumed.named_parameters(), **options)
+    opt2.load_state_dict(ckpt["opt"])
+    assert all(
+        v.dtype == torch.bfloat16
+        for s in opt2.state.values()
+        for k, v in s.items()
+        if torch.is_tensor(v) and v.dim() > 0 and k != "projection"
+    )
+    run(resumed, opt2, 3, 40)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert last < 0.7 * first
+
+
+def test_bad_moment_dtype_is_refused():
+    with pytest.raises(ValueError, match="moment_dtype"):
+        flora.Flora(_fp32_model().named_parameters(), moment_dtype=torch.float16)
+    with pytest.raises(TypeError, match="moment_dtype"):
+        flora.Flora(_fp32_model().named_parameters(), moment_dtype="bf16")

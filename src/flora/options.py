@@ -19,6 +19,7 @@ from torch import Tensor
 
 __all__ = [
     "BASIS_DTYPES",
+    "MOMENT_DTYPES",
     "NONFINITE_POLICIES",
     "SIDE_CHOICES",
     "check_bool",
@@ -43,6 +44,10 @@ BASIS_DTYPES: tuple[torch.dtype, ...] = (
     torch.bfloat16,
     torch.float16,
 )
+
+
+#: dtypes moments (momentum, second moments) may be stored in (None: the state dtype)
+MOMENT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 
 
 def is_int(value: object) -> bool:

@@ -13,8 +13,9 @@ and then write the result back into the bf16 tensor. ``rounding`` chooses how:
   bits of a float32 are a bf16). :math:`u` comes from Philox4x32-10 (:mod:`flora.philox`),
   keyed by (seed, parameter key, step) and indexed by the element's position in the whole
   parameter, so a run is bit-reproducible and resumes exactly; an FSDP2 shard draws the
-  words of its own rows (what one device would draw for them; not yet tested end to end). NaN stays NaN, infinities stay infinite; a value within an ulp of the
-  largest bf16 may round to infinity, as in any stochastic rounding.
+  words of its own rows (what one device would draw for them; not yet tested end to
+  end). NaN stays NaN, infinities stay infinite; a value within an ulp of the largest bf16
+  may round to infinity, as in any stochastic rounding.
 * ``"compensated"``: Kahan summation with a bf16 compensation buffer :math:`c` (2 bytes per
   parameter, ``state["compensation"]``): :math:`t = x + c`, :math:`\theta = \operatorname{RN}(t)`,
   :math:`c = \operatorname{RN}_{\text{bf16}}(t - \theta)`. Deterministic and without rounding

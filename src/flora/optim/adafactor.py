@@ -282,6 +282,11 @@ class Flora(FloraOptimizerBase):
             (default) for the state dtype. ``torch.bfloat16`` halves the basis's ``r * d``
             bytes; the basis is rounded once when a window starts and used in the state
             dtype. Seed-only distributions store no basis, so it does not apply to them.
+        moment_dtype: the dtype the moments are stored in (momentum, compressed or not, and
+            the second-moment factors), or ``None`` (default) for the state dtype.
+            ``torch.bfloat16`` halves their bytes: the step's math runs in float32 on a
+            copy, and the results are rounded stochastically into bf16 (Philox keyed by
+            seed, parameter, step and entry: reproducible and resumable).
         nonfinite: what a NaN/Inf gradient does, decided for the whole step before any
             update: ``"skip"`` (default, GradScaler's convention: the whole step is skipped,
             a ``RuntimeWarning`` is issued and ``optimizer.skipped_steps`` counts it),
@@ -332,6 +337,7 @@ class Flora(FloraOptimizerBase):
         momentum_variant: str = "subspace",
         distribution: str = "gradient",
         basis_dtype: torch.dtype | None = None,
+        moment_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
         rounding: str = "nearest",
         cache_projection: bool = False,
@@ -357,6 +363,7 @@ class Flora(FloraOptimizerBase):
             momentum_variant=momentum_variant,
             distribution=distribution,
             basis_dtype=basis_dtype,
+            moment_dtype=moment_dtype,
             nonfinite=nonfinite,
             rounding=rounding,
             cache_projection=cache_projection,

@@ -222,8 +222,8 @@ class FloraAdamW(FloraOptimizerBase):
 
     See the module docstring for the math and deviations. The options ``rank``, ``kappa``,
     ``seed``, ``compress``, ``exclude``, ``side``, ``momentum_variant``, ``distribution``,
-    ``basis_dtype``, ``nonfinite``, ``rounding``, ``cache_projection``, ``maximize`` and
-    ``check_replicas`` are those of :class:`flora.Flora`.
+    ``basis_dtype``, ``moment_dtype``, ``nonfinite``, ``rounding``, ``cache_projection``,
+    ``maximize`` and ``check_replicas`` are those of :class:`flora.Flora`.
 
     Args:
         params: parameters, ``model.named_parameters()`` or parameter groups; groups may
@@ -278,6 +278,7 @@ class FloraAdamW(FloraOptimizerBase):
         momentum_variant: str = "subspace",
         distribution: str = "orthonormal",
         basis_dtype: torch.dtype | None = None,
+        moment_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
         rounding: str = "nearest",
         cache_projection: bool = False,
@@ -301,6 +302,7 @@ class FloraAdamW(FloraOptimizerBase):
             momentum_variant=momentum_variant,
             distribution=distribution,
             basis_dtype=basis_dtype,
+            moment_dtype=moment_dtype,
             nonfinite=nonfinite,
             rounding=rounding,
             cache_projection=cache_projection,

@@ -62,6 +62,7 @@ except ImportError:  # pragma: no cover
 from flora.momentum import VARIANTS
 from flora.options import (
     BASIS_DTYPES,
+    MOMENT_DTYPES,
     NONFINITE_POLICIES,
     SIDE_CHOICES,
     check_bool,
@@ -185,6 +186,38 @@ def _global_row_offset(whole: Tensor | None) -> int:
     return int(offset[0]) if len(offset) else 0
 
 
+def _is_moment(key: str, value: Any) -> bool:
+    """State kept in ``moment_dtype``: every floating tensor with elements but the basis and
+    the compensation (0-d scalars such as the limiter's norm stay in the state dtype)."""
+    return (
+        isinstance(value, Tensor)
+        and value.is_floating_point()
+        and value.dim() > 0
+        and key not in ("projection", "compensation")
+    )
+
+
+def _moment_dtype(group: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
+    """The dtype moments are stored in: the group's ``moment_dtype``, else ``dtype``."""
+    return group["moment_dtype"] or dtype
+
+
+def _stored_dtype(
+    group: dict[str, Any], key: str, value: Tensor, dtype: torch.dtype, param_dtype: torch.dtype
+) -> torch.dtype:
+    """The dtype state entry ``key`` is kept in (``dtype``: the state dtype)."""
+    if key == "projection":
+        return _basis_dtype(group, dtype)
+    if key == "compensation":
+        return param_dtype
+    return _moment_dtype(group, dtype) if _is_moment(key, value) else dtype
+
+
+def _widened(view: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """``view`` with its moments in ``dtype`` for the update's math (copies)."""
+    return {k: v.to(dtype) if _is_moment(k, v) else v for k, v in view.items()}
+
+
 def _compensated(group: dict[str, Any], p: Tensor) -> bool:
     """Whether ``p`` keeps a bf16 compensation buffer (``rounding="compensated"``)."""
     return group["rounding"] == "compensated" and p.dtype == torch.bfloat16
@@ -250,6 +283,7 @@ class FloraOptimizerBase(Optimizer):
         for key, options in choices:
             check_choice(f"{where}{key}", group[key], options)
         check_dtype(f"{where}basis_dtype", group["basis_dtype"], BASIS_DTYPES)
+        check_dtype(f"{where}moment_dtype", group["moment_dtype"], MOMENT_DTYPES)
         if group["distribution"] == GRADIENT:
             if group["momentum_variant"] != "subspace":
                 raise ValueError(
@@ -416,7 +450,7 @@ class FloraOptimizerBase(Optimizer):
                     "distribution='gradient': a basis exists only for the current window, "
                     "after the window's first step"
                 )
-            basis, dtype = state["projection"], state["exp_avg"].dtype
+            basis, dtype = state["projection"], state_dtype(p)
             return basis if basis.dtype == dtype else basis.to(dtype)
         momentum = state["exp_avg"]
         side = _SIDE_NAMES[state["side"]]
@@ -437,7 +471,7 @@ class FloraOptimizerBase(Optimizer):
             stream=self.projection_stream,
             distribution=group["distribution"],
             device=p.device,
-            dtype=momentum.dtype,
+            dtype=state_dtype(p),
             generator=generator,
         )
         if group["cache_projection"]:
@@ -517,11 +551,11 @@ class FloraOptimizerBase(Optimizer):
             offset = _global_row_offset(self._current_param)
             shard = (offset, int(self._shards.shape[0]), self._shards.sum_)
         basis = range_basis(
-            matrix.to(momentum.dtype), rank, side,  # type: ignore[arg-type]
+            matrix.to(state_dtype(p)), rank, side,  # type: ignore[arg-type]
             seed=group["seed"], key=state["key"], window=state["window"],
             stream=self.projection_stream, shard=shard, generator=state.get("generator", 1),
         )  # fmt: skip
-        dtype = _basis_dtype(group, momentum.dtype)
+        dtype = _basis_dtype(group, state_dtype(p))
         return basis if basis.dtype == dtype else basis.to(dtype)
 
     def _init_momentum(
@@ -550,17 +584,21 @@ class FloraOptimizerBase(Optimizer):
     ) -> tuple[int, int]:
         """(bytes of state, bytes with compression off) for one parameter whose state
         tensors are kept in ``dtype`` (a gradient basis in its ``basis_dtype``)."""
-        itemsize = _itemsize(dtype)
+        itemsize = _itemsize(_moment_dtype(group, dtype))  # moments; scalars stay in dtype
         numel = math.prod(d.shape)
-        second = sum(map(math.prod, self._second_moment_shapes(group, d).values()))
+        shapes = self._second_moment_shapes(group, d).values()
+        second = sum(math.prod(s) for s in shapes if len(s)) * itemsize
+        second += sum(1 for s in shapes if not len(s)) * _itemsize(dtype)
         if not self._uses_momentum(group):
-            return second * itemsize, second * itemsize
+            return second, second
         momentum = math.prod(d.state_shape) if d.compressed else numel  # type: ignore[arg-type]
         extra = 0
         if d.compressed and group["distribution"] == GRADIENT:  # the stored basis
             basis = d.rank * d.compressed_dim  # type: ignore[operator]
             extra = basis * _itemsize(_basis_dtype(group, dtype))
-        return (second + momentum) * itemsize + extra, (second + numel) * itemsize
+        if not len(d.shape):  # a scalar parameter's momentum is a scalar: the state dtype
+            itemsize = _itemsize(dtype)
+        return second + momentum * itemsize + extra, second + numel * itemsize
 
     def plan(self) -> Plan:
         """Per-parameter decisions and exact state bytes (see :class:`flora.state_plan.Plan`)."""
@@ -812,8 +850,7 @@ class FloraOptimizerBase(Optimizer):
                 dtype = state_dtype(p)
                 for key, value in saved.items():
                     if isinstance(value, Tensor) and value.is_floating_point():
-                        to = _basis_dtype(group, dtype) if key == "projection" else dtype
-                        to = p.dtype if key == "compensation" else to
+                        to = _stored_dtype(group, key, value, dtype, p.dtype)
                         self.state[p][key] = value.to(device=p.device, dtype=to, copy=True)
 
     # ------------------------------------------------------------------ step
@@ -910,15 +947,48 @@ class FloraOptimizerBase(Optimizer):
             self._current_param = p
             self._shards = self._shard_reduce(p) if is_sharded else None
             try:
+                moments = _moment_dtype(group, dtype) != dtype  # moments stored narrower
+                math_view = _widened(view, dtype) if moments else view
                 self._update(
-                    work, grad if grad.dtype == dtype else grad.to(dtype), group, name, view
+                    work, grad if grad.dtype == dtype else grad.to(dtype), group, name, math_view
                 )
+                if moments:
+                    self._store_moments(group, name, view, math_view, is_sharded)
                 if work is not local:
                     self._write_back(local, work, group, name, view)
             finally:
                 self._current_param, self._shards = None, None
             if is_sharded:
                 self._store_sharded_state(p, state, view)
+
+    def _store_moments(
+        self,
+        group: dict[str, Any],
+        name: str,
+        view: dict[str, Any],
+        math_view: dict[str, Any],
+        is_sharded: bool,
+    ) -> None:
+        """Round the float32 moments of ``math_view`` stochastically into ``view``'s
+        ``moment_dtype`` tensors (created at the first step); copy everything else."""
+        target = group["moment_dtype"]
+        row_sharded = _row_sharded_keys(self._current_param) if is_sharded else None
+        row = _global_row_offset(self._current_param) if is_sharded else 0
+        key = self._key_of(group, name)
+        for k, value in math_view.items():
+            if not _is_moment(k, value):
+                view[k] = value
+                continue
+            stored = view.get(k)
+            if stored is None or stored.dtype != target:
+                stored = view[k] = torch.empty_like(value, dtype=target)
+            offset = row * math.prod(value.shape[1:]) if row_sharded and row_sharded(k) else 0
+            if target != torch.bfloat16:  # e.g. float32 moments of float64 parameters
+                stored.copy_(value)
+                continue
+            words = stream_words("flora-state/v1", group["seed"], key, math_view["step"], k)
+            bits = random_words(value.numel(), words, offset=offset, device=value.device)
+            stochastic_round_(stored, value.float(), bits)
 
     def _write_back(
         self, local: Tensor, work: Tensor, group: dict[str, Any], name: str, view: dict[str, Any]

@@ -93,7 +93,7 @@ class FloraLion(FloraOptimizerBase):
 
     See the module docstring for the math. The options ``rank``, ``kappa``, ``seed``,
     ``compress``, ``exclude``, ``side``, ``momentum_variant``, ``distribution``,
-    ``basis_dtype``, ``nonfinite``, ``rounding``,
+    ``basis_dtype``, ``moment_dtype``, ``nonfinite``, ``rounding``,
     ``cache_projection``, ``maximize`` and ``check_replicas`` are those of
     :class:`flora.Flora`; ``momentum_variant`` takes ``"subspace"`` only (the
     split this optimizer is defined by; the other forms raise ValueError).
@@ -132,6 +132,7 @@ class FloraLion(FloraOptimizerBase):
         momentum_variant: str = "subspace",
         distribution: str = "gradient",
         basis_dtype: torch.dtype | None = None,
+        moment_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
         rounding: str = "nearest",
         cache_projection: bool = False,
@@ -151,6 +152,7 @@ class FloraLion(FloraOptimizerBase):
             momentum_variant=momentum_variant,
             distribution=distribution,
             basis_dtype=basis_dtype,
+            moment_dtype=moment_dtype,
             nonfinite=nonfinite,
             rounding=rounding,
             cache_projection=cache_projection,

@@ -28,7 +28,9 @@ def final_line(out: str) -> str:
     return next(line for line in out.splitlines() if line.startswith("final:"))
 
 
-@pytest.mark.parametrize("extra", [[], ["--accumulate", "2"], ["--optimizer", "adamw"]])
+@pytest.mark.parametrize(
+    "extra", [[], ["--accumulate", "2"], ["--optimizer", "adamw"], ["--lean", "--accumulate", "2"]]
+)
 def test_train_end_to_end(tmp_path, capsys, extra):
     code, out, err = run(["train", *TINY, "--steps", "30", "--out", tmp_path, *extra], capsys)
     assert code == 0, err
@@ -43,13 +45,17 @@ def test_train_end_to_end(tmp_path, capsys, extra):
     assert (tmp_path / "loss.csv").read_text().count("\n") == 31
     for part in ("parameters", "gradients", "optimizer state", "accumulation buffers"):
         assert part in out
-    if extra[:1] == ["--accumulate"]:
+    if "--accumulate" in extra:
         assert "GradientAccumulator plan" in out
+    if "--lean" in extra:  # what it turned on, and bytes per parameter with the total
+        assert "lean preset: bf16 weights without float32 masters" in out
+        assert "parameters                     " in out and "    2.000" in out
+        assert "total (without activations)" in out
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 30
 
 
-@pytest.mark.parametrize("extra", [[], ["--accumulate", "3"]])
+@pytest.mark.parametrize("extra", [[], ["--accumulate", "3"], ["--lean", "--accumulate", "3"]])
 def test_resume_continues_exactly(tmp_path, capsys, extra):
     args = ["train", *TINY, "--steps", "12", *extra]
     code, whole, _ = run([*args, "--out", tmp_path / "a"], capsys)
@@ -130,6 +136,8 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
         (["--device", "mps"], "not usable on this machine"),
         (["--device", "xpu"], "not usable on this machine"),
         (["--resume", "--overwrite"], "exclude each other"),
+        (["--lean", "--optimizer", "adamw"], "--lean needs"),
+        (["--lean", "--dtype", "float32"], "--lean trains in bfloat16"),
     ]
     for extra, words in cases:
         out_dir = [] if "--out" in map(str, extra) else ["--out", tmp_path / "run"]

@@ -4,6 +4,7 @@ Hao, Cao, Mou, "Flora: Low-Rank Adapters Are Secretly Gradient Compressors", ICM
 """
 
 from flora.accumulation import AccumulationMemory, GradientAccumulator
+from flora.lean import Lean, lean_setup
 from flora.optim import Flora, FloraAdamW, FloraLion, FloraSGD
 from flora.policy import Decision, decide
 from flora.projection import down, parameter_key, projection_matrix, transfer, up
@@ -19,11 +20,13 @@ __all__ = [
     "FloraLion",
     "FloraSGD",
     "GradientAccumulator",
+    "Lean",
     "Plan",
     "PlanRow",
     "__version__",
     "decide",
     "down",
+    "lean_setup",
     "parameter_key",
     "projection_matrix",
     "transfer",

@@ -673,6 +673,8 @@ class GradientAccumulator:
                 held = math.prod(d.state_shape) * itemsize  # type: ignore[arg-type]
                 if self.cache_projection:
                     plan.projection_cache_bytes += d.rank * d.compressed_dim * itemsize  # type: ignore[operator]
+            elif self.step_in_backward:  # the sum is kept in the buffer dtype (float32)
+                held = p.numel() * torch.empty((), dtype=s.dtype).element_size()
             else:
                 held = naive
             plan.rows.append(

@@ -72,7 +72,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--corpus-mb", type=float, default=d.corpus_mb)
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--device", default=d.device)
-    t.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"])
+    t.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="default: float32 (bfloat16 with --lean)")  # fmt: skip
     t.add_argument("--out", default=d.out, help="folder for checkpoint.pt and loss.png")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     t.add_argument("--overwrite", action="store_true",
@@ -80,6 +81,10 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=d.save_every)
     t.add_argument("--stop-at", type=positive_int, default=None,
                    help="stop after this step with a checkpoint (split a run)")  # fmt: skip
+    t.add_argument("--lean", action="store_true",
+                   help="bf16 weights without float32 masters (stochastic rounding), bf16 "
+                   "optimizer state, compressed accumulation and step-in-backward (--dtype "
+                   "bfloat16 implied)")  # fmt: skip
     t.add_argument("--no-plot", action="store_true")
     t.add_argument("--no-progress", action="store_true")
 
@@ -136,6 +141,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    d = TrainConfig()
     cfg = TrainConfig(
         files=list(args.files),
         size=args.size,
@@ -156,7 +162,7 @@ def _train(args: argparse.Namespace) -> int:
         corpus_mb=args.corpus_mb,
         seed=args.seed,
         device=args.device,
-        dtype=args.dtype,
+        dtype=args.dtype or ("bfloat16" if args.lean else d.dtype),
         out=args.out,
         resume=args.resume,
         overwrite=args.overwrite,
@@ -164,6 +170,7 @@ def _train(args: argparse.Namespace) -> int:
         stop_at=args.stop_at,
         plot=not args.no_plot,
         progress=not args.no_progress,
+        lean=args.lean,
     )
     result = train(cfg, echo=lambda line: print(line, flush=True))
     return result.exit_code

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 import flora
+import flora.lean
 from flora.data import Corpus, get_batch, load_corpus
 from flora.gpt import GPT, SIZES, GPTConfig
 from flora.state_plan import format_bytes
@@ -48,7 +49,7 @@ LEGACY_FORMAT = "flora-train/1"  # no checksum: still loaded
 #: settings a resumed run must share with its checkpoint (``steps`` may grow)
 RESUME_KEYS = (
     "size", "n_layer", "n_head", "n_embd", "block_size", "optimizer", "lr", "rank", "kappa",
-    "accumulate", "accumulate_rank", "batch_size", "seed", "dtype", "files",
+    "accumulate", "accumulate_rank", "batch_size", "seed", "dtype", "files", "lean",
 )  # fmt: skip
 MAX_SEED = 2**63 - 2  # torch.manual_seed's range, leaving room for the accumulator's seed + 1
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -92,6 +93,7 @@ class TrainConfig:
     stop_at: int | None = None  # stop (with a checkpoint) after this step
     plot: bool = True
     progress: bool = True
+    lean: bool = False  # the lean preset (flora.lean): bf16 everything, step-in-backward
 
     def validate(self) -> None:
         positive = ("rank", "kappa", "accumulate", "batch_size", "steps", "eval_batches")
@@ -128,6 +130,12 @@ class TrainConfig:
             raise TrainError("--resume and --overwrite exclude each other")
         if self.dtype not in ("float32", "bfloat16"):
             raise TrainError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.lean and self.optimizer not in ("flora", "flora-adamw"):
+            raise TrainError(
+                f"--lean needs --optimizer flora or flora-adamw, got {self.optimizer!r}"
+            )
+        if self.lean and self.dtype != "bfloat16":
+            raise TrainError("--lean trains in bfloat16: leave --dtype out or pass bfloat16")
         check_device(self.device)
 
     def model_config(self) -> GPTConfig:
@@ -416,13 +424,22 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
     dtype = getattr(torch, cfg.dtype)
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(device=device, dtype=dtype)
-    opt = build_optimizer(cfg, model)
+    acc = None
+    setup = None
+    if cfg.lean:  # bf16 weights and state, step-in-backward: the accumulator steps
+        setup = flora.lean.lean_setup(
+            model, cfg.optimizer, accumulate=cfg.accumulate, rank=cfg.rank,
+            accumulate_rank=cfg.accumulate_rank, seed=cfg.seed,
+            lr=cfg.lr or DEFAULT_LR[cfg.optimizer], kappa=cfg.kappa,
+        )  # fmt: skip
+        opt, acc = setup.optimizer, setup.accumulator
+    else:
+        opt = build_optimizer(cfg, model)
     warmup = max(1, min(20, cfg.steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
     )
-    acc = None
-    if cfg.accumulate > 1:
+    if cfg.accumulate > 1 and acc is None:
         acc = flora.GradientAccumulator(
             model, cfg.accumulate, rank=cfg.accumulate_rank or cfg.rank, seed=cfg.seed + 1
         )
@@ -457,6 +474,8 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
         + (f", rank {cfg.rank}, kappa {cfg.kappa}" if cfg.optimizer.startswith("flora") else "")
         + (f"; compressed accumulation of {cfg.accumulate} micro-batches" if acc else "")
     )
+    if setup is not None:
+        echo(str(setup))
     if ckpt is not None:
         echo(f"resumed from {ckpt_path} at step {step}")
         if ckpt["config"].get("steps") != cfg.steps:
@@ -529,8 +548,9 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
                     f"checkpoint in {ckpt_path}, if any, is from before). Try a smaller --lr",
                     1,
                 )
-            grad_bytes = tensor_bytes(p.grad for p in model.parameters())
-            opt.step()
+            if setup is None:  # (lean: the accumulator stepped inside backward)
+                grad_bytes = tensor_bytes(p.grad for p in model.parameters())
+                opt.step()
             opt.zero_grad(set_to_none=True)
             schedule.step()
             step += 1
@@ -556,11 +576,14 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
         checkpoint()
     interrupted = signals.received is not None
 
+    if setup is not None:  # step-in-backward: one parameter's gradient at a time
+        grad_bytes = max(p.numel() * p.element_size() for p in model.parameters())
+    accumulation = acc.plan().state_bytes if acc is not None and cfg.accumulate > 1 else 0
     memory: dict[str, int | None] = {
         "parameters": tensor_bytes(model.parameters()),
-        "gradients": grad_bytes,
+        "gradients" + (" (largest one)" if setup is not None else ""): grad_bytes,
         "optimizer state": optimizer_state_bytes(opt),
-        "accumulation buffers": (acc.plan().state_bytes if acc is not None else 0),
+        "accumulation buffers": accumulation,
         "AdamW state (reference)": 2 * tensor_bytes(model.parameters()),
         "peak CUDA": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
@@ -580,10 +603,14 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
     if acc is not None:
         echo(str(acc.plan()))
         echo("")
-    echo("memory:")
+    echo("memory:                                       bytes/parameter")
     for name, value in memory.items():
         if value is not None:
-            echo(f"  {name:24s} {format_bytes(value):>12s}")
+            echo(f"  {name:28s} {format_bytes(value):>12s}  {value / n_params:8.3f}")
+    if setup is not None:
+        total = sum(memory[k] for k in list(memory)[:4])  # type: ignore[misc]
+        echo(f"  {'total (without activations)':28s} {format_bytes(total):>12s}  "
+             f"{total / n_params:8.3f}")  # fmt: skip
     if cfg.plot and history:
         echo(_plot(history, vals, out))
     echo(f"checkpoint: {ckpt_path}")

@@ -1,0 +1,72 @@
+"""The lean preset (flora.lean): what it turns on, that it trains without optimizer.step()
+in the loop, that it refuses what it sets itself, and that its accumulation plan is exact."""
+
+import pytest
+import torch
+
+import flora
+from flora.lean import lean_setup
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Tanh(), torch.nn.Linear(48, 8))
+
+
+def _batch(i):
+    g = torch.Generator().manual_seed(i % 4)
+    return torch.randn(8, 32, generator=g).bfloat16(), torch.randn(8, 8, generator=g).bfloat16()
+
+
+@pytest.mark.parametrize("optimizer,lr", [("flora", 0.02), ("flora-adamw", 3e-3)])
+@pytest.mark.parametrize("accumulate", [1, 4])
+def test_lean_turns_everything_on_and_trains(optimizer, lr, accumulate):
+    model = _model()
+    setup = lean_setup(model, optimizer, accumulate=accumulate, rank=4, lr=lr)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    group = setup.optimizer.param_groups[0]
+    assert group["rounding"] == "stochastic" and group["moment_dtype"] is torch.bfloat16
+    assert setup.accumulator.step_in_backward and setup.accumulator.compress == (accumulate > 1)
+    assert "stochastic rounding" in str(setup) and "step-in-backward" in str(setup)
+    losses = []
+    for step in range(40):
+        total = 0.0
+        for micro in range(accumulate):
+            x, y = _batch(step * accumulate + micro)
+            with setup.accumulator.micro_batch():
+                loss = (model(x).float() - y.float()).square().mean()
+                (loss / accumulate).backward()
+            total += loss.item() / accumulate
+        assert all(p.grad is None for p in model.parameters())  # stepped inside backward
+        losses.append(total)
+    assert losses[-1] < 0.8 * losses[0]
+    assert all(s["step"] == 40 for s in setup.optimizer.state.values())
+    state = [v for s in setup.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    assert all(v.dtype == torch.bfloat16 for v in state if v.dim() > 0)
+    assert setup.optimizer.state_bytes() == setup.optimizer.plan().state_bytes
+    setup.accumulator.remove()
+
+
+def test_lean_refuses_what_it_sets_and_bad_names():
+    with pytest.raises(ValueError, match="rounding"):
+        lean_setup(_model(), rounding="nearest")
+    with pytest.raises(ValueError, match="optimizer"):
+        lean_setup(_model(), "adamw")
+    with pytest.raises(TypeError, match="optimizer"):
+        lean_setup(_model(), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="accumulate"):
+        lean_setup(_model(), accumulate=0)
+    setup = lean_setup(_model(), flora.FloraLion, accumulate=2, rank=4)
+    assert isinstance(setup.optimizer, flora.FloraLion)
+    setup.accumulator.remove()
+
+
+def test_step_in_backward_buffers_of_bf16_parameters_are_planned_in_float32():
+    model = _model()
+    setup = lean_setup(model, accumulate=3, rank=4)
+    acc = setup.accumulator
+    x, y = _batch(0)
+    with acc.micro_batch():
+        (model(x).float() - y.float()).square().mean().backward()
+    assert acc.buffer_bytes() == acc.plan().state_bytes  # biases' sums are float32
+    acc.remove()

@@ -23,6 +23,10 @@ Optimizers (``OPTIMIZERS``):
   ``flora-gradient`` / ``flora-adamw-gradient`` — the subspace variant with each window's
   basis taken from the gradient (``distribution="gradient"``, the basis kept in the state);
   ``flora-gradient-bf16`` — the same with the basis kept in bf16 (``basis_dtype``);
+  the lean ingredients (issue 16), each on ``flora-gradient``: ``-sr`` bf16 weights without
+  float32 masters, rounded stochastically; ``-nearest`` bf16 weights rounded to nearest (what
+  ``-sr`` fixes); ``-compensated`` bf16 weights with Kahan compensation; ``-bf16state`` bf16
+  moments and basis (float32 weights); ``-lean`` bf16 weights (stochastic) and state;
   ``flora-adamw-fira`` / ``flora-adamw-fira-gradient`` — ``flora.FloraAdamW`` with
   ``preconditioner="subspace"`` (both moments in the subspace, the remainder scaled, GaLore +
   Fira) on an orthonormal / gradient basis; a ``-xemb`` suffix leaves the token embedding
@@ -79,6 +83,11 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
     "flora-gradient": ("flora (subspace momentum, gradient basis)", ADAFACTOR_LRS),
     "flora-adamw-gradient": ("flora (subspace momentum, gradient basis)", ADAM_LRS),
     "flora-gradient-bf16": ("flora (subspace momentum, gradient basis in bf16)", ADAFACTOR_LRS),
+    "flora-gradient-sr": ("flora (bf16 weights, stochastic rounding)", ADAFACTOR_LRS),
+    "flora-gradient-nearest": ("flora (bf16 weights, round to nearest)", ADAFACTOR_LRS),
+    "flora-gradient-compensated": ("flora (bf16 weights, Kahan compensation)", ADAFACTOR_LRS),
+    "flora-gradient-bf16state": ("flora (bf16 moments and basis)", ADAFACTOR_LRS),
+    "flora-gradient-lean": ("flora (bf16 weights and state, stochastic)", ADAFACTOR_LRS),
     "flora-adamw-fira": ("flora (subspace Adam + scaled remainder, orthonormal)", ADAM_LRS),
     "flora-adamw-fira-gradient": ("flora (subspace Adam + scaled remainder, gradient)", ADAM_LRS),
     "flora-gradient-xemb": ("flora (gradient basis; embeddings, head full)", ADAFACTOR_LRS),
@@ -95,6 +104,8 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
 }
 
 
+_GRADIENT = {"momentum_variant": "subspace", "distribution": "gradient"}
+_BF16_STATE = {"moment_dtype": torch.bfloat16, "basis_dtype": torch.bfloat16}
 # the quality study's forms of Flora (issue 17): options on top of the defaults
 FLORA_FORMS: dict[str, dict[str, Any]] = {
     # every form pins what it measured, so a change of the library's defaults leaves it be;
@@ -128,6 +139,17 @@ FLORA_FORMS: dict[str, dict[str, Any]] = {
     },
     "flora-adamw-fira": {"preconditioner": "subspace", "distribution": "orthonormal"},
     "flora-adamw-fira-gradient": {"preconditioner": "subspace", "distribution": "gradient"},
+    # the lean ingredients; "bf16_weights" casts the model to bf16 (no float32 masters)
+    "flora-gradient-sr": {**_GRADIENT, "bf16_weights": True, "rounding": "stochastic"},
+    "flora-gradient-nearest": {**_GRADIENT, "bf16_weights": True, "rounding": "nearest"},
+    "flora-gradient-compensated": {**_GRADIENT, "bf16_weights": True, "rounding": "compensated"},
+    "flora-gradient-bf16state": {**_GRADIENT, **_BF16_STATE},
+    "flora-gradient-lean": {
+        **_GRADIENT,
+        **_BF16_STATE,
+        "bf16_weights": True,
+        "rounding": "stochastic",
+    },
     # the scope of the GaLore / APOLLO / LoRA rows: the token embedding and the head uncompressed
     "flora-gradient-xemb": {"distribution": "gradient", "exclude": EMBEDDINGS},
     "flora-subspace-xemb": {"distribution": "orthonormal", "exclude": EMBEDDINGS},
@@ -210,10 +232,13 @@ def build(name: str, cfg: LMConfig, lr: float) -> tuple[nn.Module, torch.optim.O
     ):
         from flora import Flora
 
+        form = dict(FLORA_FORMS.get(name, {}))
+        if form.pop("bf16_weights", False):
+            model.to(torch.bfloat16)
         opt = Flora(
             model.named_parameters(), lr=lr, rank=r, kappa=kappa,
             compress=name.startswith("flora"), factor_second_moment="linear" not in name,
-            **FLORA_FORMS.get(name, {}),
+            **form,
         )  # fmt: skip
         return model, opt
     if name == "flora-adamw-galore-split":  # GaLore's setting: matrices at lr/4, rest AdamW

@@ -153,3 +153,31 @@ def test_plan_details_prints_the_per_parameter_table(capsys):
     assert main(["plan", "--model", "tiny", "--rank", "4", "--details"]) == 0
     out = capsys.readouterr().out
     assert "Flora plan:" in out and "tok.weight" in out
+
+
+def test_lean_plan_equals_what_flora_train_lean_holds(tmp_path):
+    """The planner's lean rows for a model are the bytes `flora train --lean` reports."""
+    from flora.model_memory import lean_rows
+    from flora.training import TrainConfig, train
+
+    cfg = TrainConfig(size="tiny", batch_size=2, corpus_mb=0.05, eval_batches=1, rank=4,
+                      kappa=5, steps=3, accumulate=2, lean=True, dtype="bfloat16",
+                      out=str(tmp_path), plot=False, progress=False)  # fmt: skip
+    result = train(cfg, echo=lambda line: None)
+    with torch.device("meta"):
+        meta = GPT(SIZES["tiny"]).to(torch.bfloat16)
+    rows = dict(lean_rows(meta, rank=4, kappa=5, accumulate=2))
+    assert rows["parameters (bf16)"] == result.memory["parameters"]
+    assert rows["gradients (largest one)"] == result.memory["gradients (largest one)"]
+    assert rows["optimizer state (Flora r4)"] == result.memory["optimizer state"]
+    assert rows["accumulation buffers (2)"] == result.memory["accumulation buffers"]
+
+
+def test_lean_llama_7b_fits_in_17_gib(capsys):
+    pytest.importorskip("transformers")
+    assert main(["plan", "--model", "llama-7b", "--lean", "--accumulate", "16"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("total (without activations)"))
+    size, unit = line.split()[3:5]
+    assert unit == "GiB" and float(size) <= 17.0
+    assert main(["plan", "--model", "tiny", "--lean", "--dtype", "float32"]) == 2

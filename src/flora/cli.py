@@ -99,7 +99,10 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--rank", type=positive_int, default=32)
     pl.add_argument("--kappa", type=positive_int, default=1000)
     pl.add_argument("--accumulate", type=positive_int, default=1)
-    pl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    pl.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: float32 (bfloat16 with --lean)")  # fmt: skip
+    pl.add_argument("--lean", action="store_true",
+                    help="add the whole-training memory of flora train --lean")  # fmt: skip
     pl.add_argument("--exclude", action="append", default=None, help="regex of names to keep")
     pl.add_argument("--details", action="store_true", help="print the per-parameter plan")
     return parser
@@ -122,7 +125,10 @@ def _plan(args: argparse.Namespace) -> int:
         model, description = build_meta_model(args.model)
     except PlanError as err:
         raise CommandError(str(err)) from err
-    model = model.to(getattr(torch, args.dtype))
+    dtype = args.dtype or ("bfloat16" if args.lean else "float32")
+    if args.lean and dtype != "bfloat16":
+        raise CommandError("--lean trains in bfloat16: leave --dtype out or pass bfloat16")
+    model = model.to(getattr(torch, dtype))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plan itself shows what is not compressed
         result = plan_memory(
@@ -130,8 +136,9 @@ def _plan(args: argparse.Namespace) -> int:
             rank=args.rank,
             kappa=args.kappa,
             accumulate=args.accumulate,
-            description=f"{description}, {args.dtype}",
+            description=f"{description}, {dtype}",
             exclude=args.exclude,
+            lean=args.lean,
         )
     if args.details:
         print(result.flora_plan)

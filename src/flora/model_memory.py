@@ -24,6 +24,14 @@ How each number is obtained:
   heads uncompressed, which costs more.)
 * **Accumulation**: plain accumulation keeps a full ``.grad``; Flora's
   :class:`~flora.GradientAccumulator` keeps its exact :meth:`~flora.GradientAccumulator.plan`.
+* **The lean preset** (``lean=True``, ``flora plan --lean``; :func:`flora.lean_setup` on the
+  bf16 meta model): bf16 parameters, the largest single gradient (step-in-backward frees
+  each gradient once its parameter is stepped), the lean optimizer's exact ``plan()`` (bf16
+  moments and basis) and the step-in-backward accumulator's exact ``plan()`` (none for
+  ``accumulate=1``); against mixed-precision AdamW's 16 bytes per parameter (float32 master
+  weights and moments, bf16 weights and gradients). Activations and the float32 workspace
+  of the parameter being stepped are not counted. ``flora train --lean`` prints the same
+  rows for the model it trains (tested equal).
 """
 
 from __future__ import annotations
@@ -216,6 +224,7 @@ class MemoryPlan:
     optimizers: list[tuple[str, int, str]] = field(default_factory=list)  # name, bytes, how
     accumulation: list[tuple[str, int]] = field(default_factory=list)
     flora_plan: Plan | None = None
+    lean: list[tuple[str, int]] = field(default_factory=list)  # whole training, lean preset
 
     def __str__(self) -> str:
         adamw = next(b for name, b, _ in self.optimizers if name.startswith("AdamW"))
@@ -232,6 +241,10 @@ class MemoryPlan:
             out += ["", f"{f'accumulation ({self.accumulate} micro-batches)':34s} {'bytes':>12s}"]
             for name, size in self.accumulation:
                 out.append(f"{name:34s} {format_bytes(size):>12s}")
+        if self.lean:
+            out += ["", f"{'lean preset, whole training':34s} {'bytes':>12s}  {'B/param':>8s}"]
+            for name, size in self.lean:
+                out.append(f"{name:34s} {format_bytes(size):>12s}  {size / self.parameters:8.3f}")
         return "\n".join(out)
 
 
@@ -243,8 +256,10 @@ def plan_memory(
     accumulate: int = 1,
     description: str = "",
     exclude: list[str] | None = None,
+    lean: bool = False,
 ) -> MemoryPlan:
-    """Optimizer-state bytes (and accumulation bytes when ``accumulate > 1``) for ``model``."""
+    """Optimizer-state bytes (and accumulation bytes when ``accumulate > 1``) for ``model``;
+    with ``lean`` (``model`` in bf16) also the lean preset's whole-training rows."""
     named = _unique_named(model)
     params = [p for _, p in named]
     with_names = {"rank": rank, "kappa": kappa, "exclude": exclude}
@@ -267,6 +282,8 @@ def plan_memory(
         (f"Flora r{rank} (Adafactor + momentum)", flora_plan.state_bytes, "flora plan()"),
         (f"FloraAdamW r{rank}", adamw_flora_plan.state_bytes, "flora plan()"),
     ]
+    if lean:
+        result.lean = lean_rows(model, rank=rank, kappa=kappa, accumulate=accumulate)
     if accumulate > 1:
         acc = flora.GradientAccumulator(named, accumulate, rank=rank, exclude=exclude)
         acc_plan = acc.plan()
@@ -276,3 +293,32 @@ def plan_memory(
             (f"Flora GradientAccumulator r{rank}", acc_plan.state_bytes),
         ]
     return result
+
+
+def lean_rows(
+    model: nn.Module, *, rank: int, kappa: int = 1000, accumulate: int = 1
+) -> list[tuple[str, int]]:
+    """The lean preset's memory for a bf16 ``model`` (meta or real; it is not changed):
+    parameters, the largest gradient, optimizer state, accumulation buffers, their total,
+    and mixed-precision AdamW's 16 bytes per parameter for comparison."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if any(p.dtype != torch.bfloat16 for p in params):
+        raise PlanError("the lean preset trains in bfloat16: plan a bf16 model")
+    setup = flora.lean_setup(model, accumulate=accumulate, rank=rank, kappa=kappa)
+    try:
+        parameters = sum(p.numel() * p.element_size() for p in params)
+        gradient = max(p.numel() * p.element_size() for p in params)
+        state = setup.optimizer.plan().state_bytes
+        buffers = setup.accumulator.plan().state_bytes if accumulate > 1 else 0
+    finally:
+        setup.accumulator.remove()
+    total = parameters + gradient + state + buffers
+    numel = sum(p.numel() for p in params)
+    return [
+        ("parameters (bf16)", parameters),
+        ("gradients (largest one)", gradient),
+        (f"optimizer state (Flora r{rank})", state),
+        ("accumulation buffers" + (f" ({accumulate})" if accumulate > 1 else ""), buffers),
+        ("total (without activations)", total),
+        ("mixed-precision AdamW, same rows", 16 * numel),
+    ]

@@ -487,16 +487,17 @@ def save_load(obj):
     return torch.load(buf, weights_only=True)
 
 
+@pytest.mark.parametrize("distribution", ["gaussian", "gradient"])
 @pytest.mark.parametrize("step_in_backward", [False, True])
 @pytest.mark.parametrize("stop_at", [1, 2, 3, 5])
-def test_mid_cycle_checkpoint_resumes_bit_identically(step_in_backward, stop_at):
+def test_mid_cycle_checkpoint_resumes_bit_identically(step_in_backward, stop_at, distribution):
     batches = make_batches(3 * TAU)
     rank = 6  # head.weight (dim 5) stays uncompressed: its partial p.grad is saved too
 
     def build(model):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
         kw = {"optimizer": opt, "step_in_backward": True} if step_in_backward else {}
-        return opt, GradientAccumulator(model, TAU, rank=rank, **kw)
+        return opt, GradientAccumulator(model, TAU, rank=rank, distribution=distribution, **kw)
 
     def run(model, opt, acc, part):
         for b in part:
@@ -794,3 +795,67 @@ def test_a_state_from_before_generator_v2_decodes_with_v1():
     assert torch.equal(resumed.projection(p), expected)
     with pytest.raises(ValueError, match="generator"):
         GradientAccumulator(make_model(), TAU, rank=4).load_state_dict({**state, "generator": 3})
+
+
+def test_gradient_basis_projects_the_sum_onto_the_first_gradients_subspace():
+    """distribution="gradient": G-hat = Pi sum(G_i), Pi the projector onto the range finder's
+    basis of the cycle's first gradient (float64, to 1e-12); the norm estimate is G-hat's."""
+    from flora.projection import range_basis
+
+    model = make_model(dtype=torch.float64)
+    acc = GradientAccumulator(model, TAU, rank=4, seed=3, distribution="gradient")
+    batches = make_batches(2 * TAU)
+    params = dict(model.named_parameters())
+    for cycle in range(2):
+        part = batches[cycle * TAU : (cycle + 1) * TAU]
+        per_batch = micro_batch_grads(model, part)
+        bases = {}
+        for i, b in enumerate(part):
+            with acc.micro_batch():
+                (loss_of(model, b) / TAU).backward()
+            if i == 0:
+                bases = {n: acc.projection(n) for n in params if acc.decision(n).compressed}
+        with pytest.raises(ValueError, match="current cycle"):
+            acc.projection("fc.weight")
+        sq = 0.0
+        for name, p in params.items():
+            d = acc.decision(name)
+            total = sum(g[name] for g in per_batch)
+            if not d.compressed:
+                expected = total
+            else:
+                first = per_batch[0][name].reshape(d.matrix_shape)
+                basis = range_basis(first, d.rank, d.side, seed=3, key=parameter_key(name),
+                                    window=cycle, stream="accumulation")  # fmt: skip
+                assert torch.equal(bases[name], basis), name
+                pi = (d.rank / d.compressed_dim) * basis.T @ basis
+                flat = total.reshape(d.matrix_shape)
+                expected = (pi @ flat if d.side == "left" else flat @ pi).reshape(p.shape)
+            torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14)
+            sq += float(p.grad.square().sum())
+        torch.testing.assert_close(acc.grad_norm.double(), torch.tensor(sq).sqrt().double())
+        model.zero_grad()
+
+
+def test_gradient_basis_bytes_and_refusals():
+    model = make_model()
+    acc = GradientAccumulator(model, TAU, rank=4, distribution="gradient")
+    with acc.micro_batch():
+        loss_of(model, make_batches(1)[0]).backward()
+    plan = acc.plan()
+    assert acc.buffer_bytes() == plan.state_bytes
+    seeded = GradientAccumulator(make_model(), TAU, rank=4)
+    basis = sum(
+        4 * d.rank * d.compressed_dim
+        for d in (acc.decision(n) for n, _ in model.named_parameters())
+        if d.compressed
+    )
+    assert plan.state_bytes == seeded.plan().state_bytes + basis
+    with pytest.raises(ValueError, match="cache_projection"):
+        GradientAccumulator(make_model(), TAU, distribution="gradient", cache_projection=True)
+    state = acc.state_dict()
+    del state["bases"]["fc.weight"]
+    with pytest.raises(ValueError, match="bases"):
+        GradientAccumulator(make_model(), TAU, rank=4, distribution="gradient").load_state_dict(
+            state
+        )

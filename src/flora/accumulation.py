@@ -67,7 +67,16 @@ from flora.policy import (
     decide,
     warn_unmatched_patterns,
 )
-from flora.projection import GENERATOR, GENERATORS, parameter_key, projection_matrix, up
+from flora.projection import (
+    DISTRIBUTIONS,
+    GENERATOR,
+    GENERATORS,
+    GRADIENT,
+    parameter_key,
+    projection_matrix,
+    range_basis,
+    up,
+)
 from flora.replicas import check_same_settings
 from flora.state_plan import Plan, PlanRow
 
@@ -112,13 +121,16 @@ class AccumulationMemory:
 class _Slot:
     """One managed parameter: its policy decision and its buffer for the current cycle."""
 
-    __slots__ = ("buffer", "decision", "dtype", "key", "name", "param", "proj", "seen", "stepped")
+    __slots__ = (
+        "basis", "buffer", "decision", "dtype", "key", "name", "param", "proj", "seen", "stepped",
+    )  # fmt: skip
 
     def __init__(self, name: str, param: Tensor, decision: Decision, key: int) -> None:
         self.name, self.param, self.decision, self.key = name, param, decision, key
         self.dtype = state_dtype(param)  # float32 buffers for fp16/bf16 parameters
         self.buffer: Tensor | None = None  # compressed C, or full-size sum (step-in-backward)
         self.proj: tuple[int, Tensor] | None = None  # (cycle, A) when caching
+        self.basis: Tensor | None = None  # distribution="gradient": this cycle's basis
         self.seen = False  # received a gradient this cycle
         self.stepped = False  # stepped inside its hook this cycle
 
@@ -168,7 +180,7 @@ def _check_tensor(
 
 
 class GradientAccumulator:
-    """Accumulate gradients over ``steps`` micro-batches in compressed form, for any optimizer.
+    r"""Accumulate gradients over ``steps`` micro-batches in compressed form, for any optimizer.
 
     Args:
         params: a module (its ``named_parameters()``), a ``DistributedDataParallel`` module
@@ -182,7 +194,14 @@ class GradientAccumulator:
         exclude: regex(es) of parameter names never compressed.
         side: ``"auto"`` (compress the smaller dimension), ``"left"`` or ``"right"``.
         distribution: the projection family, ``"gaussian"`` (paper), ``"rademacher"``,
-            ``"orthonormal"`` or ``"coordinates"`` (:mod:`flora.projection`).
+            ``"orthonormal"`` or ``"coordinates"`` (:mod:`flora.projection`), or
+            ``"gradient"``: each cycle's basis is the dominant subspace of the cycle's first
+            gradient (:func:`flora.projection.range_basis`), and :math:`\hat G` is the
+            projection of the accumulated gradient onto it, :math:`c\,\operatorname{up}(C)`
+            with :math:`c = r/d` — low-noise but biased (the remainder is dropped, as in
+            GaLore), with ``r * d`` more numbers per compressed matrix during a cycle. Not
+            under DDP (the ranks' first gradients differ) and not with
+            ``cache_projection``.
         reduction: ``"sum"`` (PyTorch convention: ``p.grad`` is the sum of the micro-batch
             gradients; scale the loss by ``1/steps``) or ``"mean"`` (divide by the number of
             micro-batches in the cycle).
@@ -249,6 +268,7 @@ class GradientAccumulator:
                 "cache_projection": cache_projection,
                 "step_in_backward": step_in_backward,
             },
+            distributions=(*DISTRIBUTIONS, GRADIENT),
         )
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -290,6 +310,15 @@ class GradientAccumulator:
             raise ValueError(
                 "is_last_micro_batch is not supported under DistributedDataParallel: use "
                 "micro_batch(), which also runs the micro-batches in no_sync()"
+            )
+        if distribution == GRADIENT and (ddp is not None or cache_projection):
+            raise ValueError(
+                "distribution='gradient' takes each cycle's basis from the first gradient, "
+                + (
+                    "which differs between DDP ranks: use a seeded distribution under DDP"
+                    if ddp is not None
+                    else "so there is nothing to cache: leave cache_projection False"
+                )
             )
         if ddp is not None and step_in_backward:
             raise ValueError(
@@ -398,6 +427,13 @@ class GradientAccumulator:
         s = self._slot(param)
         if not s.compressed:
             return None
+        if self.distribution == GRADIENT:
+            if s.basis is None or cycle not in (None, self.cycle):
+                raise ValueError(
+                    "distribution='gradient': a basis exists only in the current cycle, "
+                    "after the parameter's first gradient in it"
+                )
+            return s.basis
         return self._make_projection(s, self.cycle if cycle is None else cycle)
 
     def _make_projection(self, s: _Slot, cycle: int) -> Tensor:
@@ -416,6 +452,9 @@ class GradientAccumulator:
         )
 
     def _projection_now(self, s: _Slot) -> Tensor:
+        if self.distribution == GRADIENT:
+            assert s.basis is not None
+            return s.basis
         if not self.cache_projection:
             return self._make_projection(s, self.cycle)
         if s.proj is None or s.proj[0] != self.cycle:
@@ -441,6 +480,7 @@ class GradientAccumulator:
     def _release(self) -> None:
         for s in self._slots:
             s.buffer = None
+            s.basis = None
             s.seen = False
             s.stepped = False
             if s.proj is not None and s.proj[0] != self.cycle:
@@ -540,6 +580,12 @@ class GradientAccumulator:
         g = grad.reshape(s.shape2d)
         if g.dtype != s.dtype:
             g = g.to(s.dtype)
+        if self.distribution == GRADIENT and s.basis is None:  # the cycle's first gradient
+            d = s.decision
+            s.basis = range_basis(
+                g, d.rank, d.side, seed=self.seed, key=s.key, window=self.cycle,  # type: ignore[arg-type]
+                stream=STREAM, generator=self.generator,
+            )  # fmt: skip
         proj = self._projection_now(s)
         if s.decision.side == "left":
             s.buffer.addmm_(proj, g)  # type: ignore[union-attr]  # C += A G
@@ -552,6 +598,8 @@ class GradientAccumulator:
         if s.compressed:
             proj = self._projection_now(s)
             g = up(s.buffer, proj, s.decision.side)  # type: ignore[arg-type]
+            if self.distribution == GRADIENT:  # c up(C): the projection onto the basis
+                g = g.mul_(proj.shape[0] / proj.shape[1])
         else:
             g = s.buffer
         if self.reduction == "mean":
@@ -582,10 +630,13 @@ class GradientAccumulator:
         :math:`\mathbb{E}\lVert A G\rVert^2 = \lVert G\rVert^2`) plus the uncompressed
         gradients' squared norms."""
         parts = []  # (not used with step_in_backward, whose plain gradients sit in buffers)
+        shrink = {}  # gradient basis: ||c up(C)|| = sqrt(c) ||C||, the applied gradient's
         for s in self._slots:
             if s.compressed:
                 if s.buffer is not None and (s.seen or self._group is not None):
-                    parts.append(_norm(s.buffer))
+                    if self.distribution == GRADIENT:
+                        shrink[s.name] = math.sqrt(s.decision.rank / s.decision.compressed_dim)  # type: ignore[operator]
+                    parts.append(_norm(s.buffer) * shrink.get(s.name, 1.0))
             elif s.param.grad is not None:
                 parts.append(_norm(s.param.grad))
         if not parts:
@@ -671,6 +722,8 @@ class GradientAccumulator:
             if d.compressed:
                 itemsize = torch.empty((), dtype=s.dtype).element_size()
                 held = math.prod(d.state_shape) * itemsize  # type: ignore[arg-type]
+                if self.distribution == GRADIENT:  # the cycle's basis
+                    held += d.rank * d.compressed_dim * itemsize  # type: ignore[operator]
                 if self.cache_projection:
                     plan.projection_cache_bytes += d.rank * d.compressed_dim * itemsize  # type: ignore[operator]
             elif self.step_in_backward:  # the sum is kept in the buffer dtype (float32)
@@ -698,6 +751,8 @@ class GradientAccumulator:
         total = sum(f.numel() * f.element_size() for f in self._flats)
         for s in self._slots:
             if s.compressed:
+                if s.basis is not None:
+                    total += s.basis.numel() * s.basis.element_size()
                 continue
             t = s.buffer if s.buffer is not None else s.param.grad
             if t is not None and self.position > 0:
@@ -725,6 +780,7 @@ class GradientAccumulator:
             raise RuntimeError("state_dict() cannot be taken inside micro_batch()")
         buffers: dict[str, Tensor] = {}
         grads: dict[str, Tensor] = {}
+        bases: dict[str, Tensor] = {}
         seen: list[str] = []
         if self.position > 0:
             for s in self._slots:
@@ -732,6 +788,8 @@ class GradientAccumulator:
                     seen.append(s.name)
                 if s.compressed:
                     buffers[s.name] = s.buffer.clone()  # type: ignore[union-attr]
+                    if s.basis is not None:
+                        bases[s.name] = s.basis.clone()
                 else:
                     t = s.buffer if self.step_in_backward else s.param.grad
                     if t is not None:
@@ -746,6 +804,7 @@ class GradientAccumulator:
             "seen": seen,
             "buffers": buffers,
             "grads": grads,
+            "bases": bases,
         }
 
     def _settings(self) -> dict[str, Any]:
@@ -812,6 +871,19 @@ class GradientAccumulator:
                 if s.compressed:
                     raise ValueError(f"state_dict holds a full gradient for compressed {name!r}")
                 _check_tensor(g, tuple(s.param.shape), None, name)
+        bases = state_dict.get("bases", {})  # absent: written before the gradient basis
+        if not isinstance(bases, dict):
+            raise ValueError("state_dict bases must be a dict")
+        for name, basis in bases.items():
+            s = managed.get(name)  # type: ignore[assignment]
+            if s is None or not s.compressed or self.distribution != GRADIENT:
+                raise ValueError(f"state_dict holds a basis for {name!r}, which has none here")
+            d = s.decision
+            _check_tensor(basis, (d.rank, d.compressed_dim), s.dtype, name)  # type: ignore[arg-type]
+        if self.distribution == GRADIENT and position > 0:
+            lacking = [n for n in seen if managed[n].compressed and n not in bases]
+            if lacking:
+                raise ValueError(f"state_dict lacks the gradient bases of {lacking[:5]}")
         # valid: apply
         self._release()
         self.cycle, self.position, self.generator = cycle, position, generator
@@ -825,6 +897,8 @@ class GradientAccumulator:
             s.seen = s.name in seen
             if s.compressed:
                 s.buffer.copy_(buffers[s.name])  # type: ignore[union-attr]
+                if s.name in bases:
+                    s.basis = bases[s.name].to(s.param.device, copy=True)
                 continue
             saved_grad = grads.get(s.name)
             value = None if saved_grad is None else saved_grad.to(s.param.device, copy=True)

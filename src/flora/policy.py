@@ -168,7 +168,13 @@ def momentum_growth(
 
 
 def check_options(
-    *, rank: int, seed: int, side: str, distribution: str, flags: dict[str, object]
+    *,
+    rank: int,
+    seed: int,
+    side: str,
+    distribution: str,
+    flags: dict[str, object],
+    distributions: Sequence[str] = DISTRIBUTIONS,
 ) -> None:
     """Raise TypeError/ValueError naming the argument for bad compression options (shared by
     the accumulator and the DDP hook; the optimizers validate per parameter group)."""
@@ -177,7 +183,7 @@ def check_options(
     for name, flag in flags.items():
         check_bool(name, flag)
     check_choice("side", side, SIDE_CHOICES)
-    check_choice("distribution", distribution, DISTRIBUTIONS)
+    check_choice("distribution", distribution, distributions)
 
 
 def decide(

@@ -70,6 +70,7 @@ from flora.optim.base import (
     FloraOptimizerBase,
     ShardReduce,
     factored_zeros,
+    group_defaults,
 )
 from flora.options import check_bool, check_real
 from flora.policy import Decision
@@ -344,32 +345,7 @@ class Flora(FloraOptimizerBase):
         maximize: bool = False,
         check_replicas: bool = True,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            beta1=beta1,
-            beta2_decay=beta2_decay,
-            eps=eps,
-            d=d,
-            weight_decay=weight_decay,
-            factor_second_moment=factor_second_moment,
-            scale_parameter=scale_parameter,
-            relative_step=relative_step,
-            rank=rank,
-            kappa=kappa,
-            seed=seed,
-            compress=compress,
-            exclude=exclude,
-            side=side,
-            momentum_variant=momentum_variant,
-            distribution=distribution,
-            basis_dtype=basis_dtype,
-            moment_dtype=moment_dtype,
-            nonfinite=nonfinite,
-            rounding=rounding,
-            cache_projection=cache_projection,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults, check_replicas=check_replicas)
+        super().__init__(params, group_defaults(locals()), check_replicas=check_replicas)
 
     def _validate_hyperparameters(self, group: dict[str, Any], where: str) -> None:
         check_real(f"{where}beta1", group["beta1"], 0.0, 1.0, high_open=True)

@@ -71,6 +71,7 @@ from flora.optim.base import (
     FloraOptimizerBase,
     ShardReduce,
     factored_zeros,
+    group_defaults,
 )
 from flora.options import check_bool, check_choice, check_real
 from flora.policy import Decision
@@ -285,30 +286,7 @@ class FloraAdamW(FloraOptimizerBase):
         maximize: bool = False,
         check_replicas: bool = True,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            factor_second_moment=factor_second_moment,
-            preconditioner=preconditioner,
-            growth_limit=growth_limit,
-            rank=rank,
-            kappa=kappa,
-            seed=seed,
-            compress=compress,
-            exclude=exclude,
-            side=side,
-            momentum_variant=momentum_variant,
-            distribution=distribution,
-            basis_dtype=basis_dtype,
-            moment_dtype=moment_dtype,
-            nonfinite=nonfinite,
-            rounding=rounding,
-            cache_projection=cache_projection,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults, check_replicas=check_replicas)
+        super().__init__(params, group_defaults(locals()), check_replicas=check_replicas)
 
     def _validate_hyperparameters(self, group: dict[str, Any], where: str) -> None:
         betas = group["betas"]

@@ -95,7 +95,7 @@ from flora.replicas import check_same_settings
 from flora.rounding import ROUNDINGS, compensated_round_, stochastic_round_
 from flora.state_plan import Plan, PlanRow
 
-__all__ = ["FloraOptimizerBase", "ShardReduce"]
+__all__ = ["FloraOptimizerBase", "ShardReduce", "group_defaults"]
 
 _SIDE_CODES = {"left": 0, "right": 1}
 _SIDE_NAMES = ("left", "right")
@@ -171,6 +171,13 @@ def _as_dtensor(local: Tensor, p: Tensor, row_sharded: bool) -> Tensor:
     return DTensor.from_local(
         local, p.device_mesh, placements, run_check=False, shape=shape, stride=tuple(stride)
     )
+
+
+def group_defaults(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A constructor's arguments (its ``locals()`` on entry) as param-group defaults: every
+    one but ``self``, ``params`` and ``check_replicas``, in signature order."""
+    skip = ("self", "params", "check_replicas", "__class__")
+    return {k: v for k, v in arguments.items() if k not in skip}
 
 
 def _global_row_offset(whole: Tensor | None) -> int:

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from flora.momentum import subspace_direction, subspace_transfer_
-from flora.optim.base import FloraOptimizerBase
+from flora.optim.base import FloraOptimizerBase, group_defaults
 from flora.options import check_real
 from flora.policy import Decision
 from flora.projection import down
@@ -139,26 +139,7 @@ class FloraLion(FloraOptimizerBase):
         maximize: bool = False,
         check_replicas: bool = True,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            weight_decay=weight_decay,
-            rank=rank,
-            kappa=kappa,
-            seed=seed,
-            compress=compress,
-            exclude=exclude,
-            side=side,
-            momentum_variant=momentum_variant,
-            distribution=distribution,
-            basis_dtype=basis_dtype,
-            moment_dtype=moment_dtype,
-            nonfinite=nonfinite,
-            rounding=rounding,
-            cache_projection=cache_projection,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults, check_replicas=check_replicas)
+        super().__init__(params, group_defaults(locals()), check_replicas=check_replicas)
 
     def _validate_hyperparameters(self, group: dict[str, Any], where: str) -> None:
         betas = group["betas"]

@@ -240,7 +240,7 @@ def dcp_roundtrip(rank: int, world: int, tmpdir: str, direction: str) -> None:
 FSDP_OPTIMIZERS = (
     "adamw", "adamw_factored", "flora", "flora_linear", "flora_subspace", "adamw_subspace",
     "flora_gradient", "flora_gradient_bf16", "adamw_fira", "adamw_fira_gradient",
-    "sgd_gradient", "lion_gradient", "flora_bf16_moments",
+    "sgd_gradient", "lion_gradient", "flora_bf16_moments", "adamw_fira_int8_moments",
 )  # fmt: skip
 DATA_WORLD = 2  # the global batch of step t is batches[2t] + batches[2t + 1], at any world size
 
@@ -261,6 +261,8 @@ def make_fsdp_optimizer(kind: str, named_params, **extra):
         common.update(distribution="gradient", basis_dtype=torch.bfloat16)
     if kind.endswith("_bf16_moments"):  # moments rounded stochastically into bf16
         common.update(moment_dtype=torch.bfloat16)
+    if kind.endswith("_int8_moments"):  # the compressed momentum in 8-bit blocks per row
+        common.update(moment_dtype=torch.int8)
     if kind.startswith("adamw"):  # Adam's moments in the subspace (fira, the default), or
         # per coordinate (the other kinds), each tested explicitly
         common["preconditioner"] = "subspace" if kind.startswith("adamw_fira") else "elementwise"

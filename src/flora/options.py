@@ -46,8 +46,9 @@ BASIS_DTYPES: tuple[torch.dtype, ...] = (
 )
 
 
-#: dtypes moments (momentum, second moments) may be stored in (None: the state dtype)
-MOMENT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+#: dtypes moments (momentum, second moments) may be stored in (None: the state dtype;
+#: int8: the compressed momentum block-quantized, the other moments bf16)
+MOMENT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.int8)
 
 
 def is_int(value: object) -> bool:

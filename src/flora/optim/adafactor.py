@@ -287,7 +287,9 @@ class Flora(FloraOptimizerBase):
             the second-moment factors), or ``None`` (default) for the state dtype.
             ``torch.bfloat16`` halves their bytes: the step's math runs in float32 on a
             copy, and the results are rounded stochastically into bf16 (Philox keyed by
-            seed, parameter, step and entry: reproducible and resumable).
+            seed, parameter, step and entry: reproducible and resumable). ``torch.int8``
+            keeps the compressed momentum 8-bit, in blocks of 256 per row with a float32
+            scale each (:mod:`flora.quantization`), and the other moments in bf16.
         nonfinite: what a NaN/Inf gradient does, decided for the whole step before any
             update: ``"skip"`` (default, GradScaler's convention: the whole step is skipped,
             a ``RuntimeWarning`` is issued and ``optimizer.skipped_steps`` counts it),

@@ -91,6 +91,7 @@ from flora.projection import (
     projection_matrix,
     range_basis,
 )
+from flora.quantization import absmax_shape, dequantize_int8, quantize_int8_
 from flora.replicas import check_same_settings
 from flora.rounding import ROUNDINGS, compensated_round_, stochastic_round_
 from flora.state_plan import Plan, PlanRow
@@ -194,19 +195,31 @@ def _global_row_offset(whole: Tensor | None) -> int:
 
 
 def _is_moment(key: str, value: Any) -> bool:
-    """State kept in ``moment_dtype``: every floating tensor with elements but the basis and
-    the compensation (0-d scalars such as the limiter's norm stay in the state dtype)."""
+    """State kept in ``moment_dtype``: every floating tensor with elements but the basis, the
+    compensation and 8-bit scales (0-d scalars such as the limiter's norm stay in the state
+    dtype); an int8-coded momentum is one too."""
     return (
         isinstance(value, Tensor)
-        and value.is_floating_point()
+        and (value.is_floating_point() or value.dtype == torch.int8)
         and value.dim() > 0
         and key not in ("projection", "compensation")
+        and not key.endswith(_ABSMAX)
     )
 
 
+_ABSMAX = "_absmax"  # suffix of an int8 state's per-block scales
+
+
 def _moment_dtype(group: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
-    """The dtype moments are stored in: the group's ``moment_dtype``, else ``dtype``."""
-    return group["moment_dtype"] or dtype
+    """The floating dtype moments are stored in: the group's ``moment_dtype`` (bf16 for the
+    moments an int8 setting does not quantize), else ``dtype``."""
+    chosen = group["moment_dtype"] or dtype
+    return torch.bfloat16 if chosen == torch.int8 else chosen
+
+
+def _quantized(group: dict[str, Any], key: str, state: dict[str, Any]) -> bool:
+    """Whether ``state[key]`` is kept 8-bit: the compressed momentum with int8 moments."""
+    return group["moment_dtype"] == torch.int8 and key == "exp_avg" and "side" in state
 
 
 def _stored_dtype(
@@ -217,12 +230,23 @@ def _stored_dtype(
         return _basis_dtype(group, dtype)
     if key == "compensation":
         return param_dtype
+    if key.endswith(_ABSMAX):
+        return torch.float32
     return _moment_dtype(group, dtype) if _is_moment(key, value) else dtype
 
 
 def _widened(view: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    """``view`` with its moments in ``dtype`` for the update's math (copies)."""
-    return {k: v.to(dtype) if _is_moment(k, v) else v for k, v in view.items()}
+    """``view`` with its moments in ``dtype`` for the update's math (copies; int8 codes
+    decoded with their scales, which the math does not see)."""
+    out = {}
+    for k, v in view.items():
+        if k.endswith(_ABSMAX):
+            continue
+        if isinstance(v, Tensor) and v.dtype == torch.int8:
+            out[k] = dequantize_int8(v, view[k + _ABSMAX], dtype)
+        else:
+            out[k] = v.to(dtype) if _is_moment(k, v) else v
+    return out
 
 
 def _compensated(group: dict[str, Any], p: Tensor) -> bool:
@@ -600,9 +624,12 @@ class FloraOptimizerBase(Optimizer):
             return second, second
         momentum = math.prod(d.state_shape) if d.compressed else numel  # type: ignore[arg-type]
         extra = 0
+        if d.compressed and group["moment_dtype"] == torch.int8:  # codes and block scales
+            extra += momentum + 4 * math.prod(absmax_shape(d.state_shape))  # type: ignore[arg-type]
+            momentum = 0
         if d.compressed and group["distribution"] == GRADIENT:  # the stored basis
             basis = d.rank * d.compressed_dim  # type: ignore[operator]
-            extra = basis * _itemsize(_basis_dtype(group, dtype))
+            extra += basis * _itemsize(_basis_dtype(group, dtype))
         if not len(d.shape):  # a scalar parameter's momentum is a scalar: the state dtype
             itemsize = _itemsize(dtype)
         return second + momentum * itemsize + extra, second + numel * itemsize
@@ -808,6 +835,8 @@ class FloraOptimizerBase(Optimizer):
                     )
                 ints |= {"key", "side", "window", "window_start", "generator"}
                 expected["exp_avg"] = d.state_shape  # type: ignore[assignment]
+                if group["moment_dtype"] == torch.int8:
+                    expected["exp_avg" + _ABSMAX] = absmax_shape(d.state_shape)  # type: ignore[arg-type]
                 if group["distribution"] == GRADIENT:
                     expected["projection"] = (d.rank, d.compressed_dim)  # type: ignore[assignment]
                     if "projection" not in st:
@@ -834,8 +863,12 @@ class FloraOptimizerBase(Optimizer):
                     f"{where}: unexpected entry {key!r} (a state saved by another optimizer "
                     f"or with other settings than this {cls}?)"
                 )
-            if not isinstance(value, Tensor) or not value.is_floating_point():
-                raise ValueError(f"{where}: {key!r} must be a floating-point tensor")
+            coded = key == "exp_avg" and group["moment_dtype"] == torch.int8 and d.compressed
+            if not isinstance(value, Tensor) or not (
+                value.dtype == torch.int8 if coded else value.is_floating_point()
+            ):
+                kind = "an int8 tensor (moment_dtype=torch.int8)" if coded else "a float tensor"
+                raise ValueError(f"{where}: {key!r} must be {kind}")
             if tuple(value.shape) != tuple(expected[key]):
                 raise ValueError(
                     f"{where}: {key!r} has shape {tuple(value.shape)}, expected "
@@ -846,9 +879,10 @@ class FloraOptimizerBase(Optimizer):
             raise ValueError(f"{where}: missing {missing}")
 
     def _restore_dtypes(self, sd: dict[str, Any]) -> None:
-        """Re-copy floating state from ``sd`` in the state dtype (torch cast it to the
-        parameter's dtype, which would round float32 state of bf16 parameters), a gradient
-        basis in its group's ``basis_dtype``."""
+        """Re-copy the state tensors from ``sd`` in their dtypes (torch cast them all to the
+        parameter's dtype, which would round float32 state of bf16 parameters and turn int8
+        codes into floats): floats in the state dtype, a gradient basis in its group's
+        ``basis_dtype``, moments in ``moment_dtype``, other tensors as saved."""
         for saved_group, group in zip(sd["param_groups"], self.param_groups, strict=True):
             for saved_id, p in zip(saved_group["params"], group["params"], strict=True):
                 saved = sd["state"].get(saved_id)
@@ -856,8 +890,12 @@ class FloraOptimizerBase(Optimizer):
                     continue
                 dtype = state_dtype(p)
                 for key, value in saved.items():
-                    if isinstance(value, Tensor) and value.is_floating_point():
-                        to = _stored_dtype(group, key, value, dtype, p.dtype)
+                    if isinstance(value, Tensor):  # (torch casts int8 codes to floats too)
+                        to = (
+                            _stored_dtype(group, key, value, dtype, p.dtype)
+                            if value.is_floating_point()
+                            else value.dtype
+                        )
                         self.state[p][key] = value.to(device=p.device, dtype=to, copy=True)
 
     # ------------------------------------------------------------------ step
@@ -954,7 +992,7 @@ class FloraOptimizerBase(Optimizer):
             self._current_param = p
             self._shards = self._shard_reduce(p) if is_sharded else None
             try:
-                moments = _moment_dtype(group, dtype) != dtype  # moments stored narrower
+                moments = group["moment_dtype"] not in (None, dtype)  # stored narrower
                 math_view = _widened(view, dtype) if moments else view
                 self._update(
                     work, grad if grad.dtype == dtype else grad.to(dtype), group, name, math_view
@@ -978,7 +1016,6 @@ class FloraOptimizerBase(Optimizer):
     ) -> None:
         """Round the float32 moments of ``math_view`` stochastically into ``view``'s
         ``moment_dtype`` tensors (created at the first step); copy everything else."""
-        target = group["moment_dtype"]
         row_sharded = _row_sharded_keys(self._current_param) if is_sharded else None
         row = _global_row_offset(self._current_param) if is_sharded else 0
         key = self._key_of(group, name)
@@ -986,16 +1023,24 @@ class FloraOptimizerBase(Optimizer):
             if not _is_moment(k, value):
                 view[k] = value
                 continue
+            quantized = _quantized(group, k, math_view)
+            target = torch.int8 if quantized else _moment_dtype(group, value.dtype)
             stored = view.get(k)
             if stored is None or stored.dtype != target:
                 stored = view[k] = torch.empty_like(value, dtype=target)
             offset = row * math.prod(value.shape[1:]) if row_sharded and row_sharded(k) else 0
-            if target != torch.bfloat16:  # e.g. float32 moments of float64 parameters
+            if target not in (torch.bfloat16, torch.int8):  # float32 moments of float64 ones
                 stored.copy_(value)
                 continue
             words = stream_words("flora-state/v1", group["seed"], key, math_view["step"], k)
             bits = random_words(value.numel(), words, offset=offset, device=value.device)
-            stochastic_round_(stored, value.float(), bits)
+            if quantized:
+                if view.get(k + _ABSMAX) is None:
+                    shape = absmax_shape(tuple(value.shape))
+                    view[k + _ABSMAX] = torch.empty(shape, device=value.device)
+                quantize_int8_(stored, view[k + _ABSMAX], value, bits)
+            else:
+                stochastic_round_(stored, value.float(), bits)
 
     def _write_back(
         self, local: Tensor, work: Tensor, group: dict[str, Any], name: str, view: dict[str, Any]

@@ -29,7 +29,9 @@ How each number is obtained:
   each gradient once its parameter is stepped), the lean optimizer's exact ``plan()`` (bf16
   moments and basis) and the step-in-backward accumulator's exact ``plan()`` (none for
   ``accumulate=1``); against mixed-precision AdamW's 16 bytes per parameter (float32 master
-  weights and moments, bf16 weights and gradients). Activations and the float32 workspace
+  weights and moments, bf16 weights and gradients), and bf16 training with 8-bit AdamW or
+  GaLore at the same rank (bf16 weights, a full bf16 ``.grad``, their state by the formulas
+  above; no master weights). Activations and the float32 workspace
   of the parameter being stepped are not counted. ``flora train --lean`` prints the same
   rows for the model it trains (tested equal).
 """
@@ -314,6 +316,9 @@ def lean_rows(
         setup.accumulator.remove()
     total = parameters + gradient + state + buffers
     numel = sum(p.numel() for p in params)
+    named = _unique_named(model)
+    flora_plan = flora.Flora(named, rank=rank, kappa=kappa).plan()
+    full_grads = 2 * numel  # bf16 weights and a full bf16 .grad, accumulated in place
     return [
         ("parameters (bf16)", parameters),
         ("gradients (largest one)", gradient),
@@ -321,4 +326,9 @@ def lean_rows(
         ("accumulation buffers" + (f" ({accumulate})" if accumulate > 1 else ""), buffers),
         ("total (without activations)", total),
         ("mixed-precision AdamW, same rows", 16 * numel),
+        ("8-bit AdamW, bf16 weights + .grad", parameters + full_grads + adamw_8bit_bytes(params)),
+        (
+            f"GaLore r{rank}, bf16 weights + .grad",
+            parameters + full_grads + galore_bytes(named, flora_plan, rank),
+        ),
     ]

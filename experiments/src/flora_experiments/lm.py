@@ -104,7 +104,7 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
 }
 
 
-_GRADIENT = {"momentum_variant": "subspace", "distribution": "gradient"}
+_GRADIENT = {"momentum_variant": "subspace", "distribution": "gradient", "basis_dtype": None}
 _BF16_STATE = {"moment_dtype": torch.bfloat16, "basis_dtype": torch.bfloat16}
 # the quality study's forms of Flora (issue 17): options on top of the defaults
 FLORA_FORMS: dict[str, dict[str, Any]] = {
@@ -126,19 +126,19 @@ FLORA_FORMS: dict[str, dict[str, Any]] = {
         "distribution": "orthonormal",
         "preconditioner": "elementwise",
     },
-    "flora-gradient": {"momentum_variant": "subspace", "distribution": "gradient"},
+    "flora-gradient": _GRADIENT,  # the basis in float32 (the state dtype)
     "flora-gradient-bf16": {
         "momentum_variant": "subspace",
         "distribution": "gradient",
         "basis_dtype": torch.bfloat16,
     },
-    "flora-adamw-gradient": {
-        "momentum_variant": "subspace",
-        "distribution": "gradient",
-        "preconditioner": "elementwise",
-    },
+    "flora-adamw-gradient": {**_GRADIENT, "preconditioner": "elementwise"},
     "flora-adamw-fira": {"preconditioner": "subspace", "distribution": "orthonormal"},
-    "flora-adamw-fira-gradient": {"preconditioner": "subspace", "distribution": "gradient"},
+    "flora-adamw-fira-gradient": {
+        "preconditioner": "subspace",
+        "distribution": "gradient",
+        "basis_dtype": None,
+    },
     # the lean ingredients; "bf16_weights" casts the model to bf16 (no float32 masters)
     "flora-gradient-sr": {**_GRADIENT, "bf16_weights": True, "rounding": "stochastic"},
     "flora-gradient-nearest": {**_GRADIENT, "bf16_weights": True, "rounding": "nearest"},
@@ -151,7 +151,7 @@ FLORA_FORMS: dict[str, dict[str, Any]] = {
         "rounding": "stochastic",
     },
     # the scope of the GaLore / APOLLO / LoRA rows: the token embedding and the head uncompressed
-    "flora-gradient-xemb": {"distribution": "gradient", "exclude": EMBEDDINGS},
+    "flora-gradient-xemb": {"distribution": "gradient", "basis_dtype": None, "exclude": EMBEDDINGS},
     "flora-subspace-xemb": {"distribution": "orthonormal", "exclude": EMBEDDINGS},
     "flora-adamw-fira-xemb": {"preconditioner": "subspace", "exclude": EMBEDDINGS},
 }
@@ -253,7 +253,7 @@ def build(name: str, cfg: LMConfig, lr: float) -> tuple[nn.Module, torch.optim.O
         ]
         return model, FloraAdamW(
             groups, lr=lr, rank=r, kappa=kappa, weight_decay=0.0, preconditioner="subspace",
-            distribution="gradient",
+            distribution="gradient", basis_dtype=None,
         )  # fmt: skip
     if name.startswith("flora-adamw"):
         from flora import FloraAdamW

@@ -239,7 +239,7 @@ def dcp_roundtrip(rank: int, world: int, tmpdir: str, direction: str) -> None:
 
 FSDP_OPTIMIZERS = (
     "adamw", "adamw_factored", "flora", "flora_linear", "flora_subspace", "adamw_subspace",
-    "flora_gradient", "flora_gradient_bf16", "adamw_fira", "adamw_fira_gradient",
+    "flora_gradient", "flora_gradient_fp32", "adamw_fira", "adamw_fira_gradient",
     "sgd_gradient", "lion_gradient", "flora_bf16_moments", "adamw_fira_int8_moments",
 )  # fmt: skip
 DATA_WORLD = 2  # the global batch of step t is batches[2t] + batches[2t + 1], at any world size
@@ -257,8 +257,8 @@ def make_fsdp_optimizer(kind: str, named_params, **extra):
         common.update(momentum_variant="subspace", distribution="orthonormal")
     if kind.endswith("_gradient"):  # the gradient basis (a range finder over shards)
         common.update(distribution="gradient")
-    if kind.endswith("_gradient_bf16"):  # ... stored in bf16
-        common.update(distribution="gradient", basis_dtype=torch.bfloat16)
+    if kind.endswith("_gradient_fp32"):  # ... stored in float32 (the default is bf16)
+        common.update(distribution="gradient", basis_dtype=None)
     if kind.endswith("_bf16_moments"):  # moments rounded stochastically into bf16
         common.update(moment_dtype=torch.bfloat16)
     if kind.endswith("_int8_moments"):  # the compressed momentum in 8-bit blocks per row

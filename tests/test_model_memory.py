@@ -88,17 +88,17 @@ def test_transformers_config_plan_equals_real_optimizers(tmp_path):
 
 def flora_bytes_by_hand(shapes, rank, *, momentum_vectors=True):
     """Flora (Adafactor + momentum) state, fp32, from the paper's formulas, plus the default
-    gradient basis (r x the compressed, smaller dimension)."""
+    gradient basis (r x the compressed, smaller dimension, in bf16)."""
     total = 0
     for m, n in shapes:
         if n is None:  # a vector: full variance + full momentum
             total += m * (2 if momentum_vectors else 1)
         elif rank < min(m, n):
-            # row + column factors, compressed momentum, its basis
-            total += m + n + rank * max(m, n) + rank * min(m, n)
+            # row + column factors, compressed momentum; its basis in bf16 (2 bytes)
+            total += m + n + rank * max(m, n) + rank * min(m, n) / 2
         else:
             total += m + n + m * n
-    return 4 * total
+    return int(4 * total)
 
 
 def test_llama_7b_matches_a_hand_calculation(capsys):

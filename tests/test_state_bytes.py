@@ -1,12 +1,13 @@
 """Exact optimizer-state bytes as a function of shape and rank.
 
-The hand formula (fp32 state, 4 bytes an element), for a weight m x n compressed on the
-left (m <= n) with rank r, is, with the defaults: Flora = (m + n) Adafactor factors + r*n
-momentum + r*m gradient basis; FloraAdamW = 2*r*n (both moments in the subspace) + 1 (the
-limiter's norm). With a seed-only projection Flora drops the r*m basis; FloraAdamW's
-elementwise form holds m*n second moment + r*n momentum (factored: m + n + r*n). Biases keep a
-full second moment (+ full momentum). The real state after a step, the plan, and the formula
-agree. FloraSGD and FloraLion hold one buffer: r*n (+ r*m basis) per compressed matrix.
+The hand formula (fp32 state, 4 bytes an element; the gradient basis bf16, 2 bytes), for a
+weight m x n compressed on the left (m <= n) with rank r, is, with the defaults:
+Flora = (m + n) Adafactor factors + r*n momentum + r*m gradient basis; FloraAdamW = 2*r*n
+(both moments in the subspace) + 1 (the limiter's norm). With a seed-only projection Flora
+drops the r*m basis; FloraAdamW's elementwise form holds m*n second moment + r*n momentum
+(factored: m + n + r*n). Biases keep a full second moment (+ full momentum). FloraSGD and
+FloraLion hold one buffer: r*n (+ r*m basis) per compressed matrix. The real state after
+a step, the plan, and the formula agree.
 """
 
 import pytest
@@ -26,12 +27,13 @@ def _stepped(opt_cls, model, **kw):
 def test_flora_bytes(rank):
     model = torch.nn.Linear(96, 48)  # weight (48, 96): left side, momentum (r, 96)
     opt = _stepped(flora.Flora, model, rank=rank)
-    weight = (48 + 96) + rank * 96 + rank * 48
+    weight = (48 + 96) + rank * 96
     bias = 48 + 48  # variance + full momentum
-    assert opt.state_bytes() == 4 * (weight + bias) == opt.plan().state_bytes
+    basis = 2 * rank * 48  # bf16
+    assert opt.state_bytes() == 4 * (weight + bias) + basis == opt.plan().state_bytes
     assert opt.plan().uncompressed_bytes == 4 * ((48 + 96) + 48 * 96 + bias)
     seeded = _stepped(flora.Flora, torch.nn.Linear(96, 48), rank=rank, distribution="gaussian")
-    assert seeded.state_bytes() == 4 * (weight - rank * 48 + bias) == seeded.plan().state_bytes
+    assert seeded.state_bytes() == 4 * (weight + bias) == seeded.plan().state_bytes
     assert opt.plan().adamw_bytes == 4 * 2 * (48 * 96 + 48)
 
 
@@ -54,13 +56,12 @@ def test_flora_adamw_bytes(rank, factored):
 def test_gradient_basis_adds_r_times_d(opt_cls):
     model = torch.nn.Linear(96, 48)  # left side: basis (r, 48) beside momentum (r, 96)
     base = _stepped(opt_cls, model, rank=8, distribution="orthonormal").state_bytes()
-    opt = _stepped(opt_cls, torch.nn.Linear(96, 48), rank=8, distribution="gradient")
+    opt = _stepped(
+        opt_cls, torch.nn.Linear(96, 48), rank=8, distribution="gradient", basis_dtype=None
+    )
     assert opt.state_bytes() == base + 4 * 8 * 48 == opt.plan().state_bytes
-    half = _stepped(
-        opt_cls, torch.nn.Linear(96, 48), rank=8, distribution="gradient",
-        basis_dtype=torch.bfloat16,
-    )  # fmt: skip
-    assert half.state_bytes() == base + 2 * 8 * 48 == half.plan().state_bytes
+    half = _stepped(opt_cls, torch.nn.Linear(96, 48), rank=8, distribution="gradient")
+    assert half.state_bytes() == base + 2 * 8 * 48 == half.plan().state_bytes  # bf16 default
 
 
 @pytest.mark.parametrize("distribution,basis", [("orthonormal", 0), ("gradient", 8 * 48)])
@@ -69,9 +70,9 @@ def test_subspace_preconditioner_bytes(distribution, basis):
     opt = _stepped(
         flora.FloraAdamW, model, rank=8, preconditioner="subspace", distribution=distribution
     )
-    weight = 2 * 8 * 96 + 1 + basis
+    weight = 2 * 8 * 96 + 1
     bias = 48 + 48  # elementwise AdamW
-    assert opt.state_bytes() == 4 * (weight + bias) == opt.plan().state_bytes
+    assert opt.state_bytes() == 4 * (weight + bias) + 2 * basis == opt.plan().state_bytes
 
 
 def test_right_side_and_nd_bytes():
@@ -91,21 +92,23 @@ def test_bf16_params_count_fp32_state():
     opt = flora.Flora(model.named_parameters(), rank=8)
     model(torch.randn(2, 96, dtype=torch.bfloat16)).float().sum().backward()
     opt.step()
-    assert opt.state_bytes() == 4 * ((48 + 96) + 8 * 96 + 8 * 48 + 96) == opt.plan().state_bytes
+    expected = 4 * ((48 + 96) + 8 * 96 + 96) + 2 * 8 * 48  # the basis bf16
+    assert opt.state_bytes() == expected == opt.plan().state_bytes
 
 
 def test_flora_linear_memory_base_bytes():
     # factor_second_moment=False (Table 4): a full second moment plus the compressed momentum
     model = torch.nn.Linear(96, 48)
     opt = _stepped(flora.Flora, model, rank=8, factor_second_moment=False)
-    assert opt.state_bytes() == 4 * (48 * 96 + 8 * 96 + 8 * 48 + 48 + 48) == opt.plan().state_bytes
+    expected = 4 * (48 * 96 + 8 * 96 + 48 + 48) + 2 * 8 * 48
+    assert opt.state_bytes() == expected == opt.plan().state_bytes
 
 
 @pytest.mark.parametrize("opt_cls", [flora.FloraSGD, flora.FloraLion])
 def test_sgd_and_lion_bytes(opt_cls):
     # one compressed buffer (r, 96) and the gradient basis (r, 48); the bias a full buffer
     opt = _stepped(opt_cls, torch.nn.Linear(96, 48), rank=8)
-    assert opt.state_bytes() == 4 * (8 * 96 + 8 * 48 + 48) == opt.plan().state_bytes
+    assert opt.state_bytes() == 4 * (8 * 96 + 48) + 2 * 8 * 48 == opt.plan().state_bytes
     seeded = _stepped(opt_cls, torch.nn.Linear(96, 48), rank=8, distribution="orthonormal")
     assert seeded.state_bytes() == 4 * (8 * 96 + 48) == seeded.plan().state_bytes
     full = _stepped(opt_cls, torch.nn.Linear(96, 48), rank=8, compress=False)

@@ -156,7 +156,7 @@ def test_flora_adamw_matches_reference(variant, distribution, factored, dtype, t
 def _run_gradient_basis(opt_cls, grads, **kw):
     """Run with distribution="gradient"; return the bases each window used, as stored (in
     ``basis_dtype`` if given, checked), converted to float64."""
-    stored = kw.get("basis_dtype") or torch.float64
+    stored = kw.get("basis_dtype", torch.bfloat16) or torch.float64  # bf16: the default
     params = {k: torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for k, s in SHAPES.items()}
     init = {k: p.detach().clone() for k, p in params.items()}
     opt = opt_cls(list(params.items()), rank=RANK, kappa=KAPPA, distribution="gradient", **kw)
@@ -179,7 +179,7 @@ def test_gradient_basis_is_the_range_finder_of_the_window_first_gradient(side):
 
     grads = _grads()
     hp = dict(lr=0.05, beta1=0.9, beta2_decay=-0.8, d=1.0, weight_decay=0.0, eps=(None, 1e-3))
-    _, _, bases, _ = _run_gradient_basis(flora.Flora, grads, **hp)
+    _, _, bases, _ = _run_gradient_basis(flora.Flora, grads, basis_dtype=None, **hp)
     m, n = SHAPES[side]
     dim, other = (m, n) if side == "left" else (n, m)
     for window, basis in bases[side].items():
@@ -251,7 +251,9 @@ def test_subspace_preconditioner_matches_reference(distribution, dtype, tol, gro
             flora.FloraAdamW, grads, basis_dtype=torch.bfloat16, **kw
         )
     elif distribution == "gradient":
-        init, params, projs, _ = _run_gradient_basis(flora.FloraAdamW, grads, **kw)
+        init, params, projs, _ = _run_gradient_basis(
+            flora.FloraAdamW, grads, basis_dtype=None, **kw
+        )
     else:
         init, params, projs, _ = _run(
             flora.FloraAdamW, dtype, grads, distribution=distribution, **kw

@@ -278,7 +278,7 @@ class FloraAdamW(FloraOptimizerBase):
         side: str = "auto",
         momentum_variant: str = "subspace",
         distribution: str = "orthonormal",
-        basis_dtype: torch.dtype | None = None,
+        basis_dtype: torch.dtype | None = torch.bfloat16,
         moment_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
         rounding: str = "nearest",

@@ -131,7 +131,7 @@ class FloraLion(FloraOptimizerBase):
         side: str = "auto",
         momentum_variant: str = "subspace",
         distribution: str = "gradient",
-        basis_dtype: torch.dtype | None = None,
+        basis_dtype: torch.dtype | None = torch.bfloat16,
         moment_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
         rounding: str = "nearest",

@@ -9,7 +9,8 @@
   parameter, in the plan, kept bf16 by ``load_state_dict``); bad values are refused;
 - ``moment_dtype=torch.bfloat16``: every moment is stored in bf16 (the basis, the limiter's
   scalar and the compensation keep theirs), equal to the float32 step's moments rounded with
-  the stated words; exact bytes in the plan; bit-identical resume; training still works.
+  the stated words; exact bytes in the plan; bf16 and int8 moments round-trip exactly,
+  resume bit-identically and still train.
 """
 
 import io
@@ -220,8 +221,12 @@ def test_bf16_moments_are_the_float32_moments_rounded_with_the_stated_words(cls,
     assert o16.state_bytes() == o16.plan().state_bytes < o32.state_bytes()
 
 
+@pytest.mark.parametrize("moment_dtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("cls,kw", OPTIMIZERS)
-def test_bf16_moments_resume_bit_identically_and_train(cls, kw):
+def test_narrow_moments_round_trip_exactly_resume_bit_identically_and_train(cls, kw, moment_dtype):
+    """bf16 moments, and int8 compressed momentum (flora.quantization): every loaded state
+    tensor is the saved one, dtype included (torch would cast them all to floats)."""
+
     def run(model, opt, start, stop):
         for i in range(start, stop):
             opt.zero_grad()
@@ -230,7 +235,7 @@ def test_bf16_moments_resume_bit_identically_and_train(cls, kw):
             opt.step()
         return loss.item()
 
-    options = dict(rank=4, kappa=2, moment_dtype=torch.bfloat16, **kw)
+    options = dict(rank=4, kappa=2, moment_dtype=moment_dtype, **kw)
     model = _fp32_model()
     opt = cls(model.named_parameters(), **options)
     first = _loss32(model, 0).item()
@@ -244,11 +249,21 @@ def test_bf16_moments_resume_bit_identically_and_train(cls, kw):
     resumed.load_state_dict(ckpt["model"])
     opt2 = cls(resumed.named_parameters(), **options)
     opt2.load_state_dict(ckpt["opt"])
-    assert all(
-        v.dtype == torch.bfloat16
+    saved = ckpt["opt"]["state"]
+    for i, p in enumerate(resumed.parameters()):
+        assert opt2.state[p].keys() == saved[i].keys()
+        for k, v in opt2.state[p].items():
+            if torch.is_tensor(v):
+                assert v.dtype == saved[i][k].dtype and torch.equal(v, saved[i][k]), k
+    other = ("projection", "exp_avg_absmax")
+    kinds = {
+        v.dtype
         for s in opt2.state.values()
         for k, v in s.items()
-        if torch.is_tensor(v) and v.dim() > 0 and k != "projection"
+        if torch.is_tensor(v) and v.dim() > 0 and k not in other
+    }
+    assert kinds == (
+        {torch.bfloat16, torch.int8} if moment_dtype == torch.int8 else {torch.bfloat16}
     )
     run(resumed, opt2, 3, 40)
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):

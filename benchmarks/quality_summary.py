@@ -42,7 +42,10 @@ def load() -> dict[tuple[int, int], dict[str, dict[int, dict]]]:
         suffix = f" (kappa {kappa.group(1)})" if kappa else ""
         fixed = "--set lr=" in command  # a seed rerun at another seed's best step size
         for row in data["rows"]:
-            seen = table.setdefault(setting, {}).setdefault(row["optimizer"] + suffix, {})
+            name = row["optimizer"] + suffix
+            if "--tag lean-" in command and row["optimizer"] == "flora-gradient":
+                name += " (Philox generator)"  # the lean study's baseline, rerun after v2
+            seen = table.setdefault(setting, {}).setdefault(name, {})
             if seed in seen and not math.isclose(seen[seed]["val_loss"], row["val_loss"]):
                 raise SystemExit(f"{path.name}: {row['optimizer']} seed {seed} differs")
             seen.setdefault(seed, {**row, "file": path.name, "fixed_lr": fixed})

@@ -88,10 +88,14 @@ CANDIDATES = {
 }
 for r in args.ranks:
     CANDIDATES[f"Flora r{r}"] = lambda ps, r=r: flora.Flora(ps, lr=1e-2, rank=r)
-    CANDIDATES[f"Flora r{r} cached"] = lambda ps, r=r: flora.Flora(
-        ps, lr=1e-2, rank=r, cache_projection=True
+    # the seed-only orthonormal basis, kept per window (the default basis is state already)
+    CANDIDATES[f"Flora r{r} orthonormal, cached"] = lambda ps, r=r: flora.Flora(
+        ps, lr=1e-2, rank=r, distribution="orthonormal", cache_projection=True
     )
     CANDIDATES[f"FloraAdamW r{r}"] = lambda ps, r=r: flora.FloraAdamW(ps, lr=1e-3, rank=r)
+    CANDIDATES[f"FloraAdamW r{r} cached"] = lambda ps, r=r: flora.FloraAdamW(
+        ps, lr=1e-3, rank=r, cache_projection=True
+    )
 try:
     import flora_opt  # official implementation (imports bitsandbytes and accelerate)
 
@@ -160,7 +164,7 @@ flora_vs_peer = []
 for r in args.ranks:
     peer = f"flora_opt.Flora r{r}"
     if peer in median:
-        for ours in (f"Flora r{r}", f"Flora r{r} cached"):
+        for ours in (f"Flora r{r}", f"Flora r{r} orthonormal, cached"):
             flora_vs_peer.append(
                 f"| {ours} | {median[ours] / median[peer]:.2f} | "
                 f"{nbytes[ours] / nbytes[peer]:.3f} |"

@@ -28,6 +28,10 @@ import flora
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--layers", type=int, default=12)
+parser.add_argument(
+    "--shapes", choices=("gpt2", "small"), default="gpt2",
+    help="GPT-2-small's parameters, or 96 matrices of 64x64 (the multi-tensor engine's case)",
+)  # fmt: skip
 parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 128])
 parser.add_argument("--rounds", type=int, default=5)
 parser.add_argument("--device", default="cpu")
@@ -58,7 +62,9 @@ def gpt2_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     return [*shapes, ("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
 
 
-SHAPES = gpt2_shapes(args.layers)
+SHAPES = gpt2_shapes(args.layers) if args.shapes == "gpt2" else [
+    (f"w{i}", (64, 64)) for i in range(96)
+]
 gen = torch.Generator().manual_seed(0)
 INIT = [torch.randn(s, generator=gen) * 0.02 for _, s in SHAPES]
 GRADS = [torch.randn(s, generator=gen) * 1e-3 for _, s in SHAPES]
@@ -84,10 +90,13 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 
 CANDIDATES = {
     "torch Adafactor": lambda ps: torch.optim.Adafactor([p for _, p in ps], lr=1e-2),
-    "torch AdamW": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3),
+    "torch AdamW": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, foreach=True),
 }
 for r in args.ranks:
     CANDIDATES[f"Flora r{r}"] = lambda ps, r=r: flora.Flora(ps, lr=1e-2, rank=r)
+    CANDIDATES[f"Flora r{r} loop (foreach=False)"] = lambda ps, r=r: flora.Flora(
+        ps, lr=1e-2, rank=r, foreach=False
+    )
     # the seed-only orthonormal basis, kept per window (the default basis is state already)
     CANDIDATES[f"Flora r{r} orthonormal, cached"] = lambda ps, r=r: flora.Flora(
         ps, lr=1e-2, rank=r, distribution="orthonormal", cache_projection=True
@@ -173,7 +182,12 @@ for r in args.ranks:
 n_params = sum(t.numel() for t in INIT)
 command = "python " + " ".join(sys.argv)
 lines = [
-    f"# Optimizer step: GPT-2-small shapes ({args.layers} layers, {n_params / 1e6:.1f}M params)",
+    (
+        f"# Optimizer step: GPT-2-small shapes ({args.layers} layers, {n_params / 1e6:.1f}M "
+        "params)"
+        if args.shapes == "gpt2"
+        else f"# Optimizer step: {len(SHAPES)} matrices of 64x64 ({n_params / 1e6:.2f}M params)"
+    ),
     "",
     f"Reproduce: `{command}` (after `make bench-setup`).",
     "",
@@ -201,7 +215,10 @@ if flora_vs_peer:
     ]
 text = "\n".join(lines)
 print(text)
-out = Path(args.out or Path(__file__).parent / "results" / f"optimizer_step_{device.type}.md")
+suffix = "" if args.shapes == "gpt2" else f"_{args.shapes}"
+out = Path(
+    args.out or Path(__file__).parent / "results" / f"optimizer_step{suffix}_{device.type}.md"
+)
 out.parent.mkdir(parents=True, exist_ok=True)
 out.write_text(text)
 print(f"wrote {out}")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from reference import philox_python
 
-from flora.philox import philox4x32, random_words, stream_words
+from flora.philox import philox4x32, philox4x32_streams, random_words, stream_words
 
 MASK = 0xFFFFFFFF
 KNOWN_ANSWERS = [  # Random123 kat_vectors: philox4x32 10, counter, key, expected
@@ -44,3 +44,12 @@ def test_random_words_are_the_stream_in_counter_order_from_any_offset():
     for offset, n in ((3, 10), (4, 1), (13, 27), (0, 0)):
         assert random_words(n, words, offset=offset).tolist() == ref[offset : offset + n]
     assert stream_words("test", 1, 2) != stream_words("test", 1, 3)
+
+
+def test_streams_equal_one_stream_at_a_time():
+    streams = [stream_words("test/streams", i) for i in range(4)]
+    counter = torch.arange(11, dtype=torch.int64)
+    words = philox4x32_streams(counter.expand(4, 11), torch.tensor(streams))
+    assert words.shape == (4, 4, 11)
+    for b, stream in enumerate(streams):
+        assert torch.equal(words[:, b], philox4x32(counter, *stream))

@@ -29,6 +29,7 @@ from flora.projection import (
     down,
     gaussian_from_words,
     parameter_key,
+    projection_matrices,
     projection_matrix,
     range_basis,
     transfer,
@@ -400,3 +401,31 @@ def test_range_basis_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         range_basis(args.pop("x"), args.pop("rank"), args.pop("side"), seed=0, key=KEY,
                     window=0, **args)  # fmt: skip
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher", "orthonormal", "coordinates"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_projection_matrices_stack_projection_matrix(distribution, dtype):
+    keys, windows = [KEY, parameter_key("b"), 7], [0, 3, 1]
+    stack = projection_matrices(
+        5, 33, seed=2, keys=keys, windows=windows, distribution=distribution, dtype=dtype
+    )
+    assert stack.shape == (3, 5, 33) and stack.dtype == dtype
+    for b, (key, window) in enumerate(zip(keys, windows, strict=True)):
+        one = projection_matrix(
+            5, 33, seed=2, key=key, window=window, distribution=distribution, dtype=dtype
+        )
+        if distribution == "orthonormal":  # a batched QR: the same to rounding
+            tol = 1e-6 if dtype == torch.float32 else 1e-14
+            torch.testing.assert_close(stack[b], one, rtol=0, atol=tol)
+        else:  # the same words through the same elementwise transform
+            assert torch.equal(stack[b], one)
+
+
+def test_projection_matrices_bad_arguments():
+    with pytest.raises(ValueError, match="keys and windows"):
+        projection_matrices(2, 4, seed=0, keys=[1, 2], windows=[0])
+    with pytest.raises(ValueError, match="rank <= dim"):
+        projection_matrices(5, 4, seed=0, keys=[1], windows=[0], distribution="orthonormal")
+    with pytest.raises(ValueError, match="distribution"):
+        projection_matrices(2, 4, seed=0, keys=[1], windows=[0], distribution="uniform")

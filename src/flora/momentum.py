@@ -66,7 +66,7 @@ def subspace_transfer_(momentum: Tensor, proj_old: Tensor, proj_new: Tensor, sid
     r"""Move a subspace state to a new window's basis in place: :math:`M \leftarrow
     c\,\operatorname{transfer}_{P \to P'}(M)`, the projection of the old subspace's vector
     onto the new subspace (orthonormal bases: it never inflates the state)."""
-    shrink = proj_new.shape[0] / proj_new.shape[1]
+    shrink = proj_new.shape[-2] / proj_new.shape[-1]
     return momentum.copy_(transfer(momentum, proj_old, proj_new, side)).mul_(shrink)
 
 
@@ -85,17 +85,22 @@ def subspace_direction(
     ``outside`` and :math:`k` = ``inside_scale``, computed as :math:`o\,u +
     c\operatorname{up}(k\,\text{inside} - o\operatorname{down}(u))` without forming
     :math:`\Pi`. ``fresh`` is overwritten; with ``overwrite=True`` so is ``update``, with the
-    result (no temporary of the parameter's size)."""
-    shrink = proj.shape[0] / proj.shape[1]
+    result (no temporary of the parameter's size). Stacks ``(B, m, n)`` with stacked states
+    and projections work matrix by matrix (batched products)."""
+    shrink = proj.shape[-2] / proj.shape[-1]
     residual = fresh.mul_(-outside).add_(inside, alpha=inside_scale)
-    a, b = (proj.T, residual) if side == "left" else (residual, proj)
+    a, b = (proj.mT, residual) if side == "left" else (residual, proj)
     if overwrite:
         return _mm_into(update, a, b, beta=outside, alpha=shrink)
+    if update.dim() == 3:
+        return torch.baddbmm(update, a, b, beta=outside, alpha=shrink)
     return torch.addmm(update, a, b, beta=outside, alpha=shrink)
 
 
 def _mm_into(out: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float) -> Tensor:
-    # out <- beta * out + alpha * (a @ b), without a temporary of out's size
+    # out <- beta * out + alpha * (a @ b), without a temporary of out's size (stacks: batched)
+    if out.dim() == 3:
+        return out.baddbmm_(a, b, beta=beta, alpha=alpha)
     return out.addmm_(a, b, beta=beta, alpha=alpha)
 
 

@@ -20,7 +20,7 @@ import hashlib
 import torch
 from torch import Tensor
 
-__all__ = ["philox4x32", "random_words", "stream_words"]
+__all__ = ["philox4x32", "philox4x32_streams", "random_words", "stream_words"]
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Random123's Philox4x32 multipliers
@@ -55,6 +55,30 @@ def philox4x32(
         lo = t.bitwise_and_(_MASK32)
         # (hi1 ^ c1 ^ k0, hi0 ^ c3 ^ k1) and (lo1, lo0): words (0, 2) and (1, 3)
         even = hi.flip(0).bitwise_xor_(odd).bitwise_xor_(round_keys[r])
+        odd = lo.flip(0)
+    return torch.stack((even[0], odd[0], even[1], odd[1]))
+
+
+def philox4x32_streams(counter: Tensor, streams: Tensor, *, rounds: int = _PHILOX_ROUNDS) -> Tensor:
+    """:func:`philox4x32` for ``B`` streams at once: ``counter`` ``(B, n)`` int64, ``streams``
+    ``(B, 5)`` int64 rows ``(c1, c2, c3, k0, k1)`` (:func:`stream_words`); returns
+    ``(4, B, n)``, row ``b`` equal to ``philox4x32(counter[b], *streams[b])`` (the same
+    integer ops, so the same words)."""
+    c1, c2, c3, k0, k1 = streams.unbind(-1)  # (B,) each
+    even = torch.stack((counter, c2[:, None].expand_as(counter)))  # words 0 and 2: (2, B, n)
+    odd = torch.stack((c1, c3))[:, :, None].expand(2, *counter.shape)
+    mult = torch.tensor(_PHILOX_M, dtype=torch.int64, device=counter.device).view(2, 1, 1)
+    r = torch.arange(rounds, dtype=torch.int64, device=counter.device)[:, None]
+    weyl = torch.tensor(_PHILOX_W, dtype=torch.int64, device=counter.device)
+    round_keys = torch.stack(  # (rounds, 2, B, 1): k + r W mod 2**32, as the loop bumps them
+        ((k0[None] + r * weyl[0]) & _MASK32, (k1[None] + r * weyl[1]) & _MASK32), dim=1
+    ).unsqueeze(-1)
+    for i in range(rounds):
+        a = (even >> 16) * mult
+        t = ((a & 0xFFFF) << 16) + (even & 0xFFFF) * mult
+        hi = (a >> 16) + (t >> 32)
+        lo = t.bitwise_and_(_MASK32)
+        even = hi.flip(0).bitwise_xor_(odd).bitwise_xor_(round_keys[i])
         odd = lo.flip(0)
     return torch.stack((even[0], odd[0], even[1], odd[1]))
 

@@ -76,7 +76,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from flora.philox import philox4x32, stream_words
+from flora.philox import philox4x32, philox4x32_streams, stream_words
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -87,6 +87,7 @@ __all__ = [
     "down",
     "gaussian_from_words",
     "parameter_key",
+    "projection_matrices",
     "projection_matrix",
     "range_basis",
     "transfer",
@@ -237,7 +238,8 @@ def projection_matrix(
 
 
 def gaussian_from_words(words: Tensor, numel: int, dtype: torch.dtype) -> Tensor:
-    r"""``numel`` standard normals in ``dtype`` from Philox words ``(4, blocks)``.
+    r"""``numel`` standard normals in ``dtype`` from Philox words ``(4, blocks)`` (or
+    ``(4, B, blocks)``: ``(B, numel)``, stream by stream).
 
     Each word :math:`w` becomes :math:`u = (2\lfloor w/2^9 \rfloor + 1)/2^{24} \in (0, 1)`
     (exact in float32); words 0 and 1 of counter :math:`c` give entries :math:`4c, 4c+1` as
@@ -247,8 +249,86 @@ def gaussian_from_words(words: Tensor, numel: int, dtype: torch.dtype) -> Tensor
     uniform = ((words >> 9) * 2 + 1).to(dtype).mul_(2.0**-24)
     radius = uniform[0::2].log_().mul_(-2.0).sqrt_()  # words 0, 2
     theta = uniform[1::2].mul_(2.0 * math.pi)  # words 1, 3
-    normal = torch.stack((radius * theta.cos(), radius * theta.sin()), dim=-1)  # (2, blocks, 2)
-    return normal.permute(1, 0, 2).reshape(-1)[:numel]
+    normal = torch.stack((radius * theta.cos(), radius * theta.sin()), dim=-1)  # (2, .., 2)
+    return normal.movedim(0, -2).reshape(*words.shape[1:-1], -1)[..., :numel]
+
+
+def projection_matrices(
+    rank: int,
+    dim: int,
+    *,
+    seed: int,
+    keys: list[int],
+    windows: list[int],
+    stream: str = "momentum",
+    distribution: Distribution = "gaussian",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The stack ``(B, rank, dim)`` of :func:`projection_matrix` (generator 2) for ``B``
+    parameter keys and windows, generated together: one Philox pass, one transform and one
+    batched QR instead of ``B`` of each. The words are the same; the float32 transform and
+    the QR may round a few entries differently from one matrix at a time (vectorized and
+    scalar code paths), by an ulp."""
+    if len(keys) != len(windows) or not keys:
+        raise ValueError("keys and windows must be equally long, non-empty lists")
+    for key, window in zip(keys, windows, strict=True):
+        _validate(rank, dim, seed, key, window)
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    if distribution in ORTHONORMAL and rank > dim:
+        raise ValueError(f"an orthonormal projection needs rank <= dim, got {rank} > {dim}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if distribution == "coordinates":  # a sort per matrix: one at a time
+        return torch.stack([
+            _projection_v2(rank, dim, seed, k, w, stream, distribution, device, dtype)
+            for k, w in zip(keys, windows, strict=True)
+        ])  # fmt: skip
+    return _projections_v2(rank, dim, seed, keys, windows, stream, distribution, device, dtype)
+
+
+def _projections_v2(
+    rank: int,
+    dim: int,
+    seed: int,
+    keys: list[int],
+    windows: list[int],
+    stream: str,
+    distribution: str,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
+    streams = torch.tensor(
+        [
+            stream_words("flora-projection/v2", seed, k, w, stream, distribution)
+            for k, w in zip(keys, windows, strict=True)
+        ],
+        dtype=torch.int64,
+        device=device,
+    )
+    blocks = (rank * dim + 3) // 4  # four words per counter
+    counter = torch.arange(blocks, dtype=torch.int64, device=device).expand(len(keys), blocks)
+    words = philox4x32_streams(counter, streams)  # (4, B, blocks)
+    return _from_words(words, rank, dim, distribution, dtype)
+
+
+def _from_words(
+    words: Tensor, rank: int, dim: int, distribution: str, dtype: torch.dtype
+) -> Tensor:
+    """Projections ``(B, rank, dim)`` from Philox words ``(4, B, blocks)``."""
+    count, numel = words.shape[1], rank * dim
+    if distribution == "rademacher":  # the top bit of each word, entries in counter order
+        bits = words.permute(1, 2, 0).reshape(count, -1)[:, :numel] >> 31
+        return (1 - 2 * bits).to(dtype).mul_(1.0 / math.sqrt(rank)).view(count, rank, dim)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    normal = gaussian_from_words(words, numel, work).mul_(1.0 / math.sqrt(rank))
+    normal = normal.view(count, rank, dim)
+    if distribution == "orthonormal":
+        q, r = torch.linalg.qr(normal.mT)  # (B, dim, rank), (B, rank, rank)
+        diagonal = torch.diagonal(r, dim1=-2, dim2=-1)
+        signs = torch.where(diagonal < 0, -1.0, 1.0).to(q.dtype).unsqueeze(-2)
+        normal = (q * signs).mT.mul_(math.sqrt(dim / rank))
+    return normal.to(dtype)
 
 
 def _projection_v2(
@@ -265,7 +345,6 @@ def _projection_v2(
     c1, c2, c3, k0, k1 = stream_words(
         "flora-projection/v2", seed, key, window, stream, distribution
     )
-    numel = rank * dim
     if distribution == "coordinates":  # a 63-bit sort key per coordinate from two words
         words = philox4x32(torch.arange(dim, dtype=torch.int64, device=device), c1, c2, c3, k0, k1)
         order = torch.argsort((words[0] << 31) | (words[1] >> 1), stable=True)
@@ -273,18 +352,9 @@ def _projection_v2(
         p = torch.zeros(rank, dim, dtype=dtype, device=device)
         p[torch.arange(rank, device=device), chosen] = math.sqrt(dim / rank)
         return p
-    blocks = (numel + 3) // 4  # four words per counter
+    blocks = (rank * dim + 3) // 4  # four words per counter
     words = philox4x32(torch.arange(blocks, dtype=torch.int64, device=device), c1, c2, c3, k0, k1)
-    if distribution == "rademacher":  # the top bit of each word, entries in counter order
-        bits = words.T.reshape(-1)[:numel] >> 31
-        return (1 - 2 * bits).to(dtype).mul_(1.0 / math.sqrt(rank)).view(rank, dim)
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    normal = gaussian_from_words(words, numel, work).mul_(1.0 / math.sqrt(rank)).view(rank, dim)
-    if distribution == "orthonormal":
-        q, r = torch.linalg.qr(normal.T)  # (dim, rank), (rank, rank)
-        signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
-        normal = (q * signs).T.mul_(math.sqrt(dim / rank))
-    return normal.to(dtype)
+    return _from_words(words.unsqueeze(1), rank, dim, distribution, dtype)[0]
 
 
 def range_basis(
@@ -375,20 +445,24 @@ def _check_side(side: str) -> None:
 
 
 def down(x: Tensor, proj: Tensor, side: Side) -> Tensor:
-    """Compress ``x`` (m, n): ``P @ x`` -> (r, n) on the left, ``x @ P.T`` -> (m, r) on the right"""
+    """Compress ``x`` (m, n): ``P @ x`` -> (r, n) on the left, ``x @ P.T`` -> (m, r) on the right.
+
+    A stack of matrices ``(B, m, n)`` with a stack of projections ``(B, r, d)`` works the same,
+    matrix by matrix (a batched product)."""
     _check_side(side)
-    return proj @ x if side == "left" else x @ proj.T
+    return proj @ x if side == "left" else x @ proj.mT
 
 
 def up(c: Tensor, proj: Tensor, side: Side) -> Tensor:
-    """Decompress ``c``: ``P.T @ c`` -> (m, n) on the left, ``c @ P`` -> (m, n) on the right."""
+    """Decompress ``c``: ``P.T @ c`` -> (m, n) on the left, ``c @ P`` -> (m, n) on the right
+    (stacks as in :func:`down`)."""
     _check_side(side)
-    return proj.T @ c if side == "left" else c @ proj
+    return proj.mT @ c if side == "left" else c @ proj
 
 
 def transfer(c: Tensor, proj_old: Tensor, proj_new: Tensor, side: Side) -> Tensor:
     """Move a compressed state to a new basis: ``P' P.T c`` (left) or ``c P P'.T`` (right)."""
     _check_side(side)
     if side == "left":
-        return (proj_new @ proj_old.T) @ c
-    return c @ (proj_old @ proj_new.T)
+        return (proj_new @ proj_old.mT) @ c
+    return c @ (proj_old @ proj_new.mT)

@@ -44,6 +44,10 @@ def _model(dtype=torch.float32):
         torch.nn.Linear(24, 40),
         torch.nn.GELU(),
         torch.nn.Linear(40, 50),
+        # two matrices of one shape: Flora's multi-tensor step stacks them (foreach)
+        torch.nn.Tanh(),
+        torch.nn.Linear(50, 50),
+        torch.nn.Linear(50, 50),
     )
     return model.to(dtype)
 

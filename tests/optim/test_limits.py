@@ -22,6 +22,8 @@ def _model():
         torch.nn.Flatten(),
         torch.nn.Linear(8 * 6 * 6, 32),
         torch.nn.LayerNorm(32),
+        torch.nn.Linear(32, 32),  # two matrices of one shape: foreach would stack them
+        torch.nn.Linear(32, 32),
         torch.nn.Linear(32, 10),
     )
 

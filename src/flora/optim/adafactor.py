@@ -75,7 +75,7 @@ from flora.optim.base import (
 from flora.options import check_bool, check_real
 from flora.policy import Decision
 
-__all__ = ["Flora", "flora_adafactor_update_"]
+__all__ = ["Flora", "flora_adafactor_bucket_update_", "flora_adafactor_update_"]
 
 
 def flora_adafactor_update_(
@@ -138,6 +138,70 @@ def flora_adafactor_update_(
     update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_()
     update.mul_(grad)
     _apply_direction(param, update, state, alpha, d, beta1, projections, momentum_variant, None)
+
+
+def flora_adafactor_bucket_update_(
+    params: list[Tensor],  # B matrices (m, n), updated in place; float32/float64
+    grads: Tensor,  # (B, m, n): their gradients, stacked; overwritten
+    stacks: dict[str, Tensor],  # row_var (B, m, 1), col_var (B, 1, n), exp_avg (compressed)
+    proj: Tensor,  # (B, r, d): each matrix's projection of this step, in the state dtype
+    *,
+    step: int,  # the members' step count after this step (they all share it)
+    side: str,
+    lr: float,
+    beta1: float,
+    beta2_decay: float,
+    eps1: float,
+    eps2: float,
+    d: float,
+    weight_decay: float,
+    scale_parameter: bool = True,
+    relative_step: bool = True,
+) -> None:
+    r""":func:`flora_adafactor_update_` for a bucket of same-shaped matrices at the same step,
+    with batched ops on the stacks (``foreach=True``): one op per formula for the bucket,
+    and no host sync (the step sizes and clipping denominators stay tensors).
+
+    The momentum is the compressed subspace form, in a step that does not start a window;
+    the optimizer leaves other steps to the loop.
+    The same math as the loop, op for op, except that the scalars (:math:`\alpha_t`, the
+    clipping denominator) are float32 tensors instead of Python floats and the products are
+    batched: the results agree to a few ulp, not bit for bit.
+    """
+    count, m, n = grads.shape
+    one_minus_beta2_t = float(step) ** beta2_decay
+    rho_t = min(lr, 1 / (float(step) ** 0.5)) if relative_step else lr
+    root_numel = (m * n) ** 0.5
+    if scale_parameter:  # alpha_t = max(eps2, RMS(theta)) rho_t, one per matrix
+        alpha = torch.stack(torch._foreach_norm(params)).div_(root_numel)
+        alpha = alpha.clamp_(min=eps2).mul_(rho_t)
+    else:
+        alpha = grads.new_full((count,), rho_t)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+
+    row_var, col_var = stacks["row_var"], stacks["col_var"]
+    row_mean = torch.norm(grads, dim=-1, keepdim=True).square_().div_(n)
+    row_var.lerp_(row_mean, one_minus_beta2_t)
+    col_mean = torch.norm(grads, dim=-2, keepdim=True).square_().div_(m)
+    col_var.lerp_(col_mean, one_minus_beta2_t)
+    var_estimate = row_var * col_var  # the loop's (m, 1) @ (1, n): the same products
+    var_estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+    update = grads.mul_(var_estimate.clamp_(min=eps1 * eps1).rsqrt_())  # U, in place of G
+    del var_estimate
+
+    direction = compressed_ema_(
+        update,
+        stacks["exp_avg"],
+        beta=beta1,
+        proj=proj,
+        side=side,
+        variant="subspace",
+        overwrite=True,
+    )
+    denom = torch.linalg.vector_norm(direction, dim=(-2, -1)).div_(root_numel * d).clamp_(min=1)
+    scale = alpha.div_(denom).neg_().view(count, 1, 1)
+    torch._foreach_add_(params, direction.mul_(scale).unbind(0))
 
 
 def _apply_direction(
@@ -304,6 +368,16 @@ class Flora(FloraOptimizerBase):
             parameter); see :mod:`flora.rounding`. float32 parameters are not rounded.
         cache_projection: keep each parameter's current projection in memory instead of
             regenerating it every step (faster; memory in ``plan().projection_cache_bytes``).
+        foreach: the multi-tensor step for same-shaped compressed matrices (``None``,
+            default, or ``True``): a transformer's matrices of one shape are stepped as a
+            stack, with one batched op per formula for the bucket, seeded projections
+            generated together, and no host sync (:func:`flora_adafactor_bucket_update_`;
+            results within a few ulp of the loop's, not bit for bit). ``False``: the
+            per-parameter loop for every parameter, the reference. The loop always takes
+            uncompressed parameters (so that ``beta1=0`` stays torch's Adafactor bit for
+            bit), vectors, bf16/fp16 parameters, ``moment_dtype``, FSDP2 shards, the
+            ``"history"``/``"paper"`` variants, ``cache_projection`` and each window's
+            first step.
         maximize: maximize the objective instead of minimizing.
         check_replicas: under ``torch.distributed`` with several processes, check at the
             first ``step()`` that every process uses the same settings (a collective: every
@@ -345,6 +419,7 @@ class Flora(FloraOptimizerBase):
         nonfinite: str = "skip",
         rounding: str = "nearest",
         cache_projection: bool = False,
+        foreach: bool | None = None,
         maximize: bool = False,
         check_replicas: bool = True,
     ) -> None:
@@ -363,6 +438,8 @@ class Flora(FloraOptimizerBase):
         check_bool(f"{where}factor_second_moment", group["factor_second_moment"])
         check_bool(f"{where}scale_parameter", group["scale_parameter"])
         check_bool(f"{where}relative_step", group["relative_step"])
+        if group["foreach"] is not None:
+            check_bool(f"{where}foreach", group["foreach"])
 
     def _uses_momentum(self, group: dict[str, Any]) -> bool:
         return group["beta1"] > 0
@@ -377,6 +454,48 @@ class Flora(FloraOptimizerBase):
         if group["factor_second_moment"] and len(shape) >= 2:
             return {"row_var": (*shape[:-1], 1), "col_var": (*shape[:-2], 1, shape[-1])}
         return {"variance": shape}
+
+    _bucket_moments = ("row_var", "col_var", "exp_avg")
+
+    def _bucket_eligible(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
+        # compressed matrices only (the base checks): without compression the loop is
+        # torch's Adafactor bit for bit, which a batched step is not
+        return (
+            group["factor_second_moment"]
+            and "row_var" in state
+            and group["beta1"] != 0
+            and group["momentum_variant"] == "subspace"
+        )
+
+    def _update_bucket(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: Tensor,
+        stacks: dict[str, Tensor],
+        proj: Tensor,
+        *,
+        side: str,
+        step: int,
+    ) -> None:
+        eps1, eps2 = group["eps"]
+        flora_adafactor_bucket_update_(
+            params,
+            grads,
+            stacks,
+            proj,
+            step=step,
+            side=side,
+            lr=float(group["lr"]),
+            beta1=float(group["beta1"]),
+            beta2_decay=float(group["beta2_decay"]),
+            eps1=torch.finfo(grads.dtype).eps if eps1 is None else float(eps1),
+            eps2=float(eps2),
+            d=float(group["d"]),
+            weight_decay=float(group["weight_decay"]),
+            scale_parameter=bool(group["scale_parameter"]),
+            relative_step=bool(group["relative_step"]),
+        )
 
     def _update(
         self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]

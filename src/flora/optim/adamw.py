@@ -60,7 +60,7 @@ ours with ``distribution="gradient"`` a randomized range finder).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -77,7 +77,13 @@ from flora.options import check_bool, check_choice, check_real
 from flora.policy import Decision
 from flora.projection import ORTHONORMAL, down, up
 
-__all__ = ["PRECONDITIONERS", "FloraAdamW", "flora_adamw_update_", "subspace_adam_update_"]
+__all__ = [
+    "PRECONDITIONERS",
+    "FloraAdamW",
+    "flora_adamw_update_",
+    "subspace_adam_bucket_update_",
+    "subspace_adam_update_",
+]
 
 #: how FloraAdamW divides by the second moment: per coordinate of the exact gradient, or
 #: inside the projection's subspace (GaLore + Fira, see the module docstring)
@@ -184,7 +190,6 @@ def subspace_adam_update_(
     left = side == "left"
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     c = proj.shape[0] / proj.shape[1]
-    root = math.sqrt(c)
     if proj_next is not None:  # the moments move to the new basis: T = c P' P^T (left)
         t = (proj_next @ proj.T).mul_(c) if left else (proj @ proj_next.T).mul_(c)
         t2 = t * t
@@ -194,28 +199,84 @@ def subspace_adam_update_(
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
     g = grad.reshape(param.shape[0], math.prod(param.shape[1:]))
+    if shards is None:
+        norm = Tensor.norm
+    else:
+
+        def norm(residual: Tensor) -> Tensor:
+            total = residual.square().sum().reshape(1)
+            shards.sum_(total)
+            return total.sqrt_()[0]
+
+    direction = _subspace_adam_direction(
+        g, exp_avg, exp_avg_sq, state.get("residual_norm"), proj, side, step,
+        beta1=beta1, beta2=beta2, eps=eps, growth_limit=growth_limit, norm=norm,
+    )  # fmt: skip
+    param.add_(direction.view_as(param), alpha=-lr)
+
+
+def subspace_adam_bucket_update_(
+    params: list[Tensor],  # B matrices (m, n), updated in place; float32/float64
+    grads: Tensor,  # (B, m, n): their gradients, stacked
+    stacks: dict[str, Tensor],  # exp_avg, exp_avg_sq (B, compressed shape), residual_norm (B,)
+    proj: Tensor,  # (B, r, d): each matrix's orthonormal projection of this step
+    *,
+    step: int,  # the members' step count after this step (they all share it)
+    side: str,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    growth_limit: float | None,
+) -> None:
+    """:func:`subspace_adam_update_` for a bucket of same-shaped matrices at the same step,
+    in a step that does not start a window (``foreach``): the same formulas on the stacks,
+    batched, with no host sync; within a few ulp of the loop (batched products)."""
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    direction = _subspace_adam_direction(
+        grads, stacks["exp_avg"], stacks["exp_avg_sq"], stacks.get("residual_norm"), proj,
+        side, float(step), beta1=beta1, beta2=beta2, eps=eps, growth_limit=growth_limit,
+        norm=lambda residual: torch.linalg.vector_norm(residual, dim=(-2, -1)),
+    )  # fmt: skip
+    torch._foreach_add_(params, direction.unbind(0), alpha=-lr)
+
+
+def _subspace_adam_direction(
+    g: Tensor,  # (m, n), or a stack (B, m, n)
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    previous: Tensor | None,  # e_{t-1}: 0-D, or (B,) for a stack
+    proj: Tensor,
+    side: str,
+    step: float,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    growth_limit: float | None,
+    norm: Callable[[Tensor], Tensor],  # ||E|| per matrix
+) -> Tensor:
+    r"""The update direction :math:`\sqrt c\,P^\top N_t + E_t` of the module docstring
+    (the moments and the limiter's norm advanced in place)."""
+    root = math.sqrt(proj.shape[-2] / proj.shape[-1])
     low = down(g, proj, side).mul_(root)  # R
     exp_avg.lerp_(low, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
     denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
     normed = (exp_avg / (1 - beta1**step)).div_(denom)  # N
-    reduce = 0 if left else 1  # over the subspace coordinates: one factor per channel
+    reduce = -2 if side == "left" else -1  # over the subspace coordinates: one per channel
     phi = normed.norm(dim=reduce, keepdim=True).div_(low.norm(dim=reduce, keepdim=True).add_(eps))
     residual = torch.sub(g, up(low, proj, side), alpha=root).mul_(phi)  # E
     if growth_limit is not None:
-        previous = state["residual_norm"]
-        if shards is None:
-            norm = residual.norm()
-        else:
-            norm = residual.square().sum().reshape(1)
-            shards.sum_(norm)
-            norm = norm.sqrt_()[0]
-        ratio = norm / previous.clamp(min=torch.finfo(norm.dtype).tiny)
+        assert previous is not None
+        e = norm(residual)
+        ratio = e / previous.clamp(min=torch.finfo(e.dtype).tiny)
         factor = torch.where(previous > 0, ratio.clamp(min=growth_limit) / growth_limit, 1.0)
-        residual.div_(factor)
-        previous.copy_(norm / factor)
-    direction = residual.add_(up(normed, proj, side), alpha=root)
-    param.add_(direction.view_as(param), alpha=-lr)
+        residual.div_(factor.view(*factor.shape, 1, 1))
+        previous.copy_(e / factor)
+    return residual.add_(up(normed, proj, side), alpha=root)
 
 
 class FloraAdamW(FloraOptimizerBase):
@@ -224,7 +285,9 @@ class FloraAdamW(FloraOptimizerBase):
     See the module docstring for the math and deviations. The options ``rank``, ``kappa``,
     ``seed``, ``compress``, ``exclude``, ``side``, ``momentum_variant``, ``distribution``,
     ``basis_dtype``, ``moment_dtype``, ``nonfinite``, ``rounding``, ``cache_projection``,
-    ``maximize`` and ``check_replicas`` are those of :class:`flora.Flora`.
+    ``foreach``, ``maximize`` and ``check_replicas`` are those of :class:`flora.Flora`
+    (``foreach`` stacks the subspace preconditioner's compressed matrices of one shape,
+    :func:`subspace_adam_bucket_update_`, their seeded projections generated together).
 
     Args:
         params: parameters, ``model.named_parameters()`` or parameter groups; groups may
@@ -283,12 +346,15 @@ class FloraAdamW(FloraOptimizerBase):
         nonfinite: str = "skip",
         rounding: str = "nearest",
         cache_projection: bool = False,
+        foreach: bool | None = None,
         maximize: bool = False,
         check_replicas: bool = True,
     ) -> None:
         super().__init__(params, group_defaults(locals()), check_replicas=check_replicas)
 
     def _validate_hyperparameters(self, group: dict[str, Any], where: str) -> None:
+        if group["foreach"] is not None:
+            check_bool(f"{where}foreach", group["foreach"])
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"{where}betas must be a tuple (beta1, beta2), got {betas!r}")
@@ -312,6 +378,44 @@ class FloraAdamW(FloraOptimizerBase):
                         f"{where}preconditioner='subspace' (FloraAdamW's default) needs {what}; "
                         "pass preconditioner='elementwise' for the other forms"
                     )
+
+    _bucket_moments = ("exp_avg", "exp_avg_sq", "residual_norm")
+
+    def _bucket_eligible(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
+        # the subspace preconditioner's compressed matrices only: the elementwise form and
+        # uncompressed parameters stay in the loop (torch's AdamW bit for bit there)
+        return (
+            group["preconditioner"] == "subspace"
+            and "exp_avg_sq" in state
+            and group["betas"][0] != 0
+        )
+
+    def _update_bucket(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: Tensor,
+        stacks: dict[str, Tensor],
+        proj: Tensor,
+        *,
+        side: str,
+        step: int,
+    ) -> None:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        subspace_adam_bucket_update_(
+            params,
+            grads,
+            stacks,
+            proj,
+            step=step,
+            side=side,
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            growth_limit=group["growth_limit"],
+        )
 
     def _subspace(self, group: dict[str, Any], d: Decision) -> bool:
         """Whether ``preconditioner="subspace"`` applies to a parameter with policy ``d``: a

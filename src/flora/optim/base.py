@@ -1,5 +1,5 @@
-"""The thin ``torch.optim.Optimizer`` shell shared by :class:`~flora.Flora` and
-:class:`~flora.FloraAdamW`.
+"""The thin ``torch.optim.Optimizer`` shell shared by :class:`~flora.Flora`,
+:class:`~flora.FloraAdamW`, :class:`~flora.FloraSGD` and :class:`~flora.FloraLion`.
 
 It validates hyperparameters, names parameters, applies the compress-or-not policy
 (:mod:`flora.policy`), fetches projections (:mod:`flora.projection`), keeps non-finite
@@ -20,6 +20,16 @@ reduction per gradient and one host sync): ``nonfinite="skip"`` (default, GradSc
 convention) skips the whole step, so every parameter's step counter stays equal;
 ``"skip_parameter"`` skips only the offending parameters; ``"raise"`` raises
 ``FloatingPointError`` with no parameter updated.
+
+The multi-tensor step (``foreach``, where a subclass offers it: :class:`~flora.Flora` and
+:class:`~flora.FloraAdamW`) takes same-shaped compressed matrices in buckets — same group,
+state layout, dtype, device and step count, at most :data:`BUCKET_NUMEL` stacked entries, two
+or more matrices — and steps each bucket with batched ops on stacked state
+(:mod:`flora.optim.buckets`; ``state[p][key]`` are views of the stacks), seeded projections
+generated per bucket (:func:`flora.projection.projection_matrices`). What it does not take —
+uncompressed parameters, vectors, bf16/fp16 parameters, narrow moments, FSDP2 shards, cached
+or generator-v1 projections, the first step and the step that starts a window — goes
+through the per-parameter loop, the reference (``foreach=False`` takes everything there).
 
 ``load_state_dict`` follows ``torch.optim.Optimizer`` (its pre- and post-hooks run, in order),
 then matches the saved parameters by name when both sides have names (a reordered group is
@@ -60,6 +70,7 @@ except ImportError:  # pragma: no cover
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 from flora.momentum import VARIANTS
+from flora.optim.buckets import StackedStates
 from flora.options import (
     BASIS_DTYPES,
     MOMENT_DTYPES,
@@ -88,6 +99,7 @@ from flora.projection import (
     GENERATORS,
     GRADIENT,
     parameter_key,
+    projection_matrices,
     projection_matrix,
     range_basis,
 )
@@ -98,6 +110,8 @@ from flora.state_plan import Plan, PlanRow
 
 __all__ = ["FloraOptimizerBase", "ShardReduce", "group_defaults"]
 
+#: most entries the multi-tensor step stacks per bucket (its workspace: about two stacks)
+BUCKET_NUMEL = 2**22
 _SIDE_CODES = {"left": 0, "right": 1}
 _SIDE_NAMES = ("left", "right")
 #: the momentum's projections: the seeded families, or a gradient basis kept in the state
@@ -119,7 +133,7 @@ def _all_finite(grads: list[Tensor]) -> list[bool]:
     Only that rare case costs a second host sync.
     """
     device = grads[0].device
-    sums = torch.stack([g.sum().to(device=device, dtype=torch.float32) for g in grads])
+    sums = torch.stack([_as_float32(g.sum(), device) for g in grads])
     verdict = torch.isfinite(sums).tolist()
     suspects = [i for i, ok in enumerate(verdict) if not ok]
     if suspects:
@@ -127,6 +141,10 @@ def _all_finite(grads: list[Tensor]) -> list[bool]:
         for i, ok in zip(suspects, exact.tolist(), strict=True):
             verdict[i] = bool(ok)
     return verdict
+
+
+def _as_float32(t: Tensor, device: torch.device) -> Tensor:
+    return t if t.dtype == torch.float32 and t.device == device else t.to(device, torch.float32)
 
 
 def _is_sharded(p: Tensor) -> bool:
@@ -286,6 +304,7 @@ class FloraOptimizerBase(Optimizer):
         self._replicas_unchecked = check_replicas  # checked across processes at first step
         # ((group ids, parameter count), id(param) -> (group, name)) for step_parameter
         self._index: tuple[Any, dict[int, tuple[dict[str, Any], str]]] | None = None
+        self._stacked = StackedStates()  # the multi-tensor step's stacked states (buckets)
         #: whole steps skipped because of non-finite gradients (``nonfinite="skip"``), since
         #: construction (not part of ``state_dict``)
         self.skipped_steps = 0
@@ -372,6 +391,7 @@ class FloraOptimizerBase(Optimizer):
         self.__dict__.setdefault("_replicas_unchecked", False)
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("_index", None)
+        self.__dict__.setdefault("_stacked", StackedStates())
         for key in self.__dict__.get("_option_names", ()):  # options added in later versions
             for group in self.param_groups:
                 group.setdefault(key, self.defaults[key])
@@ -721,6 +741,7 @@ class FloraOptimizerBase(Optimizer):
             pre.remove()
             post.remove()
         self._projection_cache.clear()
+        self._stacked.clear()
 
     def _match_by_name(self, sd: dict[str, Any]) -> dict[str, Any]:
         """Reorder each saved group's parameters to this optimizer's order by their names."""
@@ -952,7 +973,9 @@ class FloraOptimizerBase(Optimizer):
             self._step_named([(entry[0], entry[1], param)])
 
     def _step_named(self, named: list[tuple[dict[str, Any], str, Tensor]]) -> None:
-        """The body of ``step()`` for the parameters in ``named`` (those with a gradient)."""
+        """The body of ``step()`` for the parameters in ``named`` (those with a gradient):
+        the multi-tensor step for the buckets the subclass's engine takes
+        (:meth:`_bucket_eligible`), the per-parameter loop for the rest."""
         for _, name, p in named:
             if p.grad.is_sparse:
                 raise RuntimeError(
@@ -977,34 +1000,194 @@ class FloraOptimizerBase(Optimizer):
             finite = self._agree(named, sharded, finite)
         if not all(finite) and self._skip_whole_step(named, finite):
             return
+        buckets, rest = self._buckets([e for e, ok in zip(named, finite, strict=True) if ok])
         for (group, name, p), ok, is_sharded, (local, local_grad) in zip(
             named, finite, sharded, locals_, strict=True
         ):
-            state = self.state[p]
-            if not ok:  # nonfinite="skip_parameter"
-                state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
+            if not ok or id(p) in rest:
+                self._step_one(group, name, p, ok, is_sharded, local, local_grad)
+        for kind, members in buckets:  # stacked one bucket at a time: a bounded workspace
+            self._step_bucket(kind, members, torch.stack([p.grad for _, _, p in members]))
+
+    def _buckets(
+        self, named: list[tuple[dict[str, Any], str, Tensor]]
+    ) -> tuple[list[tuple[tuple[Any, ...], list[tuple[dict[str, Any], str, Tensor]]]], set[int]]:
+        """Buckets ``(kind, members)`` for the multi-tensor step, and the ids of the
+        parameters left to the loop. Members share group, kind, shape, dtype, device and
+        step count; a bucket holds at most ``max(1, BUCKET_NUMEL // numel)`` matrices, and a
+        bucket of one is left to the loop."""
+        by_key: dict[tuple[Any, ...], list[tuple[dict[str, Any], str, Tensor]]] = {}
+        rest: set[int] = set()
+        for entry in named:
+            group, _, p = entry
+            kind = self._engine_kind(group, p)
+            if kind is None:
+                rest.add(id(p))
                 continue
-            grad = local_grad if not group["maximize"] else -local_grad
-            dtype = state_dtype(p)  # fp32 math for fp16/bf16 parameters, rounded once
-            work = local if local.dtype == dtype else local.to(dtype)
-            # under FSDP2 the update sees the local shards of its DTensor state
-            view = {k: _local(v) for k, v in state.items()} if is_sharded else state
-            self._current_param = p
-            self._shards = self._shard_reduce(p) if is_sharded else None
-            try:
-                moments = group["moment_dtype"] not in (None, dtype)  # stored narrower
-                math_view = _widened(view, dtype) if moments else view
-                self._update(
-                    work, grad if grad.dtype == dtype else grad.to(dtype), group, name, math_view
-                )
-                if moments:
-                    self._store_moments(group, name, view, math_view, is_sharded)
-                if work is not local:
-                    self._write_back(local, work, group, name, view)
-            finally:
-                self._current_param, self._shards = None, None
-            if is_sharded:
-                self._store_sharded_state(p, state, view)
+            key = (id(group), kind, tuple(p.shape), p.dtype, p.device, self.state[p]["step"])
+            by_key.setdefault(key, []).append(entry)
+        buckets = []
+        for key, members in by_key.items():
+            size = max(1, BUCKET_NUMEL // members[0][2].numel())
+            for i in range(0, len(members), size):
+                chunk = members[i : i + size]
+                if len(chunk) > 1:
+                    buckets.append((key[1], chunk))
+                else:  # a bucket of one gains nothing from stacking: the loop
+                    rest.add(id(chunk[0][2]))
+        return buckets, rest
+
+    def _engine_kind(self, group: dict[str, Any], p: Tensor) -> tuple[Any, ...] | None:
+        """The bucket kind of ``p`` this step, or None for the per-parameter loop: the
+        engine takes initialised, unsharded, non-empty float32/float64 matrices whose
+        moments are kept in their dtype (and what the subclass's :meth:`_bucket_kind`
+        takes, :meth:`_bucket_eligible`); ``foreach=False`` takes none."""
+        if group.get("foreach", False) is False or p.dim() != 2 or p.numel() == 0:
+            return None
+        if _is_sharded(p) or p.dtype != state_dtype(p) or p.grad.dtype != p.dtype:
+            return None
+        if group["moment_dtype"] not in (None, p.dtype) or p.grad.layout != torch.strided:
+            return None
+        state = self.state.get(p)
+        if not state or "side" not in state or not self._bucket_eligible(group, state):
+            return None
+        basis = self._bucket_basis(group, state)
+        if basis is None:
+            return None
+        return (_SIDE_NAMES[state["side"]], tuple(state["exp_avg"].shape), basis)
+
+    #: the state keys (besides a stored basis) a bucket keeps stacked
+    _bucket_moments: tuple[str, ...] = ()
+
+    def _bucket_eligible(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
+        """Subclass hook: whether the multi-tensor step takes this compressed matrix's
+        (initialised) state under ``group``'s options."""
+        return False
+
+    def _update_bucket(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: Tensor,
+        stacks: dict[str, Tensor],
+        proj: Tensor,
+        *,
+        side: str,
+        step: int,
+    ) -> None:
+        """Subclass hook: one step of a bucket; ``grads`` stacked ``(B, m, n)`` (overwritable),
+        ``proj`` the projections ``(B, r, d)`` in the state dtype, ``step`` after the step."""
+        raise NotImplementedError
+
+    def _bucket_basis(self, group: dict[str, Any], state: dict[str, Any]) -> Any:
+        """How the engine gets a compressed momentum's basis this step: its stored basis'
+        dtype (``distribution="gradient"``), ``"seeded"`` (generated per bucket), or None
+        when the loop must step it (a window starts: a new basis and the transfer; a cached
+        or generator-v1 projection)."""
+        if state["step"] + 1 - state["window_start"] >= group["kappa"]:
+            return None
+        if group["distribution"] == GRADIENT:
+            return state["projection"].dtype if "projection" in state else None
+        if group["cache_projection"] or state.get("generator", 1) != GENERATOR:
+            return None
+        return "seeded"
+
+    def _bucket_projections(
+        self,
+        group: dict[str, Any],
+        states: list[dict[str, Any]],
+        stacks: dict[str, Tensor],
+        like: Tensor,
+    ) -> Tensor:
+        """The bucket's projections ``(B, r, d)`` in ``like``'s dtype: the stored bases, or
+        the seeded ones generated together (:func:`flora.projection.projection_matrices`)."""
+        if "projection" in stacks:
+            basis = stacks["projection"]
+            return basis if basis.dtype == like.dtype else basis.to(like.dtype)
+        momentum = states[0]["exp_avg"]
+        left = states[0]["side"] == _SIDE_CODES["left"]
+        rank = momentum.shape[0] if left else momentum.shape[1]
+        dim = like.shape[-2] if left else like.shape[-1]
+        return projection_matrices(
+            rank,
+            dim,
+            seed=group["seed"],
+            keys=[st["key"] for st in states],
+            windows=[st["window"] for st in states],
+            stream=self.projection_stream,
+            distribution=group["distribution"],
+            device=like.device,
+            dtype=like.dtype,
+        )
+
+    def _update_bucket(
+        self,
+        kind: tuple[Any, ...],
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: Tensor,
+        states: list[dict[str, Any]],
+        stacks: dict[str, Tensor],
+    ) -> None:
+        """Subclass hook: one step of a bucket, ``grads`` stacked ``(B, m, n)`` (overwritable)."""
+        raise NotImplementedError
+
+    def _step_bucket(
+        self,
+        kind: tuple[Any, ...],
+        members: list[tuple[dict[str, Any], str, Tensor]],
+        grads: Tensor,
+    ) -> None:
+        group = members[0][0]
+        if group["maximize"]:
+            grads.neg_()
+        params = [p for _, _, p in members]
+        states = [self.state[p] for p in params]
+        stored = ("projection",) if kind[2] != "seeded" else ()
+        stacks = self._stacked.stacks(params, states, (*self._bucket_moments, *stored))
+        for state in states:
+            state["step"] += 1
+        proj = self._bucket_projections(group, states, stacks, grads)
+        self._update_bucket(
+            group, params, grads, stacks, proj, side=kind[0], step=states[0]["step"]
+        )
+
+    def _step_one(
+        self,
+        group: dict[str, Any],
+        name: str,
+        p: Tensor,
+        ok: bool,
+        is_sharded: bool,
+        local: Tensor,
+        local_grad: Tensor,
+    ) -> None:
+        """The per-parameter step (``foreach=False``, and what the engine does not take)."""
+        state = self.state[p]
+        if not ok:  # nonfinite="skip_parameter"
+            state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
+            return
+        grad = local_grad if not group["maximize"] else -local_grad
+        dtype = state_dtype(p)  # fp32 math for fp16/bf16 parameters, rounded once
+        work = local if local.dtype == dtype else local.to(dtype)
+        # under FSDP2 the update sees the local shards of its DTensor state
+        view = {k: _local(v) for k, v in state.items()} if is_sharded else state
+        self._current_param = p
+        self._shards = self._shard_reduce(p) if is_sharded else None
+        try:
+            moments = group["moment_dtype"] not in (None, dtype)  # stored narrower
+            math_view = _widened(view, dtype) if moments else view
+            self._update(
+                work, grad if grad.dtype == dtype else grad.to(dtype), group, name, math_view
+            )
+            if moments:
+                self._store_moments(group, name, view, math_view, is_sharded)
+            if work is not local:
+                self._write_back(local, work, group, name, view)
+        finally:
+            self._current_param, self._shards = None, None
+        if is_sharded:
+            self._store_sharded_state(p, state, view)
 
     def _store_moments(
         self,

@@ -62,9 +62,9 @@ def gpt2_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     return [*shapes, ("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
 
 
-SHAPES = gpt2_shapes(args.layers) if args.shapes == "gpt2" else [
-    (f"w{i}", (64, 64)) for i in range(96)
-]
+SHAPES = (
+    gpt2_shapes(args.layers) if args.shapes == "gpt2" else [(f"w{i}", (64, 64)) for i in range(96)]
+)
 gen = torch.Generator().manual_seed(0)
 INIT = [torch.randn(s, generator=gen) * 0.02 for _, s in SHAPES]
 GRADS = [torch.randn(s, generator=gen) * 1e-3 for _, s in SHAPES]
@@ -183,8 +183,7 @@ n_params = sum(t.numel() for t in INIT)
 command = "python " + " ".join(sys.argv)
 lines = [
     (
-        f"# Optimizer step: GPT-2-small shapes ({args.layers} layers, {n_params / 1e6:.1f}M "
-        "params)"
+        f"# Optimizer step: GPT-2-small shapes ({args.layers} layers, {n_params / 1e6:.1f}M params)"
         if args.shapes == "gpt2"
         else f"# Optimizer step: {len(SHAPES)} matrices of 64x64 ({n_params / 1e6:.2f}M params)"
     ),

@@ -42,7 +42,11 @@ def _run(foreach, steps=14, dtype=torch.float32, groups=None, params=None, cls=N
     spec = groups(params) if groups else params
     cls = cls or flora.Flora
     opt = cls(spec, **{"rank": 4, "kappa": 5, "lr": 0.05, **kw, "foreach": foreach})
-    for t in range(steps):
+    return _steps(opt, params, 0, steps)
+
+
+def _steps(opt, params, start, stop):
+    for t in range(start, stop):
         _grads(params, t)
         opt.step()
     return params, opt
@@ -271,3 +275,27 @@ def test_deepcopy_steps_alike():
         clone.step()
     for (_, p), q in zip(params, twins, strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls", [flora.Flora, flora.FloraAdamW], ids=lambda c: c.__name__)
+def test_compiled_bucket_step_is_one_graph_across_steps_and_windows(cls):
+    """``compiled=True``: the bucket function is compiled with ``fullgraph=True`` once; the
+    step count and lr are tensors, so 8 steps over three windows (kappa=3, the boundary
+    steps in the loop) and a changed lr add no graph."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    shapes = [(24, 40)] * 3
+    lr = 1e-2 if cls is flora.FloraAdamW else 0.05
+    kw = dict(params=_params(shapes=shapes), cls=cls, kappa=3, lr=lr)
+    a, compiled = _run(True, steps=6, compiled=True, **kw)
+    kw["params"] = _params(shapes=shapes)
+    b, eager = _run(True, steps=6, **kw)
+    for opt, params in ((compiled, a), (eager, b)):
+        for group in opt.param_groups:
+            group["lr"] = lr / 2  # an LR scheduler's change
+        _steps(opt, params, 6, 8)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    _assert_close(a, b, torch.float32)
+    torch._dynamo.reset()

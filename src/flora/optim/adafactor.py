@@ -146,9 +146,9 @@ def flora_adafactor_bucket_update_(
     stacks: dict[str, Tensor],  # row_var (B, m, 1), col_var (B, 1, n), exp_avg (compressed)
     proj: Tensor,  # (B, r, d): each matrix's projection of this step, in the state dtype
     *,
-    step: int,  # the members' step count after this step (they all share it)
+    step: int | Tensor,  # the members' step count after this step (they all share it)
     side: str,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2_decay: float,
     eps1: float,
@@ -169,14 +169,18 @@ def flora_adafactor_bucket_update_(
     batched: the results agree to a few ulp, not bit for bit.
     """
     count, m, n = grads.shape
-    one_minus_beta2_t = float(step) ** beta2_decay
-    rho_t = min(lr, 1 / (float(step) ** 0.5)) if relative_step else lr
+    if isinstance(step, Tensor):  # 0-D tensors (compiled: one graph for every step)
+        one_minus_beta2_t: float | Tensor = step.pow(beta2_decay)
+        rho_t: float | Tensor = torch.clamp(step.rsqrt(), max=lr) if relative_step else lr
+    else:
+        one_minus_beta2_t = float(step) ** beta2_decay
+        rho_t = min(lr, 1 / (float(step) ** 0.5)) if relative_step else lr  # type: ignore[type-var]
     root_numel = (m * n) ** 0.5
     if scale_parameter:  # alpha_t = max(eps2, RMS(theta)) rho_t, one per matrix
         alpha = torch.stack(torch._foreach_norm(params)).div_(root_numel)
         alpha = alpha.clamp_(min=eps2).mul_(rho_t)
     else:
-        alpha = grads.new_full((count,), rho_t)
+        alpha = grads.new_ones(count).mul_(rho_t)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
 
@@ -379,6 +383,11 @@ class Flora(FloraOptimizerBase):
             ``"history"``/``"paper"`` variants, ``cache_projection`` and each window's
             first step.
         maximize: maximize the objective instead of minimizing.
+        compiled: run the multi-tensor step's bucket function ``torch.compile``-d with
+            ``fullgraph=True`` (step count and ``lr`` passed as 0-D tensors, so one graph
+            serves every step: the first step of each bucket layout compiles, later steps
+            and window boundaries do not recompile). Default ``False``. What the loop steps
+            is not compiled.
         check_replicas: under ``torch.distributed`` with several processes, check at the
             first ``step()`` that every process uses the same settings (a collective: every
             process must call ``step()``). Default ``True``.
@@ -422,8 +431,11 @@ class Flora(FloraOptimizerBase):
         foreach: bool | None = None,
         maximize: bool = False,
         check_replicas: bool = True,
+        compiled: bool = False,
     ) -> None:
-        super().__init__(params, group_defaults(locals()), check_replicas=check_replicas)
+        super().__init__(
+            params, group_defaults(locals()), check_replicas=check_replicas, compiled=compiled
+        )
 
     def _validate_hyperparameters(self, group: dict[str, Any], where: str) -> None:
         check_real(f"{where}beta1", group["beta1"], 0.0, 1.0, high_open=True)
@@ -476,17 +488,18 @@ class Flora(FloraOptimizerBase):
         proj: Tensor,
         *,
         side: str,
-        step: int,
+        step: int | Tensor,
     ) -> None:
         eps1, eps2 = group["eps"]
-        flora_adafactor_bucket_update_(
+        lr = float(group["lr"])
+        self._bucket_function(flora_adafactor_bucket_update_)(
             params,
             grads,
             stacks,
             proj,
             step=step,
             side=side,
-            lr=float(group["lr"]),
+            lr=lr if not self.compiled else torch.tensor(lr, device=grads.device),
             beta1=float(group["beta1"]),
             beta2_decay=float(group["beta2_decay"]),
             eps1=torch.finfo(grads.dtype).eps if eps1 is None else float(eps1),

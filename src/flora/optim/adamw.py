@@ -221,9 +221,9 @@ def subspace_adam_bucket_update_(
     stacks: dict[str, Tensor],  # exp_avg, exp_avg_sq (B, compressed shape), residual_norm (B,)
     proj: Tensor,  # (B, r, d): each matrix's orthonormal projection of this step
     *,
-    step: int,  # the members' step count after this step (they all share it)
+    step: int | Tensor,  # the members' step count after this step (they all share it)
     side: str,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -237,10 +237,14 @@ def subspace_adam_bucket_update_(
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     direction = _subspace_adam_direction(
         grads, stacks["exp_avg"], stacks["exp_avg_sq"], stacks.get("residual_norm"), proj,
-        side, float(step), beta1=beta1, beta2=beta2, eps=eps, growth_limit=growth_limit,
+        side, step if isinstance(step, Tensor) else float(step), beta1=beta1, beta2=beta2,
+        eps=eps, growth_limit=growth_limit,
         norm=lambda residual: torch.linalg.vector_norm(residual, dim=(-2, -1)),
     )  # fmt: skip
-    torch._foreach_add_(params, direction.unbind(0), alpha=-lr)
+    if isinstance(lr, Tensor):  # compiled: lr as a 0-D tensor
+        torch._foreach_add_(params, direction.mul_(-lr).unbind(0))
+    else:
+        torch._foreach_add_(params, direction.unbind(0), alpha=-lr)
 
 
 def _subspace_adam_direction(
@@ -250,7 +254,7 @@ def _subspace_adam_direction(
     previous: Tensor | None,  # e_{t-1}: 0-D, or (B,) for a stack
     proj: Tensor,
     side: str,
-    step: float,
+    step: float | Tensor,
     *,
     beta1: float,
     beta2: float,
@@ -285,7 +289,8 @@ class FloraAdamW(FloraOptimizerBase):
     See the module docstring for the math and deviations. The options ``rank``, ``kappa``,
     ``seed``, ``compress``, ``exclude``, ``side``, ``momentum_variant``, ``distribution``,
     ``basis_dtype``, ``moment_dtype``, ``nonfinite``, ``rounding``, ``cache_projection``,
-    ``foreach``, ``maximize`` and ``check_replicas`` are those of :class:`flora.Flora`
+    ``foreach``, ``maximize``, ``check_replicas`` and ``compiled`` are those of
+    :class:`flora.Flora`
     (``foreach`` stacks the subspace preconditioner's compressed matrices of one shape,
     :func:`subspace_adam_bucket_update_`, their seeded projections generated together).
 
@@ -349,8 +354,11 @@ class FloraAdamW(FloraOptimizerBase):
         foreach: bool | None = None,
         maximize: bool = False,
         check_replicas: bool = True,
+        compiled: bool = False,
     ) -> None:
-        super().__init__(params, group_defaults(locals()), check_replicas=check_replicas)
+        super().__init__(
+            params, group_defaults(locals()), check_replicas=check_replicas, compiled=compiled
+        )
 
     def _validate_hyperparameters(self, group: dict[str, Any], where: str) -> None:
         if group["foreach"] is not None:
@@ -399,17 +407,18 @@ class FloraAdamW(FloraOptimizerBase):
         proj: Tensor,
         *,
         side: str,
-        step: int,
+        step: int | Tensor,
     ) -> None:
         beta1, beta2 = (float(b) for b in group["betas"])
-        subspace_adam_bucket_update_(
+        lr = float(group["lr"])
+        self._bucket_function(subspace_adam_bucket_update_)(
             params,
             grads,
             stacks,
             proj,
             step=step,
             side=side,
-            lr=float(group["lr"]),
+            lr=lr if not self.compiled else torch.tensor(lr, device=grads.device),
             beta1=beta1,
             beta2=beta2,
             eps=float(group["eps"]),

@@ -194,8 +194,8 @@ def _as_dtensor(local: Tensor, p: Tensor, row_sharded: bool) -> Tensor:
 
 def group_defaults(arguments: dict[str, Any]) -> dict[str, Any]:
     """A constructor's arguments (its ``locals()`` on entry) as param-group defaults: every
-    one but ``self``, ``params`` and ``check_replicas``, in signature order."""
-    skip = ("self", "params", "check_replicas", "__class__")
+    one but ``self``, ``params``, ``check_replicas`` and ``compiled``, in signature order."""
+    skip = ("self", "params", "check_replicas", "compiled", "__class__")
     return {k: v for k, v in arguments.items() if k not in skip}
 
 
@@ -292,9 +292,18 @@ class FloraOptimizerBase(Optimizer):
     projection_stream = "momentum"
 
     def __init__(
-        self, params: Iterable[Any], defaults: dict[str, Any], *, check_replicas: bool = True
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        check_replicas: bool = True,
+        compiled: bool = False,
     ) -> None:
         check_bool("check_replicas", check_replicas)
+        check_bool("compiled", compiled)
+        #: whether the multi-tensor step's bucket functions run ``torch.compile``-d
+        self.compiled = compiled
+        self._compiled_fns: dict[Callable[..., None], Callable[..., None]] = {}
         self._validate_group(defaults, "")
         # stable parameter key -> ((seed, key, window, rank, dim), projection)
         self._projection_cache: dict[int, tuple[tuple[int, ...], Tensor]] = {}
@@ -392,6 +401,8 @@ class FloraOptimizerBase(Optimizer):
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("_index", None)
         self.__dict__.setdefault("_stacked", StackedStates())
+        self.__dict__.setdefault("compiled", False)
+        self.__dict__.setdefault("_compiled_fns", {})
         for key in self.__dict__.get("_option_names", ()):  # options added in later versions
             for group in self.param_groups:
                 group.setdefault(key, self.defaults[key])
@@ -1073,10 +1084,12 @@ class FloraOptimizerBase(Optimizer):
         proj: Tensor,
         *,
         side: str,
-        step: int,
+        step: int | Tensor,
     ) -> None:
         """Subclass hook: one step of a bucket; ``grads`` stacked ``(B, m, n)`` (overwritable),
-        ``proj`` the projections ``(B, r, d)`` in the state dtype, ``step`` after the step."""
+        ``proj`` the projections ``(B, r, d)`` in the state dtype, ``step`` after the step
+        (a 0-D tensor with ``compiled=True``); call the bucket function through
+        :meth:`_bucket_function`."""
         raise NotImplementedError
 
     def _bucket_basis(self, group: dict[str, Any], state: dict[str, Any]) -> Any:
@@ -1148,9 +1161,19 @@ class FloraOptimizerBase(Optimizer):
         for state in states:
             state["step"] += 1
         proj = self._bucket_projections(group, states, stacks, grads)
-        self._update_bucket(
-            group, params, grads, stacks, proj, side=kind[0], step=states[0]["step"]
-        )
+        step: int | Tensor = states[0]["step"]
+        if self.compiled:  # the step as a tensor: one graph for every step
+            step = torch.tensor(float(step), dtype=grads.dtype, device=grads.device)
+        self._update_bucket(group, params, grads, stacks, proj, side=kind[0], step=step)
+
+    def _bucket_function(self, fn: Callable[..., None]) -> Callable[..., None]:
+        """``fn`` itself, or with ``compiled=True`` ``torch.compile(fn, fullgraph=True)``
+        (made once per optimizer; dynamo then compiles one graph per bucket layout)."""
+        if not self.compiled:
+            return fn
+        if fn not in self._compiled_fns:
+            self._compiled_fns[fn] = torch.compile(fn, fullgraph=True)
+        return self._compiled_fns[fn]
 
     def _step_one(
         self,

@@ -1051,8 +1051,8 @@ class FloraOptimizerBase(Optimizer):
     def _engine_kind(self, group: dict[str, Any], p: Tensor) -> tuple[Any, ...] | None:
         """The bucket kind of ``p`` this step, or None for the per-parameter loop: the
         engine takes initialised, unsharded, non-empty float32/float64 matrices whose
-        moments are kept in their dtype (and what the subclass's :meth:`_bucket_kind`
-        takes, :meth:`_bucket_eligible`); ``foreach=False`` takes none."""
+        moments are kept in their dtype, compressed, in a step that starts no window, and
+        that the subclass's :meth:`_bucket_eligible` takes; ``foreach=False`` takes none."""
         if group.get("foreach", False) is False or p.dim() != 2 or p.numel() == 0:
             return None
         if _is_sharded(p) or p.dtype != state_dtype(p) or p.grad.dtype != p.dtype:
@@ -1132,18 +1132,6 @@ class FloraOptimizerBase(Optimizer):
             device=like.device,
             dtype=like.dtype,
         )
-
-    def _update_bucket(
-        self,
-        kind: tuple[Any, ...],
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: Tensor,
-        states: list[dict[str, Any]],
-        stacks: dict[str, Tensor],
-    ) -> None:
-        """Subclass hook: one step of a bucket, ``grads`` stacked ``(B, m, n)`` (overwritable)."""
-        raise NotImplementedError
 
     def _step_bucket(
         self,

@@ -332,6 +332,54 @@ def fsdp2_train(rank: int, world: int, tmpdir: str, steps: int) -> None:
     _done(rank, tmpdir)
 
 
+#: bf16 weights without float32 masters, each update rounded by these (flora.rounding)
+ROUNDED_KINDS = ("adamw_stochastic", "adamw_compensated", "sgd_stochastic")
+
+
+def _rounded_optimizer(kind: str, named_params):
+    """Elementwise updates (compression off): a row shard's float32 update equals the
+    same rows of one device's, so bf16 results are equal bit for bit iff the rounding
+    draws its bits (stochastic) or keeps its compensation (Kahan) by global position."""
+    from flora import FloraAdamW, FloraSGD
+
+    rounding = kind.split("_")[1]
+    if kind.startswith("sgd"):
+        return FloraSGD(named_params, lr=0.5, momentum=0.9, compress=False, rounding=rounding)
+    return FloraAdamW(named_params, lr=1e-2, compress=False, rounding=rounding)
+
+
+def fsdp2_bf16_rounding(rank: int, world: int, tmpdir: str, steps: int, sharded: bool) -> None:
+    """bf16 model and optimizers of ``ROUNDED_KINDS``; every rank trains on the whole batch
+    of each step, so FSDP2's averaged gradients are exactly one device's (x + x)/2 = x.
+    ``sharded=False`` (world 1): no fully_shard at all. Rank 0 saves the full parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    _init(rank, world, tmpdir)
+    try:
+        batches = make_batches(steps)
+        for kind in ROUNDED_KINDS:
+            model = make_model(dtype=torch.bfloat16)
+            if sharded:
+                for layer in (model.emb, model.conv, model.fc, model.head):
+                    fully_shard(layer)
+                fully_shard(model)
+            opt = _rounded_optimizer(kind, model.named_parameters())
+            for step in range(steps):
+                loss_of(model, batches[step]).backward()
+                opt.step()
+                opt.zero_grad()
+            full = {
+                n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                for n, p in model.named_parameters()
+            }
+            if rank == 0:
+                torch.save(full, Path(tmpdir) / f"rounded_{kind}_world{world}_{sharded}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    _done(rank, tmpdir)
+
+
 def fsdp2_dcp(
     rank: int, world: int, tmpdir: str, phase: str, kind: str, side: str = "auto"
 ) -> None:

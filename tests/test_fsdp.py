@@ -9,6 +9,8 @@ from accumulation_models import loss_of, make_batches, make_model
 from distributed_workers import (
     DATA_WORLD,
     FSDP_OPTIMIZERS,
+    ROUNDED_KINDS,
+    fsdp2_bf16_rounding,
     fsdp2_dcp,
     fsdp2_train,
     global_batch,
@@ -90,3 +92,19 @@ def test_dcp_reshards_fsdp2_state_between_world_sizes(tmp_path, kind):
             torch.testing.assert_close(
                 run["load", world]["params"][name], p.detach(), rtol=1e-10, atol=1e-12
             )
+
+
+def test_bf16_weights_rounded_under_fsdp2_equal_one_device(tmp_path):
+    """Stochastic rounding draws each entry's bits by its global position (and Kahan keeps
+    each row's compensation on its rank): sharded bf16 training equals one device's bit for
+    bit. Drawing by local position would give rank 1's rows rank 0's bits."""
+    run_workers(fsdp2_bf16_rounding, 1, str(tmp_path), 4, False)
+    run_workers(fsdp2_bf16_rounding, 2, str(tmp_path), 4, True)
+    for kind in ROUNDED_KINDS:
+        alone = torch.load(tmp_path / f"rounded_{kind}_world1_False.pt", weights_only=True)
+        shards = torch.load(tmp_path / f"rounded_{kind}_world2_True.pt", weights_only=True)
+        initial = dict(make_model(dtype=torch.bfloat16).named_parameters())
+        for name, p in alone.items():
+            assert p.dtype == torch.bfloat16
+            assert not torch.equal(p, initial[name]), f"{kind} {name}: not trained"
+            assert torch.equal(shards[name], p), f"{kind} {name}"

@@ -75,6 +75,11 @@ OPTIONS = [
     {**ADAMW, "distribution": "gradient"},
     {**ADAMW, "growth_limit": None, "weight_decay": 0.0},
     {**ADAMW, "side": "left", "distribution": "coordinates"},
+    dict(cls=flora.FloraSGD, lr=0.1, weight_decay=0.01),
+    dict(cls=flora.FloraSGD, lr=0.1, nesterov=True, distribution="orthonormal"),
+    dict(cls=flora.FloraSGD, lr=0.1, dampening=0.5, side="left"),
+    dict(cls=flora.FloraLion, lr=1e-3, weight_decay=0.1),
+    dict(cls=flora.FloraLion, lr=1e-3, distribution="orthonormal", side="left"),
 ]
 
 
@@ -97,6 +102,8 @@ LOOP_ONLY = [
     dict(distribution="orthonormal", cache_projection=True),
     {**ADAMW, "compress": False},
     {**ADAMW, "preconditioner": "elementwise"},
+    dict(cls=flora.FloraSGD, lr=0.1, compress=False),
+    dict(cls=flora.FloraLion, lr=1e-3, compress=False),
 ]
 
 

@@ -450,8 +450,6 @@ class Flora(FloraOptimizerBase):
         check_bool(f"{where}factor_second_moment", group["factor_second_moment"])
         check_bool(f"{where}scale_parameter", group["scale_parameter"])
         check_bool(f"{where}relative_step", group["relative_step"])
-        if group["foreach"] is not None:
-            check_bool(f"{where}foreach", group["foreach"])
 
     def _uses_momentum(self, group: dict[str, Any]) -> bool:
         return group["beta1"] > 0

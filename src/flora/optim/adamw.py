@@ -361,8 +361,6 @@ class FloraAdamW(FloraOptimizerBase):
         )
 
     def _validate_hyperparameters(self, group: dict[str, Any], where: str) -> None:
-        if group["foreach"] is not None:
-            check_bool(f"{where}foreach", group["foreach"])
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"{where}betas must be a tuple (beta1, beta2), got {betas!r}")

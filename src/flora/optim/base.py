@@ -332,6 +332,8 @@ class FloraOptimizerBase(Optimizer):
             check_int(f"{where}{key}", group[key], low)
         for flag in ("compress", "maximize", "cache_projection"):
             check_bool(f"{where}{flag}", group[flag])
+        if group.get("foreach") is not None:
+            check_bool(f"{where}foreach", group["foreach"])
         choices = (
             ("side", SIDE_CHOICES),
             ("momentum_variant", VARIANTS),

@@ -49,7 +49,7 @@ from flora.options import check_real
 from flora.policy import Decision
 from flora.projection import down
 
-__all__ = ["FloraLion", "flora_lion_update_"]
+__all__ = ["FloraLion", "flora_lion_bucket_update_", "flora_lion_update_"]
 
 
 def flora_lion_update_(
@@ -81,11 +81,37 @@ def flora_lion_update_(
         subspace_transfer_(exp_avg, proj, proj_next, side)
         proj = proj_next
     g = grad.reshape(param.shape[0], math.prod(param.shape[1:]))
+    direction = _subspace_sign(g, exp_avg, proj, side, beta1=beta1, beta2=beta2)
+    param.add_(direction.view_as(param), alpha=-lr)
+
+
+def flora_lion_bucket_update_(
+    params: list[Tensor],  # B matrices (m, n), updated in place; float32/float64
+    grads: Tensor,  # (B, m, n): their gradients, stacked; overwritten
+    stacks: dict[str, Tensor],  # exp_avg (B, compressed shape)
+    proj: Tensor,  # (B, r, d): each matrix's basis of this step
+    *,
+    side: str,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    """:func:`flora_lion_update_` for a bucket of compressed same-shaped matrices in a step
+    that starts no window (``foreach``): the same formulas batched."""
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    direction = _subspace_sign(grads, stacks["exp_avg"], proj, side, beta1=beta1, beta2=beta2)
+    torch._foreach_add_(params, direction.unbind(0), alpha=-lr)
+
+
+def _subspace_sign(
+    g: Tensor, exp_avg: Tensor, proj: Tensor, side: str, *, beta1: float, beta2: float
+) -> Tensor:
     fresh = down(g, proj, side)
     inside = exp_avg.mul(beta1).add_(fresh, alpha=1 - beta1)
     exp_avg.mul_(beta2).add_(fresh, alpha=1 - beta2)
-    direction = subspace_direction(g, inside, fresh, proj, side).sign_()
-    param.add_(direction.view_as(param), alpha=-lr)
+    return subspace_direction(g, inside, fresh, proj, side).sign_()
 
 
 class FloraLion(FloraOptimizerBase):
@@ -94,9 +120,10 @@ class FloraLion(FloraOptimizerBase):
     See the module docstring for the math. The options ``rank``, ``kappa``, ``seed``,
     ``compress``, ``exclude``, ``side``, ``momentum_variant``, ``distribution``,
     ``basis_dtype``, ``moment_dtype``, ``nonfinite``, ``rounding``,
-    ``cache_projection``, ``maximize`` and ``check_replicas`` are those of
-    :class:`flora.Flora`; ``momentum_variant`` takes ``"subspace"`` only (the
-    split this optimizer is defined by; the other forms raise ValueError).
+    ``cache_projection``, ``foreach``, ``maximize`` and ``check_replicas`` are those of
+    :class:`flora.Flora` (``foreach``: :func:`flora_lion_bucket_update_`);
+    ``momentum_variant`` takes ``"subspace"`` only (the split this optimizer is defined by;
+    the other forms raise ValueError).
 
     Args:
         params: parameters, ``model.named_parameters()`` or parameter groups; groups may
@@ -136,6 +163,7 @@ class FloraLion(FloraOptimizerBase):
         nonfinite: str = "skip",
         rounding: str = "nearest",
         cache_projection: bool = False,
+        foreach: bool | None = None,
         maximize: bool = False,
         check_replicas: bool = True,
     ) -> None:
@@ -163,6 +191,35 @@ class FloraLion(FloraOptimizerBase):
         self, group: dict[str, Any], d: Decision
     ) -> dict[str, tuple[int, ...]]:
         return {}
+
+    _bucket_moments = ("exp_avg",)
+
+    def _bucket_eligible(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
+        return group["betas"][0] > 0 and "exp_avg" in state  # compressed (the base checks)
+
+    def _update_bucket(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: Tensor,
+        stacks: dict[str, Tensor],
+        proj: Tensor,
+        *,
+        side: str,
+        step: int | Tensor,
+    ) -> None:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        self._bucket_function(flora_lion_bucket_update_)(
+            params,
+            grads,
+            stacks,
+            proj,
+            side=side,
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=float(group["weight_decay"]),
+        )
 
     def _update(
         self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]

@@ -48,7 +48,7 @@ from flora.options import check_bool, check_real
 from flora.policy import Decision
 from flora.projection import down
 
-__all__ = ["FloraSGD", "flora_sgd_update_"]
+__all__ = ["FloraSGD", "flora_sgd_bucket_update_", "flora_sgd_update_"]
 
 
 def flora_sgd_update_(
@@ -84,17 +84,57 @@ def flora_sgd_update_(
         subspace_transfer_(buf, proj, proj_next, side)
         proj = proj_next
     g = grad.reshape(param.shape[0], math.prod(param.shape[1:]))
+    direction = _subspace_direction(
+        g, buf, proj, side, first=state["step"] == 1, momentum=momentum, dampening=dampening,
+        nesterov=nesterov,
+    )  # fmt: skip
+    param.add_(direction.view_as(param), alpha=-lr)
+
+
+def flora_sgd_bucket_update_(
+    params: list[Tensor],  # B matrices (m, n), updated in place; float32/float64
+    grads: Tensor,  # (B, m, n): their gradients, stacked; overwritten
+    stacks: dict[str, Tensor],  # exp_avg (B, compressed shape)
+    proj: Tensor,  # (B, r, d): each matrix's basis of this step
+    *,
+    side: str,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+) -> None:
+    """:func:`flora_sgd_update_` for a bucket of compressed same-shaped matrices past their
+    first step, in a step that starts no window (``foreach``): the same formulas batched."""
+    if weight_decay != 0:
+        grads.add_(torch.stack(params), alpha=weight_decay)
+    direction = _subspace_direction(
+        grads, stacks["exp_avg"], proj, side, first=False, momentum=momentum,
+        dampening=dampening, nesterov=nesterov,
+    )  # fmt: skip
+    torch._foreach_add_(params, direction.unbind(0), alpha=-lr)
+
+
+def _subspace_direction(
+    g: Tensor,  # (m, n), or a stack (B, m, n)
+    buf: Tensor,
+    proj: Tensor,
+    side: str,
+    *,
+    first: bool,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+) -> Tensor:
     fresh = down(g, proj, side)
-    if state["step"] == 1:
+    if first:
         buf.copy_(fresh)
     else:
         buf.mul_(momentum).add_(fresh, alpha=1 - dampening)
     if nesterov:  # g + mu * b = (1 + mu)(I - Pi) g + c up(down(g) + mu M)
         inside = fresh.add(buf, alpha=momentum)
-        direction = subspace_direction(g, inside, fresh, proj, side, outside=1 + momentum)
-    else:
-        direction = subspace_direction(g, buf, fresh, proj, side)
-    param.add_(direction.view_as(param), alpha=-lr)
+        return subspace_direction(g, inside, fresh, proj, side, outside=1 + momentum)
+    return subspace_direction(g, buf, fresh, proj, side)
 
 
 class FloraSGD(FloraOptimizerBase):
@@ -103,9 +143,10 @@ class FloraSGD(FloraOptimizerBase):
     See the module docstring for the math. The options ``rank``, ``kappa``, ``seed``,
     ``compress``, ``exclude``, ``side``, ``momentum_variant``, ``distribution``,
     ``basis_dtype``, ``moment_dtype``, ``nonfinite``, ``rounding``,
-    ``cache_projection``, ``maximize`` and ``check_replicas`` are those of
-    :class:`flora.Flora`; ``momentum_variant`` takes ``"subspace"`` only (the
-    split this optimizer is defined by; the other forms raise ValueError).
+    ``cache_projection``, ``foreach``, ``maximize`` and ``check_replicas`` are those of
+    :class:`flora.Flora` (``foreach``: :func:`flora_sgd_bucket_update_`);
+    ``momentum_variant`` takes ``"subspace"`` only (the split this optimizer is defined by;
+    the other forms raise ValueError).
 
     Args:
         params: parameters, ``model.named_parameters()`` or parameter groups; groups may
@@ -149,6 +190,7 @@ class FloraSGD(FloraOptimizerBase):
         nonfinite: str = "skip",
         rounding: str = "nearest",
         cache_projection: bool = False,
+        foreach: bool | None = None,
         maximize: bool = False,
         check_replicas: bool = True,
     ) -> None:
@@ -176,6 +218,35 @@ class FloraSGD(FloraOptimizerBase):
         self, group: dict[str, Any], d: Decision
     ) -> dict[str, tuple[int, ...]]:
         return {}
+
+    _bucket_moments = ("exp_avg",)
+
+    def _bucket_eligible(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
+        return group["momentum"] > 0 and "exp_avg" in state  # compressed (the base checks)
+
+    def _update_bucket(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: Tensor,
+        stacks: dict[str, Tensor],
+        proj: Tensor,
+        *,
+        side: str,
+        step: int | Tensor,
+    ) -> None:
+        self._bucket_function(flora_sgd_bucket_update_)(
+            params,
+            grads,
+            stacks,
+            proj,
+            side=side,
+            lr=float(group["lr"]),
+            momentum=float(group["momentum"]),
+            dampening=float(group["dampening"]),
+            nesterov=bool(group["nesterov"]),
+            weight_decay=float(group["weight_decay"]),
+        )
 
     def _update(
         self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]

@@ -21,8 +21,8 @@ convention) skips the whole step, so every parameter's step counter stays equal;
 ``"skip_parameter"`` skips only the offending parameters; ``"raise"`` raises
 ``FloatingPointError`` with no parameter updated.
 
-The multi-tensor step (``foreach``, where a subclass offers it: :class:`~flora.Flora` and
-:class:`~flora.FloraAdamW`) takes same-shaped compressed matrices in buckets — same group,
+The multi-tensor step (``foreach``; every optimizer here offers it) takes same-shaped
+compressed matrices in buckets — same group,
 state layout, dtype, device and step count, at most :data:`BUCKET_NUMEL` stacked entries, two
 or more matrices — and steps each bucket with batched ops on stacked state
 (:mod:`flora.optim.buckets`; ``state[p][key]`` are views of the stacks), seeded projections

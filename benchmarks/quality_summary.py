@@ -52,6 +52,18 @@ def load() -> dict[tuple[int, int], dict[str, dict[int, dict]]]:
     return table
 
 
+def same_seed_gap(row: dict[int, dict], ref: dict[int, dict] | None) -> str:
+    """The gap of ``row``'s mean loss to ``ref``'s over the seeds both ran."""
+    common = sorted(set(row) & set(ref or {}))
+    if not common:
+        return "-"
+    mean = statistics.mean(row[s]["val_loss"] for s in common)
+    base = statistics.mean(ref[s]["val_loss"] for s in common)  # type: ignore[index]
+    full = len(common) == len(row) == len(ref)  # type: ignore[arg-type]
+    seeds = "" if full else f" (seed {', '.join(map(str, common))})"
+    return f"{100 * (mean / base - 1):+.2f}%{seeds}"
+
+
 def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
     front, best = [], math.inf
     for x, y, name in sorted(points):
@@ -72,7 +84,8 @@ def main() -> None:
         "Each row's loss is its best over a step-size sweep widened past any edge, except "
         "seeds marked (fixed): run at the best step size of the seed-0 sweep only, to save "
         "compute at width 512. The mean and the spread (max - min) are over the seeds run. "
-        "Gaps are of the mean loss, in percent: negative is better.",
+        "Gaps are of the mean loss over the seeds both rows ran (named when fewer than "
+        "all), in percent: negative is better.",
         "",
     ]
     plots = {}
@@ -80,8 +93,6 @@ def main() -> None:
         hidden, steps = setting
         rows = table[setting]
         means = {o: statistics.mean(r["val_loss"] for r in by.values()) for o, by in rows.items()}
-        ref = means.get("adafactor-momentum")
-        apollo = means.get("apollo")
         lines += [
             f"## width {hidden}, rank 32 (r/n = 1/{hidden // 32}), {steps} steps",
             "",
@@ -94,8 +105,8 @@ def main() -> None:
             by = rows[o]
             losses = [r["val_loss"] for r in by.values()]
             state = next(iter(by.values()))["state_bytes"]
-            gap = f"{100 * (means[o] / ref - 1):+.2f}%" if ref else "-"
-            gap_a = f"{100 * (means[o] / apollo - 1):+.2f}%" if apollo else "-"
+            gap = same_seed_gap(by, rows.get("adafactor-momentum"))
+            gap_a = same_seed_gap(by, rows.get("apollo"))
             lrs = ", ".join(
                 f"{s}: {r['lr']:g}{' (edge)' if r.get('lr_at_edge') else ''}"
                 f"{' (fixed)' if r['fixed_lr'] else ''}"

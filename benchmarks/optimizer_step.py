@@ -97,8 +97,11 @@ for r in args.ranks:
     CANDIDATES[f"Flora r{r} loop (foreach=False)"] = lambda ps, r=r: flora.Flora(
         ps, lr=1e-2, rank=r, foreach=False
     )
-    CANDIDATES[f"Flora r{r} compiled"] = lambda ps, r=r: flora.Flora(
-        ps, lr=1e-2, rank=r, compiled=True
+    CANDIDATES[f"Flora r{r} foreach=True"] = lambda ps, r=r: flora.Flora(
+        ps, lr=1e-2, rank=r, foreach=True
+    )
+    CANDIDATES[f"Flora r{r} foreach=True, compiled"] = lambda ps, r=r: flora.Flora(
+        ps, lr=1e-2, rank=r, foreach=True, compiled=True
     )
     # the seed-only orthonormal basis, kept per window (the default basis is state already)
     CANDIDATES[f"Flora r{r} orthonormal, cached"] = lambda ps, r=r: flora.Flora(
@@ -111,8 +114,11 @@ for r in args.ranks:
     CANDIDATES[f"FloraAdamW r{r} loop (foreach=False)"] = lambda ps, r=r: flora.FloraAdamW(
         ps, lr=1e-3, rank=r, foreach=False
     )
-    CANDIDATES[f"FloraAdamW r{r} compiled"] = lambda ps, r=r: flora.FloraAdamW(
-        ps, lr=1e-3, rank=r, compiled=True
+    CANDIDATES[f"FloraAdamW r{r} foreach=True"] = lambda ps, r=r: flora.FloraAdamW(
+        ps, lr=1e-3, rank=r, foreach=True
+    )
+    CANDIDATES[f"FloraAdamW r{r} foreach=True, compiled"] = lambda ps, r=r: flora.FloraAdamW(
+        ps, lr=1e-3, rank=r, foreach=True, compiled=True
     )
 try:
     import flora_opt  # official implementation (imports bitsandbytes and accelerate)

@@ -227,8 +227,18 @@ def test_bf16_parameters_and_narrow_moments_use_the_loop():
 def test_buckets_are_split_at_bucket_numel():
     rows = BUCKET_NUMEL // 64 // 2 + 1  # two of these exceed BUCKET_NUMEL: one per bucket
     shapes = [(rows, 64)] * 3 + [(8, 8)] * 3
-    _, opt = _run(None, steps=2, params=_params(shapes=shapes), rank=2)
+    _, opt = _run(True, steps=2, params=_params(shapes=shapes), rank=2)
     assert sorted(len(sig) for sig in opt._stacked._stacks) == [3]  # only the small ones
+
+
+def test_foreach_none_stacks_only_small_matrices_on_the_cpu():
+    from flora.optim.base import CPU_STACK_NUMEL
+
+    shapes = [(CPU_STACK_NUMEL // 64 + 1, 64)] * 2 + [(8, 8)] * 2
+    _, default = _run(None, steps=2, params=_params(shapes=shapes), rank=2)
+    _, forced = _run(True, steps=2, params=_params(shapes=shapes), rank=2)
+    assert sorted(len(sig) for sig in default._stacked._stacks) == [2]
+    assert sorted(len(sig) for sig in forced._stacked._stacks) == [2, 2]
 
 
 class _Syncs(TorchDispatchMode):

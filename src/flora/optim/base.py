@@ -112,6 +112,10 @@ __all__ = ["FloraOptimizerBase", "ShardReduce", "group_defaults"]
 
 #: most entries the multi-tensor step stacks per bucket (its workspace: about two stacks)
 BUCKET_NUMEL = 2**22
+#: on the CPU, ``foreach=None`` stacks only matrices up to this many entries: larger ones
+#: are bound by memory traffic, where stacking costs more than the ops it saves
+#: (``benchmarks/optimizer_step.py``); ``foreach=True`` stacks every size
+CPU_STACK_NUMEL = 2**16
 _SIDE_CODES = {"left": 0, "right": 1}
 _SIDE_NAMES = ("left", "right")
 #: the momentum's projections: the seeded families, or a gradient basis kept in the state
@@ -1055,7 +1059,10 @@ class FloraOptimizerBase(Optimizer):
         engine takes initialised, unsharded, non-empty float32/float64 matrices whose
         moments are kept in their dtype, compressed, in a step that starts no window, and
         that the subclass's :meth:`_bucket_eligible` takes; ``foreach=False`` takes none."""
-        if group.get("foreach", False) is False or p.dim() != 2 or p.numel() == 0:
+        foreach = group.get("foreach", False)
+        if foreach is False or p.dim() != 2 or p.numel() == 0:
+            return None
+        if foreach is None and p.device.type == "cpu" and p.numel() > CPU_STACK_NUMEL:
             return None
         if _is_sharded(p) or p.dtype != state_dtype(p) or p.grad.dtype != p.dtype:
             return None

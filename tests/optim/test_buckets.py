@@ -294,7 +294,11 @@ def test_deepcopy_steps_alike():
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("cls", [flora.Flora, flora.FloraAdamW], ids=lambda c: c.__name__)
+COMPILED = [flora.Flora, flora.FloraAdamW, flora.FloraSGD, flora.FloraLion]
+LRS = {flora.Flora: 0.05, flora.FloraAdamW: 1e-2, flora.FloraSGD: 0.1, flora.FloraLion: 1e-3}
+
+
+@pytest.mark.parametrize("cls", COMPILED, ids=lambda c: c.__name__)
 def test_compiled_bucket_step_is_one_graph_across_steps_and_windows(cls):
     """``compiled=True``: the bucket function is compiled with ``fullgraph=True`` once; the
     step count and lr are tensors, so 8 steps over three windows (kappa=3, the boundary
@@ -304,7 +308,7 @@ def test_compiled_bucket_step_is_one_graph_across_steps_and_windows(cls):
     torch._dynamo.reset()
     counters.clear()
     shapes = [(24, 40)] * 3
-    lr = 1e-2 if cls is flora.FloraAdamW else 0.05
+    lr = LRS[cls]
     kw = dict(params=_params(shapes=shapes), cls=cls, kappa=3, lr=lr)
     a, compiled = _run(True, steps=6, compiled=True, **kw)
     kw["params"] = _params(shapes=shapes)

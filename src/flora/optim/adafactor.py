@@ -72,6 +72,7 @@ from flora.optim.base import (
     factored_zeros,
     group_defaults,
 )
+from flora.optim.buckets import Bucket
 from flora.options import check_bool, check_real
 from flora.policy import Decision
 
@@ -477,30 +478,19 @@ class Flora(FloraOptimizerBase):
             and group["momentum_variant"] == "subspace"
         )
 
-    def _update_bucket(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: Tensor,
-        stacks: dict[str, Tensor],
-        proj: Tensor,
-        *,
-        side: str,
-        step: int | Tensor,
-    ) -> None:
+    def _update_bucket(self, group: dict[str, Any], b: Bucket) -> None:
         eps1, eps2 = group["eps"]
-        lr = float(group["lr"])
         self._bucket_function(flora_adafactor_bucket_update_)(
-            params,
-            grads,
-            stacks,
-            proj,
-            step=step,
-            side=side,
-            lr=lr if not self.compiled else torch.tensor(lr, device=grads.device),
+            b.params,
+            b.grads,
+            b.stacks,
+            b.proj,
+            step=b.step,
+            side=b.side,
+            lr=self._bucket_lr(group, b),
             beta1=float(group["beta1"]),
             beta2_decay=float(group["beta2_decay"]),
-            eps1=torch.finfo(grads.dtype).eps if eps1 is None else float(eps1),
+            eps1=torch.finfo(b.grads.dtype).eps if eps1 is None else float(eps1),
             eps2=float(eps2),
             d=float(group["d"]),
             weight_decay=float(group["weight_decay"]),

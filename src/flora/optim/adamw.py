@@ -73,6 +73,7 @@ from flora.optim.base import (
     factored_zeros,
     group_defaults,
 )
+from flora.optim.buckets import Bucket, add_scaled_
 from flora.options import check_bool, check_choice, check_real
 from flora.policy import Decision
 from flora.projection import ORTHONORMAL, down, up
@@ -241,10 +242,7 @@ def subspace_adam_bucket_update_(
         eps=eps, growth_limit=growth_limit,
         norm=lambda residual: torch.linalg.vector_norm(residual, dim=(-2, -1)),
     )  # fmt: skip
-    if isinstance(lr, Tensor):  # compiled: lr as a 0-D tensor
-        torch._foreach_add_(params, direction.mul_(-lr).unbind(0))
-    else:
-        torch._foreach_add_(params, direction.unbind(0), alpha=-lr)
+    add_scaled_(params, direction, lr)
 
 
 def _subspace_adam_direction(
@@ -396,27 +394,16 @@ class FloraAdamW(FloraOptimizerBase):
             and group["betas"][0] != 0
         )
 
-    def _update_bucket(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: Tensor,
-        stacks: dict[str, Tensor],
-        proj: Tensor,
-        *,
-        side: str,
-        step: int | Tensor,
-    ) -> None:
-        beta1, beta2 = (float(b) for b in group["betas"])
-        lr = float(group["lr"])
+    def _update_bucket(self, group: dict[str, Any], b: Bucket) -> None:
+        beta1, beta2 = (float(x) for x in group["betas"])
         self._bucket_function(subspace_adam_bucket_update_)(
-            params,
-            grads,
-            stacks,
-            proj,
-            step=step,
-            side=side,
-            lr=lr if not self.compiled else torch.tensor(lr, device=grads.device),
+            b.params,
+            b.grads,
+            b.stacks,
+            b.proj,
+            step=b.step,
+            side=b.side,
+            lr=self._bucket_lr(group, b),
             beta1=beta1,
             beta2=beta2,
             eps=float(group["eps"]),

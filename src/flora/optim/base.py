@@ -70,7 +70,7 @@ except ImportError:  # pragma: no cover
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 from flora.momentum import VARIANTS
-from flora.optim.buckets import StackedStates
+from flora.optim.buckets import Bucket, StackedStates
 from flora.options import (
     BASIS_DTYPES,
     MOMENT_DTYPES,
@@ -1084,21 +1084,9 @@ class FloraOptimizerBase(Optimizer):
         (initialised) state under ``group``'s options."""
         return False
 
-    def _update_bucket(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: Tensor,
-        stacks: dict[str, Tensor],
-        proj: Tensor,
-        *,
-        side: str,
-        step: int | Tensor,
-    ) -> None:
-        """Subclass hook: one step of a bucket; ``grads`` stacked ``(B, m, n)`` (overwritable),
-        ``proj`` the projections ``(B, r, d)`` in the state dtype, ``step`` after the step
-        (a 0-D tensor with ``compiled=True``); call the bucket function through
-        :meth:`_bucket_function`."""
+    def _update_bucket(self, group: dict[str, Any], b: Bucket) -> None:
+        """Subclass hook: one multi-tensor step of bucket ``b``; call the bucket function
+        through :meth:`_bucket_function`."""
         raise NotImplementedError
 
     def _bucket_basis(self, group: dict[str, Any], state: dict[str, Any]) -> Any:
@@ -1161,7 +1149,13 @@ class FloraOptimizerBase(Optimizer):
         step: int | Tensor = states[0]["step"]
         if self.compiled:  # the step as a tensor: one graph for every step
             step = torch.tensor(float(step), dtype=grads.dtype, device=grads.device)
-        self._update_bucket(group, params, grads, stacks, proj, side=kind[0], step=step)
+        self._update_bucket(group, Bucket(params, grads, stacks, proj, kind[0], step))
+
+    def _bucket_lr(self, group: dict[str, Any], b: Bucket) -> float | Tensor:
+        """The group's ``lr`` for a bucket function: a 0-D tensor when compiled (so an LR
+        change adds no graph), else a float."""
+        lr = float(group["lr"])
+        return torch.tensor(lr, device=b.grads.device) if self.compiled else lr
 
     def _bucket_function(self, fn: Callable[..., None]) -> Callable[..., None]:
         """``fn`` itself, or with ``compiled=True`` ``torch.compile(fn, fullgraph=True)``

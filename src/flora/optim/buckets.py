@@ -15,12 +15,25 @@ basis, or when the bucket's members change — so the per-parameter state stays 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["StackedStates"]
+__all__ = ["Bucket", "StackedStates", "add_scaled_"]
+
+
+@dataclass
+class Bucket:
+    """One multi-tensor step's inputs: ``B`` same-shaped compressed matrices."""
+
+    params: list[Tensor]  # the matrices (m, n), updated in place
+    grads: Tensor  # (B, m, n): their gradients, stacked (the step may overwrite them)
+    stacks: dict[str, Tensor]  # the stacked state tensors, (B, ...) each
+    proj: Tensor  # (B, r, d): each matrix's projection of this step, in the state dtype
+    side: str  # where the momentum is compressed: "left" or "right"
+    step: int | Tensor  # the members' step count after this step (0-D tensor if compiled)
 
 
 class StackedStates:
@@ -66,3 +79,12 @@ class StackedStates:
         for pid in signature:
             self._bucket_of[pid] = signature
         return stacked
+
+
+def add_scaled_(params: list[Tensor], directions: Tensor, lr: float | Tensor) -> None:
+    """``params[i] -= lr * directions[i]``; a tensor ``lr`` (compiled steps) scales the
+    stack first, a float goes in as ``alpha`` (one rounding, as the loop's ``add_``)."""
+    if isinstance(lr, Tensor):
+        torch._foreach_add_(params, directions.mul_(-lr).unbind(0))
+    else:
+        torch._foreach_add_(params, directions.unbind(0), alpha=-lr)

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from flora.momentum import subspace_direction, subspace_transfer_
 from flora.optim.base import FloraOptimizerBase, group_defaults
+from flora.optim.buckets import Bucket, add_scaled_
 from flora.options import check_real
 from flora.policy import Decision
 from flora.projection import down
@@ -92,7 +93,7 @@ def flora_lion_bucket_update_(
     proj: Tensor,  # (B, r, d): each matrix's basis of this step
     *,
     side: str,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     weight_decay: float,
@@ -102,7 +103,7 @@ def flora_lion_bucket_update_(
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     direction = _subspace_sign(grads, stacks["exp_avg"], proj, side, beta1=beta1, beta2=beta2)
-    torch._foreach_add_(params, direction.unbind(0), alpha=-lr)
+    add_scaled_(params, direction, lr)
 
 
 def _subspace_sign(
@@ -120,7 +121,8 @@ class FloraLion(FloraOptimizerBase):
     See the module docstring for the math. The options ``rank``, ``kappa``, ``seed``,
     ``compress``, ``exclude``, ``side``, ``momentum_variant``, ``distribution``,
     ``basis_dtype``, ``moment_dtype``, ``nonfinite``, ``rounding``,
-    ``cache_projection``, ``foreach``, ``maximize`` and ``check_replicas`` are those of
+    ``cache_projection``, ``foreach``, ``maximize``, ``check_replicas`` and ``compiled``
+    are those of
     :class:`flora.Flora` (``foreach``: :func:`flora_lion_bucket_update_`);
     ``momentum_variant`` takes ``"subspace"`` only (the split this optimizer is defined by;
     the other forms raise ValueError).
@@ -166,8 +168,11 @@ class FloraLion(FloraOptimizerBase):
         foreach: bool | None = None,
         maximize: bool = False,
         check_replicas: bool = True,
+        compiled: bool = False,
     ) -> None:
-        super().__init__(params, group_defaults(locals()), check_replicas=check_replicas)
+        super().__init__(
+            params, group_defaults(locals()), check_replicas=check_replicas, compiled=compiled
+        )
 
     def _validate_hyperparameters(self, group: dict[str, Any], where: str) -> None:
         betas = group["betas"]
@@ -197,25 +202,15 @@ class FloraLion(FloraOptimizerBase):
     def _bucket_eligible(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
         return group["betas"][0] > 0 and "exp_avg" in state  # compressed (the base checks)
 
-    def _update_bucket(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: Tensor,
-        stacks: dict[str, Tensor],
-        proj: Tensor,
-        *,
-        side: str,
-        step: int | Tensor,
-    ) -> None:
-        beta1, beta2 = (float(b) for b in group["betas"])
+    def _update_bucket(self, group: dict[str, Any], b: Bucket) -> None:
+        beta1, beta2 = (float(x) for x in group["betas"])
         self._bucket_function(flora_lion_bucket_update_)(
-            params,
-            grads,
-            stacks,
-            proj,
-            side=side,
-            lr=float(group["lr"]),
+            b.params,
+            b.grads,
+            b.stacks,
+            b.proj,
+            side=b.side,
+            lr=self._bucket_lr(group, b),
             beta1=beta1,
             beta2=beta2,
             weight_decay=float(group["weight_decay"]),

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from flora.momentum import subspace_direction, subspace_transfer_
 from flora.optim.base import FloraOptimizerBase, group_defaults
+from flora.optim.buckets import Bucket, add_scaled_
 from flora.options import check_bool, check_real
 from flora.policy import Decision
 from flora.projection import down
@@ -98,7 +99,7 @@ def flora_sgd_bucket_update_(
     proj: Tensor,  # (B, r, d): each matrix's basis of this step
     *,
     side: str,
-    lr: float,
+    lr: float | Tensor,
     momentum: float,
     dampening: float,
     nesterov: bool,
@@ -112,7 +113,7 @@ def flora_sgd_bucket_update_(
         grads, stacks["exp_avg"], proj, side, first=False, momentum=momentum,
         dampening=dampening, nesterov=nesterov,
     )  # fmt: skip
-    torch._foreach_add_(params, direction.unbind(0), alpha=-lr)
+    add_scaled_(params, direction, lr)
 
 
 def _subspace_direction(
@@ -143,7 +144,8 @@ class FloraSGD(FloraOptimizerBase):
     See the module docstring for the math. The options ``rank``, ``kappa``, ``seed``,
     ``compress``, ``exclude``, ``side``, ``momentum_variant``, ``distribution``,
     ``basis_dtype``, ``moment_dtype``, ``nonfinite``, ``rounding``,
-    ``cache_projection``, ``foreach``, ``maximize`` and ``check_replicas`` are those of
+    ``cache_projection``, ``foreach``, ``maximize``, ``check_replicas`` and ``compiled``
+    are those of
     :class:`flora.Flora` (``foreach``: :func:`flora_sgd_bucket_update_`);
     ``momentum_variant`` takes ``"subspace"`` only (the split this optimizer is defined by;
     the other forms raise ValueError).
@@ -193,8 +195,11 @@ class FloraSGD(FloraOptimizerBase):
         foreach: bool | None = None,
         maximize: bool = False,
         check_replicas: bool = True,
+        compiled: bool = False,
     ) -> None:
-        super().__init__(params, group_defaults(locals()), check_replicas=check_replicas)
+        super().__init__(
+            params, group_defaults(locals()), check_replicas=check_replicas, compiled=compiled
+        )
 
     def _validate_hyperparameters(self, group: dict[str, Any], where: str) -> None:
         check_real(f"{where}momentum", group["momentum"], 0.0, 1.0, high_open=True)
@@ -224,24 +229,14 @@ class FloraSGD(FloraOptimizerBase):
     def _bucket_eligible(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
         return group["momentum"] > 0 and "exp_avg" in state  # compressed (the base checks)
 
-    def _update_bucket(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: Tensor,
-        stacks: dict[str, Tensor],
-        proj: Tensor,
-        *,
-        side: str,
-        step: int | Tensor,
-    ) -> None:
+    def _update_bucket(self, group: dict[str, Any], b: Bucket) -> None:
         self._bucket_function(flora_sgd_bucket_update_)(
-            params,
-            grads,
-            stacks,
-            proj,
-            side=side,
-            lr=float(group["lr"]),
+            b.params,
+            b.grads,
+            b.stacks,
+            b.proj,
+            side=b.side,
+            lr=self._bucket_lr(group, b),
             momentum=float(group["momentum"]),
             dampening=float(group["dampening"]),
             nesterov=bool(group["nesterov"]),

@@ -373,12 +373,14 @@ class Flora(FloraOptimizerBase):
             parameter); see :mod:`flora.rounding`. float32 parameters are not rounded.
         cache_projection: keep each parameter's current projection in memory instead of
             regenerating it every step (faster; memory in ``plan().projection_cache_bytes``).
-        foreach: the multi-tensor step for same-shaped compressed matrices (``None``,
-            default, or ``True``): a transformer's matrices of one shape are stepped as a
-            stack, with one batched op per formula for the bucket, seeded projections
-            generated together, and no host sync (:func:`flora_adafactor_bucket_update_`;
-            results within a few ulp of the loop's, not bit for bit). ``False``: the
-            per-parameter loop for every parameter, the reference. The loop always takes
+        foreach: the multi-tensor step for same-shaped compressed matrices: a
+            transformer's matrices of one shape are stepped as a stack, with one batched op
+            per formula for the bucket, seeded projections generated together, and no host
+            sync (:func:`flora_adafactor_bucket_update_`; results within a few ulp of the
+            loop's, not bit for bit). ``None`` (default): on accelerators every such
+            matrix, on the CPU those of at most ``CPU_STACK_NUMEL`` (2**16) entries, where
+            stacking pays (``benchmarks/results/stack_crossover_cpu.md``); ``True``: every
+            size; ``False``: the per-parameter loop for every parameter, the reference. The loop always takes
             uncompressed parameters (so that ``beta1=0`` stays torch's Adafactor bit for
             bit), vectors, bf16/fp16 parameters, ``moment_dtype``, FSDP2 shards, the
             ``"history"``/``"paper"`` variants, ``cache_projection`` and each window's

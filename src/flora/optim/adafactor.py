@@ -378,13 +378,14 @@ class Flora(FloraOptimizerBase):
             per formula for the bucket, seeded projections generated together, and no host
             sync (:func:`flora_adafactor_bucket_update_`; results within a few ulp of the
             loop's, not bit for bit). ``None`` (default): on accelerators every such
-            matrix, on the CPU those of at most ``CPU_STACK_NUMEL`` (2**16) entries, where
-            stacking pays (``benchmarks/results/stack_crossover_cpu.md``); ``True``: every
-            size; ``False``: the per-parameter loop for every parameter, the reference. The loop always takes
-            uncompressed parameters (so that ``beta1=0`` stays torch's Adafactor bit for
-            bit), vectors, bf16/fp16 parameters, ``moment_dtype``, FSDP2 shards, the
-            ``"history"``/``"paper"`` variants, ``cache_projection`` and each window's
-            first step.
+            matrix; on the CPU those with a seeded projection and, with a stored basis (the
+            default's), those of at most ``CPU_STACK_NUMEL`` (2**16) entries, where stacking
+            pays (``benchmarks/results/stack_crossover_cpu.md``); ``True``: every size;
+            ``False``: the per-parameter loop for every parameter, the reference. The loop
+            always takes uncompressed parameters (so that ``beta1=0`` stays torch's
+            Adafactor bit for bit), vectors, bf16/fp16 parameters, ``moment_dtype``, FSDP2
+            shards, the ``"history"``/``"paper"`` variants, ``cache_projection`` and each
+            window's first step.
         maximize: maximize the objective instead of minimizing.
         compiled: run the multi-tensor step's bucket function ``torch.compile``-d with
             ``fullgraph=True`` (step count and ``lr`` passed as 0-D tensors, so one graph

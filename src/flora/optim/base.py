@@ -112,9 +112,10 @@ __all__ = ["FloraOptimizerBase", "ShardReduce", "group_defaults"]
 
 #: most entries the multi-tensor step stacks per bucket (its workspace: about two stacks)
 BUCKET_NUMEL = 2**22
-#: on the CPU, ``foreach=None`` stacks only matrices up to this many entries: larger ones
-#: are bound by memory traffic, where stacking costs more than the ops it saves
-#: (``benchmarks/optimizer_step.py``); ``foreach=True`` stacks every size
+#: on the CPU, ``foreach=None`` stacks matrices with a stored basis only up to this many
+#: entries: larger ones are bound by memory traffic, where the stack's copy costs more than
+#: the ops it saves; seeded projections, generated per bucket, pay at every size
+#: (``benchmarks/results/stack_crossover_cpu.md``); ``foreach=True`` stacks every size
 CPU_STACK_NUMEL = 2**16
 _SIDE_CODES = {"left": 0, "right": 1}
 _SIDE_NAMES = ("left", "right")
@@ -1062,8 +1063,6 @@ class FloraOptimizerBase(Optimizer):
         foreach = group.get("foreach", False)
         if foreach is False or p.dim() != 2 or p.numel() == 0:
             return None
-        if foreach is None and p.device.type == "cpu" and p.numel() > CPU_STACK_NUMEL:
-            return None
         if _is_sharded(p) or p.dtype != state_dtype(p) or p.grad.dtype != p.dtype:
             return None
         if group["moment_dtype"] not in (None, p.dtype) or p.grad.layout != torch.strided:
@@ -1074,6 +1073,9 @@ class FloraOptimizerBase(Optimizer):
         basis = self._bucket_basis(group, state)
         if basis is None:
             return None
+        large = p.device.type == "cpu" and p.numel() > CPU_STACK_NUMEL
+        if foreach is None and large and basis != "seeded":
+            return None  # memory-bound on the CPU: the stack's copy costs more than it saves
         return (_SIDE_NAMES[state["side"]], tuple(state["exp_avg"].shape), basis)
 
     #: the state keys (besides a stored basis) a bucket keeps stacked

@@ -92,34 +92,24 @@ CANDIDATES = {
     "torch Adafactor": lambda ps: torch.optim.Adafactor([p for _, p in ps], lr=1e-2),
     "torch AdamW": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, foreach=True),
 }
+ENGINE = [  # (row suffix, options): the default, the loop, every size stacked, compiled
+    ("", {}),
+    (" loop (foreach=False)", {"foreach": False}),
+    (" foreach=True", {"foreach": True}),
+    (" foreach=True, compiled", {"foreach": True, "compiled": True}),
+]
+VARIANTS = {
+    # Flora's seed-only orthonormal basis, kept per window (the default basis is state already)
+    (flora.Flora, 1e-2): [*ENGINE, (" orthonormal, cached", {
+        "distribution": "orthonormal", "cache_projection": True})],
+    (flora.FloraAdamW, 1e-3): [ENGINE[0], (" cached", {"cache_projection": True}), *ENGINE[1:]],
+}  # fmt: skip
 for r in args.ranks:
-    CANDIDATES[f"Flora r{r}"] = lambda ps, r=r: flora.Flora(ps, lr=1e-2, rank=r)
-    CANDIDATES[f"Flora r{r} loop (foreach=False)"] = lambda ps, r=r: flora.Flora(
-        ps, lr=1e-2, rank=r, foreach=False
-    )
-    CANDIDATES[f"Flora r{r} foreach=True"] = lambda ps, r=r: flora.Flora(
-        ps, lr=1e-2, rank=r, foreach=True
-    )
-    CANDIDATES[f"Flora r{r} foreach=True, compiled"] = lambda ps, r=r: flora.Flora(
-        ps, lr=1e-2, rank=r, foreach=True, compiled=True
-    )
-    # the seed-only orthonormal basis, kept per window (the default basis is state already)
-    CANDIDATES[f"Flora r{r} orthonormal, cached"] = lambda ps, r=r: flora.Flora(
-        ps, lr=1e-2, rank=r, distribution="orthonormal", cache_projection=True
-    )
-    CANDIDATES[f"FloraAdamW r{r}"] = lambda ps, r=r: flora.FloraAdamW(ps, lr=1e-3, rank=r)
-    CANDIDATES[f"FloraAdamW r{r} cached"] = lambda ps, r=r: flora.FloraAdamW(
-        ps, lr=1e-3, rank=r, cache_projection=True
-    )
-    CANDIDATES[f"FloraAdamW r{r} loop (foreach=False)"] = lambda ps, r=r: flora.FloraAdamW(
-        ps, lr=1e-3, rank=r, foreach=False
-    )
-    CANDIDATES[f"FloraAdamW r{r} foreach=True"] = lambda ps, r=r: flora.FloraAdamW(
-        ps, lr=1e-3, rank=r, foreach=True
-    )
-    CANDIDATES[f"FloraAdamW r{r} foreach=True, compiled"] = lambda ps, r=r: flora.FloraAdamW(
-        ps, lr=1e-3, rank=r, foreach=True, compiled=True
-    )
+    for (cls, lr), variants in VARIANTS.items():
+        for suffix, options in variants:
+            CANDIDATES[f"{cls.__name__} r{r}{suffix}"] = (
+                lambda ps, cls=cls, lr=lr, r=r, options=options: cls(ps, lr=lr, rank=r, **options)
+            )
 try:
     import flora_opt  # official implementation (imports bitsandbytes and accelerate)
 

@@ -148,6 +148,20 @@ def _all_finite(grads: list[Tensor]) -> list[bool]:
     return verdict
 
 
+def _window_starts(group: dict[str, Any], state: dict[str, Any], step: int) -> bool:
+    """Whether step ``step`` of a compressed momentum starts a new window: ``step -
+    window_start >= kappa`` (with a constant kappa at steps kappa, 2 kappa, ...)."""
+    return step - state["window_start"] >= group["kappa"]
+
+
+def _projection_shape(state: dict[str, Any], m: int, n: int) -> tuple[int, int]:
+    """(rank, dim) of the projection of a compressed momentum on an (m, n) matrix view."""
+    momentum = state["exp_avg"]
+    if state["side"] == _SIDE_CODES["left"]:
+        return momentum.shape[0], m
+    return momentum.shape[1], n
+
+
 def _as_float32(t: Tensor, device: torch.device) -> Tensor:
     return t if t.dtype == torch.float32 and t.device == device else t.to(device, torch.float32)
 
@@ -521,10 +535,8 @@ class FloraOptimizerBase(Optimizer):
                 )
             basis, dtype = state["projection"], state_dtype(p)
             return basis if basis.dtype == dtype else basis.to(dtype)
-        momentum = state["exp_avg"]
-        side = _SIDE_NAMES[state["side"]]
-        m, n = p.shape[0], math.prod(p.shape[1:])  # p may be a (possibly empty) row shard
-        rank, dim = (momentum.shape[0], m) if side == "left" else (momentum.shape[1], n)
+        # p may be a (possibly empty) row shard
+        rank, dim = _projection_shape(state, p.shape[0], math.prod(p.shape[1:]))
         generator = state.get("generator", 1)  # states from before v2 name none
         cache_key = (group["seed"], state["key"], window, rank, dim, generator)
         if group["cache_projection"]:
@@ -601,7 +613,7 @@ class FloraOptimizerBase(Optimizer):
         if group["distribution"] == GRADIENT and "projection" not in state:
             state["projection"] = self._gradient_basis(p, group, state, grad, side)
         proj = self._projection(p, group, state, state["window"])
-        if step - state["window_start"] < group["kappa"]:
+        if not _window_starts(group, state, step):
             return proj, None, side
         state["window"] += 1
         state["window_start"] = step
@@ -1096,7 +1108,7 @@ class FloraOptimizerBase(Optimizer):
         dtype (``distribution="gradient"``), ``"seeded"`` (generated per bucket), or None
         when the loop must step it (a window starts: a new basis and the transfer; a cached
         or generator-v1 projection)."""
-        if state["step"] + 1 - state["window_start"] >= group["kappa"]:
+        if _window_starts(group, state, state["step"] + 1):
             return None
         if group["distribution"] == GRADIENT:
             return state["projection"].dtype if "projection" in state else None
@@ -1116,10 +1128,7 @@ class FloraOptimizerBase(Optimizer):
         if "projection" in stacks:
             basis = stacks["projection"]
             return basis if basis.dtype == like.dtype else basis.to(like.dtype)
-        momentum = states[0]["exp_avg"]
-        left = states[0]["side"] == _SIDE_CODES["left"]
-        rank = momentum.shape[0] if left else momentum.shape[1]
-        dim = like.shape[-2] if left else like.shape[-1]
+        rank, dim = _projection_shape(states[0], like.shape[-2], like.shape[-1])
         return projection_matrices(
             rank,
             dim,

@@ -200,7 +200,7 @@ class FloraLion(FloraOptimizerBase):
     _bucket_moments = ("exp_avg",)
 
     def _bucket_eligible(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
-        return group["betas"][0] > 0 and "exp_avg" in state  # compressed (the base checks)
+        return group["betas"][0] > 0  # the base takes compressed momenta only
 
     def _update_bucket(self, group: dict[str, Any], b: Bucket) -> None:
         beta1, beta2 = (float(x) for x in group["betas"])

@@ -227,7 +227,7 @@ class FloraSGD(FloraOptimizerBase):
     _bucket_moments = ("exp_avg",)
 
     def _bucket_eligible(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
-        return group["momentum"] > 0 and "exp_avg" in state  # compressed (the base checks)
+        return group["momentum"] > 0  # the base takes compressed momenta only
 
     def _update_bucket(self, group: dict[str, Any], b: Bucket) -> None:
         self._bucket_function(flora_sgd_bucket_update_)(

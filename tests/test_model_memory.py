@@ -156,21 +156,33 @@ def test_plan_details_prints_the_per_parameter_table(capsys):
 
 
 def test_lean_plan_equals_what_flora_train_lean_holds(tmp_path):
-    """The planner's lean rows for a model are the bytes `flora train --lean` reports."""
+    """The planner's lean rows for a model are the bytes `flora train --lean` reports; at
+    n_embd 32 the byte vocabulary is in two blocks (lean_config), the planner's too."""
     from flora.model_memory import lean_rows
     from flora.training import TrainConfig, train
 
-    cfg = TrainConfig(size="tiny", batch_size=2, corpus_mb=0.05, eval_batches=1, rank=4,
-                      kappa=5, steps=3, accumulate=2, lean=True, dtype="bfloat16",
+    cfg = TrainConfig(size="tiny", n_embd=32, batch_size=2, corpus_mb=0.05, eval_batches=1,
+                      rank=4, kappa=5, steps=3, accumulate=2, lean=True, dtype="bfloat16",
                       out=str(tmp_path), plot=False, progress=False)  # fmt: skip
+    assert cfg.model_config().vocab_chunks == 2
     result = train(cfg, echo=lambda line: None)
     with torch.device("meta"):
-        meta = GPT(SIZES["tiny"]).to(torch.bfloat16)
+        meta = GPT(cfg.model_config()).to(torch.bfloat16)
     rows = dict(lean_rows(meta, rank=4, kappa=5, accumulate=2))
+    assert rows["gradients (largest one)"] == 128 * 32 * 2  # an MLP matrix, not the head
     assert rows["parameters (bf16)"] == result.memory["parameters"]
     assert rows["gradients (largest one)"] == result.memory["gradients (largest one)"]
     assert rows["optimizer state (Flora r4)"] == result.memory["optimizer state"]
     assert rows["accumulation buffers (2)"] == result.memory["accumulation buffers"]
+
+
+def test_lean_plan_of_gpt2_uses_the_vocabulary_blocks(capsys):
+    assert main(["plan", "--model", "gpt2", "--lean", "--accumulate", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "vocab_chunks=17" in out
+    rows = {x[:34].strip(): x[34:].split() for x in out.splitlines() if len(x) > 34}
+    assert rows["gradients (largest one)"][:2] == ["4.50", "MiB"]  # 3072 x 768 bf16
+    assert float(rows["total (without activations)"][2]) <= 2.5
 
 
 def test_lean_llama_7b_fits_in_17_gib(capsys):

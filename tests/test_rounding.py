@@ -21,7 +21,7 @@ import torch
 import flora
 from flora.philox import random_words, stream_words
 from flora.projection import parameter_key
-from flora.rounding import compensated_round_, stochastic_round_
+from flora.rounding import compensated_round_, stochastic_round_, stochastic_round_stream_
 
 
 def _neighbours(x):
@@ -52,6 +52,31 @@ def test_stochastic_rounding_is_unbiased_between_neighbours():
     p = (x - lo) / ulp
     stderr = ulp * (p * (1 - p)).sqrt() / 4000**0.5
     assert ((draws.mean(0) - x).abs() <= 5 * stderr + 1e-6 * ulp).all()
+
+
+@pytest.mark.parametrize("numel,offset", [(4321, 0), (4321, 7), (1000, 3), (999, 0)])
+def test_chunked_rounding_is_the_single_pass_bit_for_bit(monkeypatch, numel, offset):
+    """Drawn ROUNDING_CHUNK words at a time (here 1000: several passes, an uneven tail, an
+    offset not a multiple of 4), the result is the one-pass result; a non-contiguous pair
+    takes the one pass."""
+    monkeypatch.setattr("flora.rounding.ROUNDING_CHUNK", 1000)
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel)) * 3
+    words = stream_words("test-chunks", numel)
+    whole = stochastic_round_(
+        torch.empty(numel, dtype=torch.bfloat16), x, random_words(numel, words, offset=offset)
+    )
+    chunked = stochastic_round_stream_(
+        torch.empty(numel, dtype=torch.bfloat16), x, words, offset=offset
+    )
+    assert torch.equal(whole.view(torch.int16), chunked.view(torch.int16))
+    assert not torch.equal(whole, x.bfloat16())  # not merely round-to-nearest
+    m = x[: (numel // 3) * 3].view(3, -1)
+    out = torch.empty(m.shape[1], 3, dtype=torch.bfloat16).T  # non-contiguous
+    stochastic_round_stream_(out, m, words, offset=offset)
+    ref = stochastic_round_(
+        torch.empty_like(m, dtype=torch.bfloat16), m, random_words(m.numel(), words, offset=offset)
+    )
+    assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
 
 
 def test_stochastic_rounding_keeps_exact_values_and_specials():

@@ -573,6 +573,7 @@ class GradientAccumulator:
             else:
                 s.buffer.add_(grad)
             param.grad = None
+        del grad  # freed before the step: one copy of this gradient at a time
         if self.step_in_backward and self._last:
             self._step_one(s, self.position + 1)
 

@@ -122,7 +122,7 @@ def _plan(args: argparse.Namespace) -> int:
         except re.error as err:
             raise CommandError(f"--exclude {pattern!r} is not a valid regex: {err}") from err
     try:
-        model, description = build_meta_model(args.model)
+        model, description = build_meta_model(args.model, lean=args.lean)
     except PlanError as err:
         raise CommandError(str(err)) from err
     dtype = args.dtype or ("bfloat16" if args.lean else "float32")

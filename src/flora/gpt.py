@@ -2,18 +2,29 @@
 
 Byte-level by default (vocabulary 256), so it needs no tokenizer. ``SIZES`` holds presets,
 from ``tiny`` (seconds on a CPU) to the GPT-2 family's shapes (for planning memory).
+
+``vocab_chunks`` stores the token embedding and the head as that many row blocks of the
+vocabulary, each its own parameter (``tok.weights.0``, ..., ``head.weights.0``, ...): the
+same function, initialised to the same values as the unchunked model from the same seed
+(the full matrices are drawn, then split), but backward produces each block's gradient on
+its own, so with step-in-backward (:mod:`flora.lean`) the largest gradient, and the
+optimizer's workspace for it, is one block instead of a whole vocabulary matrix.
+:func:`lean_config` picks the number of blocks the lean preset uses. The optimizer then
+keeps statistics per block (Adafactor's column factors, the parameter RMS, one projection
+per block).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-__all__ = ["GPT", "SIZES", "GPTConfig"]
+__all__ = ["GPT", "SIZES", "ChunkedEmbedding", "ChunkedLinear", "GPTConfig", "lean_config"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +34,8 @@ class GPTConfig:
     n_embd: int = 128
     block_size: int = 128
     vocab_size: int = 256
+    #: row blocks of the token embedding and the head (1: one matrix each)
+    vocab_chunks: int = 1
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -32,6 +45,62 @@ class GPTConfig:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.vocab_chunks > self.vocab_size:
+            raise ValueError(
+                f"vocab_chunks ({self.vocab_chunks}) must be at most vocab_size ({self.vocab_size})"
+            )
+
+
+def lean_config(config: GPTConfig) -> GPTConfig:
+    """``config`` with the vocabulary in as many row blocks as it takes for none to exceed
+    the largest matrix of a block (the MLP's ``4 n_embd x n_embd``): ``ceil(vocab_size /
+    (4 n_embd))``, 17 for GPT-2's 50,257 x 768. Byte-level vocabularies stay one matrix."""
+    return replace(config, vocab_chunks=-(-config.vocab_size // (4 * config.n_embd)))
+
+
+def _chunk_rows(weight: Tensor, chunks: int) -> list[nn.Parameter]:
+    return [nn.Parameter(w.clone()) for w in weight.tensor_split(chunks)]
+
+
+class ChunkedEmbedding(nn.Module):
+    """``nn.Embedding(num, dim)`` stored as ``chunks`` row blocks ``weights[i]`` (the first
+    ``num % chunks`` one row longer), initialised like it (N(0, 1), drawn whole, then
+    split). The lookup adds each block's rows for the indices it holds and exact zeros
+    elsewhere, so it returns exactly what the embedding of the concatenated blocks would."""
+
+    def __init__(self, num: int, dim: int, chunks: int) -> None:
+        super().__init__()
+        weight = torch.empty(num, dim)
+        nn.init.normal_(weight)
+        self.weights = nn.ParameterList(_chunk_rows(weight, chunks))
+        sizes = [w.shape[0] for w in self.weights]
+        self.starts = [sum(sizes[:i]) for i in range(chunks)]
+
+    def forward(self, idx: Tensor) -> Tensor:
+        out = None
+        for start, weight in zip(self.starts, self.weights, strict=True):
+            local = idx - start
+            inside = (local >= 0) & (local < weight.shape[0])
+            part = F.embedding(local.clamp(0, weight.shape[0] - 1), weight)
+            part = part * inside.unsqueeze(-1).to(part.dtype)
+            out = part if out is None else out + part
+        assert out is not None
+        return out
+
+
+class ChunkedLinear(nn.Module):
+    """``nn.Linear(dim, num, bias=False)`` stored as ``chunks`` row blocks of its weight
+    ``weights[i]``, initialised like it (Kaiming-uniform, drawn whole, then split); the
+    output is the concatenation of the blocks' outputs."""
+
+    def __init__(self, dim: int, num: int, chunks: int) -> None:
+        super().__init__()
+        weight = torch.empty(num, dim)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's initialisation
+        self.weights = nn.ParameterList(_chunk_rows(weight, chunks))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([F.linear(x, w) for w in self.weights], dim=-1)
 
 
 SIZES: dict[str, GPTConfig] = {
@@ -71,11 +140,20 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         d = config.n_embd
-        self.tok = nn.Embedding(config.vocab_size, d)
+        chunks = config.vocab_chunks
+        self.tok: nn.Module = (
+            nn.Embedding(config.vocab_size, d)
+            if chunks == 1
+            else ChunkedEmbedding(config.vocab_size, d, chunks)
+        )
         self.pos = nn.Embedding(config.block_size, d)
         self.blocks = nn.ModuleList(Block(d, config.n_head) for _ in range(config.n_layer))
         self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, config.vocab_size, bias=False)
+        self.head: nn.Module = (
+            nn.Linear(d, config.vocab_size, bias=False)
+            if chunks == 1
+            else ChunkedLinear(d, config.vocab_size, chunks)
+        )
         #: recompute each block in backward instead of keeping its activations (reentrant
         #: ``torch.utils.checkpoint``: only the block inputs are saved)
         self.activation_checkpointing = False

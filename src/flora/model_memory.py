@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 import flora
-from flora.gpt import GPT, SIZES
+from flora.gpt import GPT, SIZES, lean_config
 from flora.state_plan import Plan, format_bytes
 
 __all__ = ["HF_PRESETS", "MemoryPlan", "PlanError", "build_meta_model", "plan_memory"]
@@ -147,11 +147,14 @@ def _check_sizes(config: dict[str, Any], source: str) -> None:
             )
 
 
-def build_meta_model(spec: str) -> tuple[nn.Module, str]:
-    """The model named by ``spec`` on the meta device, and a description of it."""
+def build_meta_model(spec: str, *, lean: bool = False) -> tuple[nn.Module, str]:
+    """The model named by ``spec`` on the meta device, and a description of it; with
+    ``lean``, a flora GPT size has the lean preset's vocabulary blocks
+    (:func:`flora.gpt.lean_config`), as ``flora train --lean`` builds it."""
     if spec in SIZES:
+        config = lean_config(SIZES[spec]) if lean else SIZES[spec]
         with torch.device("meta"):
-            return GPT(SIZES[spec]), f"flora GPT {spec!r} {SIZES[spec]}"
+            return GPT(config), f"flora GPT {spec!r} {config}"
     if spec in HF_PRESETS:
         model = _transformers_model(HF_PRESETS[spec], spec)
         return model, f"{spec} ({type(model).__name__} from transformers)"

@@ -33,10 +33,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ROUNDINGS", "compensated_round_", "stochastic_round_"]
+from flora.philox import random_words
+
+__all__ = ["ROUNDINGS", "ROUNDING_CHUNK", "compensated_round_", "stochastic_round_",
+           "stochastic_round_stream_"]  # fmt: skip
 
 #: how a float32 update is written into a bf16 parameter
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic", "compensated")
+#: elements :func:`stochastic_round_stream_` rounds per pass: the random words and the
+#: rounding's int64 temporaries take about 46 bytes per element of a pass, so this bounds
+#: the workspace (about 1.5 MiB) whatever the tensor's size; on the CPU this size is as fast
+#: as 4 to 32 times larger passes (one 3072 x 768 matrix: 0.26 s against 0.25 s, and 0.37 s
+#: in one pass)
+ROUNDING_CHUNK = 2**15
 
 
 def stochastic_round_(out: Tensor, x: Tensor, words: Tensor) -> Tensor:
@@ -50,6 +59,27 @@ def stochastic_round_(out: Tensor, x: Tensor, words: Tensor) -> Tensor:
     rounded = bits.view(torch.float32)
     rounded = torch.where(torch.isnan(x), x, rounded)  # a NaN payload in the low bits
     return out.copy_(rounded)  # exact: the low 16 bits are zero
+
+
+def stochastic_round_stream_(
+    out: Tensor, x: Tensor, words: tuple[int, int, int, int, int], *, offset: int = 0
+) -> Tensor:
+    """:func:`stochastic_round_` of ``x`` into ``out`` with words ``offset, offset + 1, ...``
+    of the stream ``words`` (:func:`flora.philox.stream_words`), drawn and applied
+    :data:`ROUNDING_CHUNK` elements at a time. The words of a slice do not depend on where
+    drawing starts (:func:`flora.philox.random_words`), so the result is the one of a single
+    pass, bit for bit; only the workspace is bounded."""
+    if not (out.is_contiguous() and x.is_contiguous()) or out.numel() <= ROUNDING_CHUNK:
+        bits = random_words(out.numel(), words, offset=offset, device=out.device)
+        return stochastic_round_(out, x, bits)
+    if out.shape != x.shape:
+        raise ValueError(f"out {tuple(out.shape)} and x {tuple(x.shape)} differ in shape")
+    flat_out, flat_x = out.view(-1), x.view(-1)
+    for start in range(0, flat_out.numel(), ROUNDING_CHUNK):
+        part = flat_out[start : start + ROUNDING_CHUNK]
+        bits = random_words(part.numel(), words, offset=offset + start, device=out.device)
+        stochastic_round_(part, flat_x[start : start + ROUNDING_CHUNK], bits)
+    return out
 
 
 def compensated_round_(out: Tensor, x: Tensor, compensation: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ import torch
 import flora
 import flora.lean
 from flora.data import Corpus, get_batch, load_corpus
-from flora.gpt import GPT, SIZES, GPTConfig
+from flora.gpt import GPT, SIZES, GPTConfig, lean_config
 from flora.state_plan import format_bytes
 
 __all__ = ["OPTIMIZERS", "TrainConfig", "TrainError", "TrainResult", "load_checkpoint", "train"]
@@ -139,9 +139,11 @@ class TrainConfig:
         check_device(self.device)
 
     def model_config(self) -> GPTConfig:
+        """The model's config; with ``--lean``, in the lean preset's vocabulary blocks
+        (:func:`flora.gpt.lean_config`; one block for a byte vocabulary unless n_embd < 64)."""
         base = SIZES[self.size]
         try:
-            return GPTConfig(
+            config = GPTConfig(
                 n_layer=self.n_layer or base.n_layer,
                 n_head=self.n_head or base.n_head,
                 n_embd=self.n_embd or base.n_embd,
@@ -150,6 +152,7 @@ class TrainConfig:
             )
         except ValueError as err:
             raise TrainError(str(err)) from err
+        return lean_config(config) if self.lean else config
 
 
 def check_device(spec: str) -> torch.device:

@@ -105,7 +105,7 @@ from flora.projection import (
 )
 from flora.quantization import absmax_shape, dequantize_int8, quantize_int8_
 from flora.replicas import check_same_settings
-from flora.rounding import ROUNDINGS, compensated_round_, stochastic_round_
+from flora.rounding import ROUNDINGS, compensated_round_, stochastic_round_stream_
 from flora.state_plan import Plan, PlanRow
 
 __all__ = ["FloraOptimizerBase", "ShardReduce", "group_defaults"]
@@ -1241,14 +1241,14 @@ class FloraOptimizerBase(Optimizer):
                 stored.copy_(value)
                 continue
             words = stream_words("flora-state/v1", group["seed"], key, math_view["step"], k)
-            bits = random_words(value.numel(), words, offset=offset, device=value.device)
             if quantized:
+                bits = random_words(value.numel(), words, offset=offset, device=value.device)
                 if view.get(k + _ABSMAX) is None:
                     shape = absmax_shape(tuple(value.shape))
                     view[k + _ABSMAX] = torch.empty(shape, device=value.device)
                 quantize_int8_(stored, view[k + _ABSMAX], value, bits)
             else:
-                stochastic_round_(stored, value.float(), bits)
+                stochastic_round_stream_(stored, value.float(), words, offset=offset)
 
     def _write_back(
         self, local: Tensor, work: Tensor, group: dict[str, Any], name: str, view: dict[str, Any]
@@ -1269,8 +1269,7 @@ class FloraOptimizerBase(Optimizer):
             words = stream_words(
                 "flora-rounding/v1", group["seed"], self._key_of(group, name), view["step"]
             )
-            bits = random_words(local.numel(), words, offset=offset, device=local.device)
-            stochastic_round_(local, work, bits)
+            stochastic_round_stream_(local, work, words, offset=offset)
 
     def _skip_whole_step(
         self, named: list[tuple[dict[str, Any], str, Tensor]], finite: list[bool]

@@ -1,0 +1,90 @@
+"""flora.gpt's vocabulary blocks (``vocab_chunks``) and the lean preset's choice of them.
+
+- a chunked model draws the same initial values as the whole one from the same seed, its
+  embedding returns exactly the same rows and its logits the same values (to matmul
+  rounding); each block's gradient is the matching rows of the whole matrix's gradient;
+- under the lean preset's step-in-backward, at most one parameter holds a gradient at a
+  time, and the largest is one block: exact bytes, smaller than the whole head's;
+- ``lean_config`` picks ceil(vocab / (4 n_embd)) blocks; bad ``vocab_chunks`` are refused.
+"""
+
+import pytest
+import torch
+
+import flora
+from flora.gpt import GPT, SIZES, GPTConfig, lean_config
+
+CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=12, vocab_size=103)
+
+
+def _pair(chunks=4):
+    torch.manual_seed(0)
+    whole = GPT(CONFIG)
+    torch.manual_seed(0)
+    chunked = GPT(GPTConfig(**{**CONFIG.__dict__, "vocab_chunks": chunks}))
+    return whole, chunked
+
+
+def test_chunked_model_is_the_whole_model_split():
+    whole, chunked = _pair()
+    names = [n for n, _ in chunked.named_parameters()]
+    assert names[:4] == [f"tok.weights.{i}" for i in range(4)]
+    assert [w.shape[0] for w in chunked.tok.weights] == [26, 26, 26, 25]  # tensor_split
+    assert torch.equal(torch.cat(list(chunked.tok.weights)), whole.tok.weight)
+    assert torch.equal(torch.cat(list(chunked.head.weights)), whole.head.weight)
+    for (n, a), (_, b) in zip(
+        [(n, p) for n, p in whole.named_parameters() if n not in ("tok.weight", "head.weight")],
+        [(n, p) for n, p in chunked.named_parameters() if ".weights." not in n],
+        strict=True,
+    ):
+        assert torch.equal(a, b), n
+    idx = torch.randint(103, (3, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(chunked.tok(idx), whole.tok(idx))  # every index, every block
+    torch.testing.assert_close(chunked(idx), whole(idx), rtol=1e-6, atol=1e-6)
+    y = torch.randint(103, (3, 12), generator=torch.Generator().manual_seed(2))
+    whole(idx, y).backward()
+    chunked(idx, y).backward()
+    for name in ("tok", "head"):
+        blocks = torch.cat([w.grad for w in getattr(chunked, name).weights])
+        torch.testing.assert_close(blocks, getattr(whole, name).weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def _largest_live_gradient(model, accumulate=2):
+    """Bytes of the .grad tensors alive whenever a gradient arrives, at most, over one
+    lean cycle; the hooks run before the accumulator's, which steps and frees."""
+    peak = [0]
+    params = list(model.parameters())
+
+    def look(_):
+        live = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        peak[0] = max(peak[0], live)
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(look)
+    setup = flora.lean_setup(model, accumulate=accumulate, rank=4, kappa=5)
+    idx = torch.randint(103, (2, 13), generator=torch.Generator().manual_seed(3))
+    for _ in range(accumulate):
+        with setup.accumulator.micro_batch():
+            (model(idx[:, :-1], idx[:, 1:]) / accumulate).backward()
+    assert all(p.grad is None for p in params)
+    setup.accumulator.remove()
+    return peak[0]
+
+
+def test_step_in_backward_holds_one_block_gradient_at_a_time():
+    whole, chunked = _pair()
+    block = 26 * 16 * 2  # the largest block, bf16
+    assert _largest_live_gradient(chunked) == max(block, 4 * 16 * 16 * 2)  # or an MLP matrix
+    assert _largest_live_gradient(whole) == 103 * 16 * 2  # the whole head
+
+
+def test_lean_config_and_bad_vocab_chunks():
+    assert lean_config(SIZES["gpt2"]).vocab_chunks == 17  # ceil(50257 / 3072)
+    assert lean_config(SIZES["small"]).vocab_chunks == 1  # bytes: one matrix
+    assert lean_config(CONFIG).vocab_chunks == 2
+    with pytest.raises(ValueError, match="vocab_chunks"):
+        GPTConfig(vocab_chunks=0)
+    with pytest.raises(ValueError, match="vocab_chunks"):
+        GPTConfig(vocab_size=8, vocab_chunks=9)
+    with pytest.raises(TypeError, match="vocab_chunks"):
+        GPTConfig(vocab_chunks=2.0)

@@ -26,13 +26,19 @@ def test_every_optimizer_builds_and_steps(name):
     pytest.importorskip("transformers")
     if name in PEERS:
         pytest.importorskip(PEERS[name])
-    model, opt = lm.build(name, TINY, 1e-3)
+    model, opt, step, acc = lm.build_run(name, TINY, 1e-3)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    x = torch.randint(0, 256, (2, 16))
-    model(input_ids=x, labels=x).loss.backward()
-    opt.step()
+    x = torch.randint(0, 256, (lm.LEAN_ACCUMULATE, 16))
+    step(x)
     after = [p for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    if name == "flora-lean-preset":  # stepped inside backward of the 4th micro-batch
+        assert acc.position == 0 and all(p.grad is None for p in after)
+        assert all(p.dtype == torch.bfloat16 for p in after)
+        assert all(s["step"] == 1 for s in opt.state.values())
+        acc.remove()
+    else:
+        assert acc is None
     state = optimizer_state_bytes(opt)
     trainable = sum(p.numel() * 4 for p in after)
     if name == "adamw":

@@ -27,6 +27,9 @@ Optimizers (``OPTIMIZERS``):
   float32 masters, rounded stochastically; ``-nearest`` bf16 weights rounded to nearest (what
   ``-sr`` fixes); ``-compensated`` bf16 weights with Kahan compensation; ``-bf16state`` bf16
   moments and basis (float32 weights); ``-lean`` bf16 weights (stochastic) and state;
+  ``flora-lean-preset`` — the whole preset, :func:`flora.lean_setup` with default Flora: the
+  same as ``-lean`` plus compressed accumulation of each batch as ``LEAN_ACCUMULATE``
+  micro-batches with step-in-backward (as many examples per step as every other row);
   ``flora-adamw-fira`` / ``flora-adamw-fira-gradient`` — ``flora.FloraAdamW`` with
   ``preconditioner="subspace"`` (both moments in the subspace, the remainder scaled, GaLore +
   Fira) on an orthonormal / gradient basis; a ``-xemb`` suffix leaves the token embedding
@@ -53,6 +56,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -88,6 +92,7 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
     "flora-gradient-compensated": ("flora (bf16 weights, Kahan compensation)", ADAFACTOR_LRS),
     "flora-gradient-bf16state": ("flora (bf16 moments and basis)", ADAFACTOR_LRS),
     "flora-gradient-lean": ("flora (bf16 weights and state, stochastic)", ADAFACTOR_LRS),
+    "flora-lean-preset": ("flora.lean_setup (+ accumulation of 4, in backward)", ADAFACTOR_LRS),
     "flora-adamw-fira": ("flora (subspace Adam + scaled remainder, orthonormal)", ADAM_LRS),
     "flora-adamw-fira-gradient": ("flora (subspace Adam + scaled remainder, gradient)", ADAM_LRS),
     "flora-gradient-xemb": ("flora (gradient basis; embeddings, head full)", ADAFACTOR_LRS),
@@ -104,6 +109,8 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
 }
 
 
+#: micro-batches per step of the ``flora-lean-preset`` row (each batch split into them)
+LEAN_ACCUMULATE = 4
 _GRADIENT = {"momentum_variant": "subspace", "distribution": "gradient", "basis_dtype": None}
 _BF16_STATE = {"moment_dtype": torch.bfloat16, "basis_dtype": torch.bfloat16}
 # the quality study's forms of Flora (issue 17): options on top of the defaults
@@ -320,6 +327,36 @@ def _evaluate(model: nn.Module, val: list[torch.Tensor]) -> float:
     return loss
 
 
+def build_run(
+    name: str, cfg: LMConfig, lr: float
+) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[torch.Tensor], None], Any]:
+    """:func:`build`, with the training step for one batch (forward, backward, step) and the
+    row's gradient accumulator (None but for ``flora-lean-preset``, whose accumulator steps
+    inside backward, so its training step calls no ``opt.step()``)."""
+    if name != "flora-lean-preset":
+        model, opt = build(name, cfg, lr)
+
+        def step(x: torch.Tensor) -> None:
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+
+        return model, opt, step, None
+    from flora import lean_setup
+
+    model = _model(cfg)
+    setup = lean_setup(
+        model, "flora", accumulate=LEAN_ACCUMULATE, rank=cfg.rank, kappa=cfg.kappa, lr=lr
+    )
+    acc = setup.accumulator
+
+    def lean_step(x: torch.Tensor) -> None:  # equal micro-batches: mean of means
+        for micro in x.chunk(LEAN_ACCUMULATE):
+            with acc.micro_batch():
+                (model(input_ids=micro, labels=micro).loss / LEAN_ACCUMULATE).backward()
+
+    return model, setup.optimizer, lean_step, acc
+
+
 def train_one(
     name: str,
     lr: float,
@@ -330,14 +367,13 @@ def train_one(
 ) -> dict[str, Any]:
     """Train one (optimizer, lr); returns held-out loss, curve, exact state bytes, timing."""
     run_cfg = cfg if kappa is None else replace(cfg, kappa=kappa)
-    model, opt = build(name, run_cfg, lr)
+    model, opt, train_step, acc = build_run(name, run_cfg, lr)
     sched = _schedule(opt, cfg.steps)
     every = max(1, cfg.steps // cfg.evals)
     curve, times = [], []
     for step, x in enumerate(_batches(train, cfg, cfg.steps, cfg.seed + 1), start=1):
         start = time.perf_counter()
-        model(input_ids=x, labels=x).loss.backward()
-        opt.step()
+        train_step(x)
         opt.zero_grad(set_to_none=True)
         sched.step()
         times.append(time.perf_counter() - start)
@@ -345,6 +381,8 @@ def train_one(
             curve.append((step, _evaluate(model, val)))
     warm = min(5, len(times) - 1)
     final = curve[-1][1]
+    if acc is not None:
+        acc.remove()
     return {
         "optimizer": name,
         "lr": lr,
@@ -442,16 +480,21 @@ def _step_seconds(cfg: LMConfig, lrs: dict[str, float], train: torch.Tensor) -> 
 
     x = next(_batches(train, cfg, 1, cfg.seed + 3))
     steps = {}
+    accumulators = []
     for name, lr in lrs.items():
-        model, opt = build(name, cfg, lr)
+        _, opt, train_step, acc = build_run(name, cfg, lr)
+        accumulators.append(acc)
 
-        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
-            model(input_ids=x, labels=x).loss.backward()
-            opt.step()
+        def step(train_step=train_step, opt: torch.optim.Optimizer = opt) -> None:
+            train_step(x)
             opt.zero_grad(set_to_none=True)
 
         steps[name] = step
-    return interleaved_seconds(steps)
+    seconds = interleaved_seconds(steps)
+    for acc in accumulators:
+        if acc is not None:
+            acc.remove()
+    return seconds
 
 
 def _loss_key(run: dict[str, Any]) -> float:

@@ -70,3 +70,48 @@ def test_step_in_backward_buffers_of_bf16_parameters_are_planned_in_float32():
         (model(x).float() - y.float()).square().mean().backward()
     assert acc.buffer_bytes() == acc.plan().state_bytes  # biases' sums are float32
     acc.remove()
+
+
+def test_step_parameter_takes_a_float32_gradient_for_a_bf16_parameter():
+    """step_parameter(p, grad=g32) on a bf16 weight is the float32 step rounded to bf16:
+    a float32 copy stepped with g32 (state kept in float32 either way), rounded each step."""
+    torch.manual_seed(0)
+    w16 = torch.nn.Parameter(torch.randn(12, 10).bfloat16())
+    w32 = torch.nn.Parameter(w16.detach().float())
+    kw = {"lr": 0.05, "rank": 3, "kappa": 2, "rounding": "nearest"}
+    opt16, opt32 = flora.Flora([("w", w16)], **kw), flora.Flora([("w", w32)], **kw)
+    for step in range(5):
+        g = torch.randn(12, 10, generator=torch.Generator().manual_seed(step))
+        opt16.step_parameter(w16, grad=g)
+        w32.grad = g
+        opt32.step()
+        with torch.no_grad():
+            w32.copy_(w32.bfloat16().float())
+        assert torch.equal(w16.float(), w32), step
+    assert w16.grad is None
+    for bad, err, match in [
+        (torch.zeros(10, 12), ValueError, "shape"),
+        (torch.zeros(12, 10, dtype=torch.float16), ValueError, "float32"),
+        ([0.0], TypeError, "Tensor"),
+    ]:
+        with pytest.raises(err, match=match):
+            opt16.step_parameter(w16, grad=bad)
+
+
+def test_step_in_backward_hands_bf16_parameters_their_float32_estimate():
+    seen = []
+
+    class Recording(flora.Flora):
+        def step_parameter(self, param, grad=None):
+            seen.append(None if grad is None else grad.dtype)
+            super().step_parameter(param, grad)
+
+    model = _model()
+    setup = lean_setup(model, Recording, accumulate=2, rank=4)
+    for micro in range(2):
+        x, y = _batch(micro)
+        with setup.accumulator.micro_batch():
+            (model(x).float() - y.float()).square().mean().backward()
+    assert seen == [torch.float32] * 4  # two weights, two biases: no bf16 rounding between
+    assert all(p.grad is None for p in model.parameters())
+    setup.accumulator.remove()

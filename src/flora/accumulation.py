@@ -48,6 +48,7 @@ cannot unscale across parameters in this mode and is not supported with it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -333,6 +334,11 @@ class GradientAccumulator:
         self.cache_projection = cache_projection
         self.optimizer, self.step_in_backward = optimizer, step_in_backward
         self._step_parameter = getattr(optimizer, "step_parameter", None)
+        #: whether step_parameter takes the gradient itself (Flora's optimizers): then a
+        #: low-precision parameter gets its float32 estimate, not one rounded to its dtype
+        self._hands_grad = self._step_parameter is not None and (
+            "grad" in inspect.signature(self._step_parameter).parameters
+        )
         self.max_param_grad_norm = max_param_grad_norm
         self.max_grad_norm = max_grad_norm
         self.is_last_micro_batch = is_last_micro_batch
@@ -593,8 +599,9 @@ class GradientAccumulator:
         else:
             s.buffer.addmm_(g, proj.T)  # type: ignore[union-attr]  # C += G A^T
 
-    def _decompressed(self, s: _Slot, count: int) -> Tensor:
-        """G-hat of ``s`` in the parameter's dtype and shape."""
+    def _decompressed(self, s: _Slot, count: int, *, cast: bool = True) -> Tensor:
+        """G-hat of ``s`` in the parameter's shape and dtype (``cast=False``: in the
+        buffers' dtype)."""
         assert s.buffer is not None
         if s.compressed:
             proj = self._projection_now(s)
@@ -605,19 +612,27 @@ class GradientAccumulator:
             g = s.buffer
         if self.reduction == "mean":
             g = g.mul_(1.0 / count)  # g is a fresh product or a buffer this class owns
-        return g.reshape(s.param.shape).to(s.param.dtype)
+        g = g.reshape(s.param.shape)
+        return g.to(s.param.dtype) if cast else g
 
     def _step_one(self, s: _Slot, count: int) -> None:
-        """Step-in-backward: give ``s`` its G-hat, step the optimizer, free the gradient."""
+        """Step-in-backward: give ``s`` its G-hat, step the optimizer, free the gradient.
+        Flora's optimizers take the estimate in the buffers' dtype (float32 for a bf16
+        parameter) through ``step_parameter(p, grad)``; others get it as ``p.grad``."""
         p = s.param
-        g = self._decompressed(s, count)
+        hand = self._hands_grad and p.dtype != s.dtype
+        g = self._decompressed(s, count, cast=not hand)
         norm_sq = torch.linalg.vector_norm(g, dtype=torch.float32).square()
         self._norm_sq = norm_sq if self._norm_sq is None else self._norm_sq + norm_sq
         if self.max_param_grad_norm is not None:
             coef = (self.max_param_grad_norm / (norm_sq.sqrt() + 1e-6)).clamp(max=1.0)
             g.mul_(coef.to(g.dtype))
-        p.grad = g
         s.buffer = None if not s.compressed else s.buffer
+        if hand:  # float32 into a low-precision parameter: no rounding, no second copy
+            self._step_parameter(p, grad=g)  # type: ignore[misc]
+            s.stepped = True
+            return
+        p.grad = g
         if self._step_parameter is not None:  # Flora's optimizers: O(1) in the parameters
             self._step_parameter(p)
         else:  # any other optimizer: a whole step() while only p has a gradient

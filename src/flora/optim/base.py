@@ -148,6 +148,22 @@ def _all_finite(grads: list[Tensor]) -> list[bool]:
     return verdict
 
 
+def _check_given_grad(param: Tensor, grad: Tensor) -> None:
+    """A gradient handed to ``step_parameter``: a dense tensor of ``param``'s shape and
+    device, of its dtype or float32; not for FSDP2 shards."""
+    if not isinstance(grad, Tensor):
+        raise TypeError(f"grad must be a Tensor, got {type(grad).__name__}")
+    if _is_sharded(param) or isinstance(grad, DTensor):
+        raise ValueError("grad cannot be given for an FSDP2 shard: set param.grad instead")
+    if grad.shape != param.shape or grad.device != param.device:
+        raise ValueError(
+            f"grad must match param's shape {tuple(param.shape)} and device {param.device}, "
+            f"got {tuple(grad.shape)} on {grad.device}"
+        )
+    if grad.dtype not in (param.dtype, torch.float32):
+        raise ValueError(f"grad must be {param.dtype} or torch.float32, got {grad.dtype}")
+
+
 def _window_starts(group: dict[str, Any], state: dict[str, Any], step: int) -> bool:
     """Whether step ``step`` of a compressed momentum starts a new window: ``step -
     window_start >= kappa`` (with a constant kappa at steps kappa, 2 kappa, ...)."""
@@ -984,13 +1000,18 @@ class FloraOptimizerBase(Optimizer):
         return loss
 
     @torch.no_grad()
-    def step_parameter(self, param: Tensor) -> None:
+    def step_parameter(self, param: Tensor, grad: Tensor | None = None) -> None:
         """Step ``param`` alone, as ``step()`` would if only ``param`` had a gradient, in time
         independent of the number of parameters (step-in-backward calls it once per parameter;
         :class:`flora.GradientAccumulator` then calls ``step()`` once, with no gradient left,
         so that step hooks and LR schedulers see one step per cycle). A parameter without a
         gradient is left alone; one the optimizer does not hold raises ValueError. Step hooks
-        do not run."""
+        do not run.
+
+        ``grad``, if given, is used instead of ``param.grad``: a dense tensor of ``param``'s
+        shape and device, of the parameter's dtype or float32 (the accumulator hands a bf16
+        parameter its float32 estimate this way, which ``param.grad`` could not hold: no
+        rounding to bf16, and no bf16 copy beside the float32 one). Not for FSDP2 shards."""
         groups = tuple(id(g) for g in self.param_groups)
         count = sum(len(g["params"]) for g in self.param_groups)
         if self._index is None or self._index[0] != (groups, count):
@@ -999,19 +1020,30 @@ class FloraOptimizerBase(Optimizer):
         entry = self._index[1].get(id(param))
         if entry is None:
             raise ValueError("param is not optimized by this optimizer")
-        if param.grad is not None:
+        if grad is not None:
+            _check_given_grad(param, grad)
+            self._step_named([(entry[0], entry[1], param)], grads=[grad])
+        elif param.grad is not None:
             self._step_named([(entry[0], entry[1], param)])
 
-    def _step_named(self, named: list[tuple[dict[str, Any], str, Tensor]]) -> None:
+    def _step_named(
+        self, named: list[tuple[dict[str, Any], str, Tensor]], grads: list[Tensor] | None = None
+    ) -> None:
         """The body of ``step()`` for the parameters in ``named`` (those with a gradient):
         the multi-tensor step for the buckets the subclass's engine takes
-        (:meth:`_bucket_eligible`), the per-parameter loop for the rest."""
-        for _, name, p in named:
-            if p.grad.is_sparse:
+        (:meth:`_bucket_eligible`), the per-parameter loop for the rest. ``grads`` (from
+        :meth:`step_parameter`) replace the parameters' ``.grad`` and take the loop."""
+        if grads is None:
+            grads = [p.grad for _, _, p in named]
+            given = False
+        else:
+            given = True
+        for (_, name, _), grad in zip(named, grads, strict=True):
+            if grad.is_sparse:
                 raise RuntimeError(
                     f"{type(self).__name__} does not support sparse gradients ({name})"
                 )
-            if p.grad.is_complex():
+            if grad.is_complex():
                 raise RuntimeError(
                     f"{type(self).__name__} does not support complex gradients ({name})"
                 )
@@ -1022,15 +1054,18 @@ class FloraOptimizerBase(Optimizer):
         # FSDP2: work on each rank's shard; decisions use the global shape (see _decide)
         sharded = [_is_sharded(p) for _, _, p in named]
         locals_ = [
-            (p._local_tensor, p.grad._local_tensor) if is_sharded else (p, p.grad)
-            for (_, _, p), is_sharded in zip(named, sharded, strict=True)
+            (p._local_tensor, grad._local_tensor) if is_sharded else (p, grad)
+            for (_, _, p), grad, is_sharded in zip(named, grads, sharded, strict=True)
         ]
         finite = _all_finite([g for _, g in locals_])
         if any(sharded):  # every rank must take the same skip decision
             finite = self._agree(named, sharded, finite)
         if not all(finite) and self._skip_whole_step(named, finite):
             return
-        buckets, rest = self._buckets([e for e, ok in zip(named, finite, strict=True) if ok])
+        if given:  # the loop: the engine stacks .grad
+            buckets, rest = [], {id(p) for _, _, p in named}
+        else:
+            buckets, rest = self._buckets([e for e, ok in zip(named, finite, strict=True) if ok])
         for (group, name, p), ok, is_sharded, (local, local_grad) in zip(
             named, finite, sharded, locals_, strict=True
         ):

@@ -30,6 +30,9 @@ Optimizers (``OPTIMIZERS``):
   ``flora-lean-preset`` — the whole preset, :func:`flora.lean_setup` with default Flora: the
   same as ``-lean`` plus compressed accumulation of each batch as ``LEAN_ACCUMULATE``
   micro-batches with step-in-backward (as many examples per step as every other row);
+  ``flora-accumulate`` — default Flora in float32 with the same compressed accumulation
+  (:class:`flora.GradientAccumulator`, rank ``r``, then ``opt.step()``): the preset's
+  accumulation without its bf16;
   ``flora-adamw-fira`` / ``flora-adamw-fira-gradient`` — ``flora.FloraAdamW`` with
   ``preconditioner="subspace"`` (both moments in the subspace, the remainder scaled, GaLore +
   Fira) on an orthonormal / gradient basis; a ``-xemb`` suffix leaves the token embedding
@@ -93,6 +96,7 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
     "flora-gradient-bf16state": ("flora (bf16 moments and basis)", ADAFACTOR_LRS),
     "flora-gradient-lean": ("flora (bf16 weights and state, stochastic)", ADAFACTOR_LRS),
     "flora-lean-preset": ("flora.lean_setup (+ accumulation of 4, in backward)", ADAFACTOR_LRS),
+    "flora-accumulate": ("flora (float32; compressed accumulation of 4)", ADAFACTOR_LRS),
     "flora-adamw-fira": ("flora (subspace Adam + scaled remainder, orthonormal)", ADAM_LRS),
     "flora-adamw-fira-gradient": ("flora (subspace Adam + scaled remainder, gradient)", ADAM_LRS),
     "flora-gradient-xemb": ("flora (gradient basis; embeddings, head full)", ADAFACTOR_LRS),
@@ -331,8 +335,22 @@ def build_run(
     name: str, cfg: LMConfig, lr: float
 ) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[torch.Tensor], None], Any]:
     """:func:`build`, with the training step for one batch (forward, backward, step) and the
-    row's gradient accumulator (None but for ``flora-lean-preset``, whose accumulator steps
-    inside backward, so its training step calls no ``opt.step()``)."""
+    row's gradient accumulator (None but for ``flora-accumulate`` and ``flora-lean-preset``;
+    the preset's steps inside backward, so its training step calls no ``opt.step()``)."""
+    if name == "flora-accumulate":
+        from flora import Flora, GradientAccumulator
+
+        model = _model(cfg)
+        opt = Flora(model.named_parameters(), lr=lr, rank=cfg.rank, kappa=cfg.kappa)
+        accumulator = GradientAccumulator(model, LEAN_ACCUMULATE, rank=cfg.rank, seed=1)
+
+        def accumulated_step(x: torch.Tensor) -> None:
+            for micro in x.chunk(LEAN_ACCUMULATE):
+                with accumulator.micro_batch():
+                    (model(input_ids=micro, labels=micro).loss / LEAN_ACCUMULATE).backward()
+            opt.step()
+
+        return model, opt, accumulated_step, accumulator
     if name != "flora-lean-preset":
         model, opt = build(name, cfg, lr)
 

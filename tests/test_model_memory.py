@@ -185,6 +185,26 @@ def test_lean_plan_of_gpt2_uses_the_vocabulary_blocks(capsys):
     assert float(rows["total (without activations)"][2]) <= 2.5
 
 
+def test_step_workspace_is_measured_and_scaled_from_a_slice(monkeypatch):
+    """The step's workspace: deterministic, at least the float32 copies of weight and
+    gradient (8 bytes per entry), not the 46 bytes per entry the rounding's words took before
+    they were drawn in passes; a matrix above the probe size, extrapolated from two smaller
+    ones of its orientation, comes close to its whole measurement."""
+    from flora.model_memory import step_workspace_bytes
+
+    kw = {"rank": 8, "kappa": 5, "accumulate": 4}
+    shape = (4096, 1024)
+    whole = step_workspace_bytes(shape, **kw)
+    assert whole == step_workspace_bytes(shape, **kw)
+    assert 8 * 4096 * 1024 <= whole <= 16 * 4096 * 1024
+    monkeypatch.setattr("flora.model_memory.WORKSPACE_PROBE_NUMEL", 2**21)
+    rows_cut = step_workspace_bytes(shape, **kw)  # from 1024 x 1024 and 2048 x 1024
+    assert 0.98 * whole <= rows_cut <= 1.02 * whole
+    monkeypatch.setattr("flora.model_memory.WORKSPACE_PROBE_SIDE", 512)
+    both_cut = step_workspace_bytes(shape, **kw)  # from 2048 x 512 and 4096 x 512
+    assert 0.95 * whole <= both_cut <= 1.05 * whole
+
+
 def test_lean_llama_7b_fits_in_17_gib(capsys):
     pytest.importorskip("transformers")
     assert main(["plan", "--model", "llama-7b", "--lean", "--accumulate", "16"]) == 0

@@ -31,15 +31,24 @@ How each number is obtained:
   ``accumulate=1``); against mixed-precision AdamW's 16 bytes per parameter (float32 master
   weights and moments, bf16 weights and gradients), and bf16 training with 8-bit AdamW or
   GaLore at the same rank (bf16 weights, a full bf16 ``.grad``, their state by the formulas
-  above; no master weights). Activations and the float32 workspace
-  of the parameter being stepped are not counted. ``flora train --lean`` prints the same
-  rows for the model it trains (tested equal).
+  above; no master weights). The optimizer's workspace for a step — float32 copies, the
+  update, the rounding's random words — is *measured*: :func:`step_workspace_bytes` runs
+  the preset's step-in-backward on one real CPU matrix of the model's largest matrix shape
+  (two smaller matrices of its orientation, extrapolated linearly in the entries, when it
+  has more than :data:`WORKSPACE_PROBE_NUMEL` entries)
+  under the PyTorch profiler and counts what it allocates beyond the gradient. Activations
+  are not counted. ``flora train --lean`` prints the same rows, but the workspace, for the
+  model it trains (tested equal).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +58,7 @@ from torch import nn
 
 import flora
 from flora.gpt import GPT, SIZES, lean_config
+from flora.rounding import ROUNDING_CHUNK
 from flora.state_plan import Plan, format_bytes
 
 __all__ = ["HF_PRESETS", "MemoryPlan", "PlanError", "build_meta_model", "plan_memory"]
@@ -300,6 +310,96 @@ def plan_memory(
     return result
 
 
+#: the largest matrix :func:`step_workspace_bytes` steps whole; a larger one is measured on a
+#: row slice of about this many entries and scaled by its number of entries
+WORKSPACE_PROBE_NUMEL = 2**22
+#: the short side of the smaller matrices a larger one's workspace is extrapolated from
+WORKSPACE_PROBE_SIDE = 1024
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send the process's file descriptor 2 to /dev/null: the profiler's C++ side logs its
+    start and stop there (Python exceptions still propagate and print afterwards)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def step_workspace_bytes(
+    shape: tuple[int, ...], *, rank: int, kappa: int = 1000, accumulate: int = 1
+) -> int:
+    """Bytes the lean preset's step of one bf16 matrix of ``shape`` allocates beyond its
+    gradient, measured on the CPU (:func:`_measured_workspace`). A matrix of more than
+    :data:`WORKSPACE_PROBE_NUMEL` entries is measured on two smaller ones of its orientation
+    (the short side cut to ``j = min(short side,`` :data:`WORKSPACE_PROBE_SIDE` ``)``;
+    ``k`` and ``2k`` along the long side, ``k >= j`` so that they are compressed on its side,
+    ``k j >= 32`` :data:`flora.rounding.ROUNDING_CHUNK`) and extrapolated linearly in
+    the entries: the workspace is a per-entry part (float32 copies, the update) plus a
+    nearly constant one (the rounding's pass of random words, the projections)."""
+    m, n = shape[0], math.prod(shape[1:])
+    kw = {"rank": rank, "kappa": kappa, "accumulate": accumulate}
+    if m * n <= WORKSPACE_PROBE_NUMEL:
+        return _measured_workspace(m, n, **kw)
+    j = min(m, n, WORKSPACE_PROBE_SIDE)
+    # at least 32 ROUNDING_CHUNK entries: the rounding's pass of words (a constant) then no
+    # longer sets the peak, the update's float32 temporaries do, which grow with the entries
+    k = max(j, 2 * rank, WORKSPACE_PROBE_NUMEL // (4 * j), -(-32 * ROUNDING_CHUNK // j))
+    probe = (lambda rows: (rows, j)) if m >= n else (lambda cols: (j, cols))
+    one, two = _measured_workspace(*probe(k), **kw), _measured_workspace(*probe(2 * k), **kw)
+    per_entry = (two - one) / (k * j)
+    return max(0, round(one + per_entry * (m * n - k * j)))
+
+
+def _measured_workspace(m: int, n: int, *, rank: int, kappa: int, accumulate: int) -> int:
+    """A bias-free ``nn.Linear`` with an (m, n) weight goes through :func:`flora.lean_setup`
+    for one cycle of ``min(accumulate, 2)`` micro-batches (its state is created; more
+    micro-batches change nothing in the step), then the last micro-batch of a second cycle —
+    whose backward steps it — runs under the PyTorch profiler: the peak of its allocations
+    less the bf16 gradient. (Frees of blocks allocated before the profiler started are not
+    seen, so this errs high, never low.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    generator = torch.Generator().manual_seed(0)
+    with torch.device("cpu"):
+        layer = nn.Linear(n, m, bias=False)
+    accumulate = min(accumulate, 2)
+    setup = flora.lean_setup(layer, accumulate=accumulate, rank=rank, kappa=kappa)
+    x = torch.randn(1, n, generator=generator).bfloat16()
+    acc = setup.accumulator
+
+    def micro_batch() -> None:
+        with acc.micro_batch():
+            layer(x).float().square().sum().backward()
+
+    try:
+        for _ in range(2 * accumulate - 1):
+            micro_batch()
+        with (
+            _quiet_stderr(),
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+        ):
+            micro_batch()
+    finally:
+        acc.remove()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return max(0, peak - m * n * 2)
+
+
 def lean_rows(
     model: nn.Module, *, rank: int, kappa: int = 1000, accumulate: int = 1
 ) -> list[tuple[str, int]]:
@@ -317,7 +417,14 @@ def lean_rows(
         buffers = setup.accumulator.plan().state_bytes if accumulate > 1 else 0
     finally:
         setup.accumulator.remove()
-    total = parameters + gradient + state + buffers
+    matrices = [tuple(p.shape) for p in params if p.dim() >= 2]
+    largest = max(matrices, key=math.prod, default=None)
+    workspace = (
+        step_workspace_bytes(largest, rank=rank, kappa=kappa, accumulate=accumulate)
+        if largest is not None
+        else 0
+    )
+    total = parameters + gradient + state + buffers + workspace
     numel = sum(p.numel() for p in params)
     named = _unique_named(model)
     flora_plan = flora.Flora(named, rank=rank, kappa=kappa).plan()
@@ -327,6 +434,7 @@ def lean_rows(
         ("gradients (largest one)", gradient),
         (f"optimizer state (Flora r{rank})", state),
         ("accumulation buffers" + (f" ({accumulate})" if accumulate > 1 else ""), buffers),
+        ("step workspace (measured)", workspace),
         ("total (without activations)", total),
         ("mixed-precision AdamW, same rows", 16 * numel),
         ("8-bit AdamW, bf16 weights + .grad", parameters + full_grads + adamw_8bit_bytes(params)),

@@ -46,9 +46,16 @@ def load() -> dict[tuple[int, int], dict[str, dict[int, dict]]]:
             if "--tag lean-" in command and row["optimizer"] == "flora-gradient":
                 name += " (Philox generator)"  # the lean study's baseline, rerun after v2
             seen = table.setdefault(setting, {}).setdefault(name, {})
+            entry = {**row, "file": path.name, "fixed_lr": fixed, "single_lr": fixed}
+            old = seen.get(seed)
+            if old is not None and old["single_lr"] and fixed and old["lr"] != row["lr"]:
+                # one sweep run as single step sizes (`--set lr=` each): keep its best
+                best = min(old, entry, key=lambda r: r["val_loss"])
+                seen[seed] = {**best, "fixed_lr": False, "single_lr": True}
+                continue
             if seed in seen and not math.isclose(seen[seed]["val_loss"], row["val_loss"]):
                 raise SystemExit(f"{path.name}: {row['optimizer']} seed {seed} differs")
-            seen.setdefault(seed, {**row, "file": path.name, "fixed_lr": fixed})
+            seen.setdefault(seed, entry)
     return table
 
 

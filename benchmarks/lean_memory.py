@@ -32,6 +32,7 @@ import torch
 import flora
 from flora.gpt import GPT, SIZES, lean_config
 from flora.model_memory import lean_rows
+from flora.training import tensor_bytes
 
 
 def _status_kib(field: str) -> int:
@@ -60,10 +61,6 @@ def resident_peak(fn) -> tuple[int, int]:
     start = _status_kib("VmRSS")
     fn()
     return 1024 * (_status_kib("VmHWM") - start), 1024 * (_status_kib("VmRSS") - start)
-
-
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -185,7 +185,7 @@ def test_lean_plan_of_gpt2_uses_the_vocabulary_blocks(capsys):
     assert float(rows["total (without activations)"][2]) <= 2.5
 
 
-def test_step_workspace_is_measured_and_scaled_from_a_slice(monkeypatch):
+def test_step_workspace_is_measured_and_extrapolated_from_smaller_matrices(monkeypatch):
     """The step's workspace: deterministic, at least the float32 copies of weight and
     gradient (8 bytes per entry), not the 46 bytes per entry the rounding's words took before
     they were drawn in passes; a matrix above the probe size, extrapolated from two smaller

@@ -54,11 +54,11 @@ def test_stochastic_rounding_is_unbiased_between_neighbours():
     assert ((draws.mean(0) - x).abs() <= 5 * stderr + 1e-6 * ulp).all()
 
 
-@pytest.mark.parametrize("numel,offset", [(4321, 0), (4321, 7), (1000, 3), (999, 0)])
+@pytest.mark.parametrize("numel,offset", [(4321, 0), (4321, 7), (1001, 3), (2000, 5)])
 def test_chunked_rounding_is_the_single_pass_bit_for_bit(monkeypatch, numel, offset):
-    """Drawn ROUNDING_CHUNK words at a time (here 1000: several passes, an uneven tail, an
-    offset not a multiple of 4), the result is the one-pass result; a non-contiguous pair
-    takes the one pass."""
+    """Drawn ROUNDING_CHUNK words at a time (here 1000: several passes, a tail of one or
+    none, offsets not a multiple of 4), the result is the one-pass result; a non-contiguous
+    pair takes the one pass; shapes must agree."""
     monkeypatch.setattr("flora.rounding.ROUNDING_CHUNK", 1000)
     x = torch.randn(numel, generator=torch.Generator().manual_seed(numel)) * 3
     words = stream_words("test-chunks", numel)
@@ -77,6 +77,8 @@ def test_chunked_rounding_is_the_single_pass_bit_for_bit(monkeypatch, numel, off
         torch.empty_like(m, dtype=torch.bfloat16), m, random_words(m.numel(), words, offset=offset)
     )
     assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
+    with pytest.raises(ValueError, match="shape"):
+        stochastic_round_stream_(torch.empty(numel + 1, dtype=torch.bfloat16), x, words)
 
 
 def test_stochastic_rounding_keeps_exact_values_and_specials():

@@ -630,14 +630,13 @@ class GradientAccumulator:
         s.buffer = None if not s.compressed else s.buffer
         if hand:  # float32 into a low-precision parameter: no rounding, no second copy
             self._step_parameter(p, grad=g)  # type: ignore[misc]
-            s.stepped = True
-            return
-        p.grad = g
-        if self._step_parameter is not None:  # Flora's optimizers: O(1) in the parameters
-            self._step_parameter(p)
-        else:  # any other optimizer: a whole step() while only p has a gradient
-            self.optimizer.step()  # type: ignore[union-attr]
-        p.grad = None
+        else:
+            p.grad = g
+            if self._step_parameter is not None:  # Flora's optimizers: O(1) in the parameters
+                self._step_parameter(p)
+            else:  # any other optimizer: a whole step() while only p has a gradient
+                self.optimizer.step()  # type: ignore[union-attr]
+            p.grad = None
         s.stepped = True
 
     def _true_norm_estimate(self, count: int) -> Tensor | None:

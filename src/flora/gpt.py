@@ -54,7 +54,8 @@ class GPTConfig:
 def lean_config(config: GPTConfig) -> GPTConfig:
     """``config`` with the vocabulary in as many row blocks as it takes for none to exceed
     the largest matrix of a block (the MLP's ``4 n_embd x n_embd``): ``ceil(vocab_size /
-    (4 n_embd))``, 17 for GPT-2's 50,257 x 768. Byte-level vocabularies stay one matrix."""
+    (4 n_embd))``, 17 for GPT-2's 50,257 x 768; a byte vocabulary stays one matrix from
+    n_embd 64 up."""
     return replace(config, vocab_chunks=-(-config.vocab_size // (4 * config.n_embd)))
 
 

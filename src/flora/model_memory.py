@@ -310,8 +310,8 @@ def plan_memory(
     return result
 
 
-#: the largest matrix :func:`step_workspace_bytes` steps whole; a larger one is measured on a
-#: row slice of about this many entries and scaled by its number of entries
+#: the largest matrix :func:`step_workspace_bytes` steps whole; a larger one is extrapolated
+#: from two smaller ones of its orientation
 WORKSPACE_PROBE_NUMEL = 2**22
 #: the short side of the smaller matrices a larger one's workspace is extrapolated from
 WORKSPACE_PROBE_SIDE = 1024

@@ -68,12 +68,13 @@ def stochastic_round_stream_(
     of the stream ``words`` (:func:`flora.philox.stream_words`), drawn and applied
     :data:`ROUNDING_CHUNK` elements at a time. The words of a slice do not depend on where
     drawing starts (:func:`flora.philox.random_words`), so the result is the one of a single
-    pass, bit for bit; only the workspace is bounded."""
+    pass, bit for bit; only the workspace is bounded. A non-contiguous ``out`` or ``x`` is
+    rounded in one pass."""
+    if out.shape != x.shape:
+        raise ValueError(f"out {tuple(out.shape)} and x {tuple(x.shape)} differ in shape")
     if not (out.is_contiguous() and x.is_contiguous()) or out.numel() <= ROUNDING_CHUNK:
         bits = random_words(out.numel(), words, offset=offset, device=out.device)
         return stochastic_round_(out, x, bits)
-    if out.shape != x.shape:
-        raise ValueError(f"out {tuple(out.shape)} and x {tuple(x.shape)} differ in shape")
     flat_out, flat_x = out.view(-1), x.view(-1)
     for start in range(0, flat_out.numel(), ROUNDING_CHUNK):
         part = flat_out[start : start + ROUNDING_CHUNK]

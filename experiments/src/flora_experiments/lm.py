@@ -337,21 +337,7 @@ def build_run(
     """:func:`build`, with the training step for one batch (forward, backward, step) and the
     row's gradient accumulator (None but for ``flora-accumulate`` and ``flora-lean-preset``;
     the preset's steps inside backward, so its training step calls no ``opt.step()``)."""
-    if name == "flora-accumulate":
-        from flora import Flora, GradientAccumulator
-
-        model = _model(cfg)
-        opt = Flora(model.named_parameters(), lr=lr, rank=cfg.rank, kappa=cfg.kappa)
-        accumulator = GradientAccumulator(model, LEAN_ACCUMULATE, rank=cfg.rank, seed=1)
-
-        def accumulated_step(x: torch.Tensor) -> None:
-            for micro in x.chunk(LEAN_ACCUMULATE):
-                with accumulator.micro_batch():
-                    (model(input_ids=micro, labels=micro).loss / LEAN_ACCUMULATE).backward()
-            opt.step()
-
-        return model, opt, accumulated_step, accumulator
-    if name != "flora-lean-preset":
+    if name not in ("flora-accumulate", "flora-lean-preset"):
         model, opt = build(name, cfg, lr)
 
         def step(x: torch.Tensor) -> None:
@@ -359,20 +345,26 @@ def build_run(
             opt.step()
 
         return model, opt, step, None
-    from flora import lean_setup
+    import flora
 
     model = _model(cfg)
-    setup = lean_setup(
-        model, "flora", accumulate=LEAN_ACCUMULATE, rank=cfg.rank, kappa=cfg.kappa, lr=lr
-    )
-    acc = setup.accumulator
+    if name == "flora-lean-preset":  # the accumulator steps inside backward
+        setup = flora.lean_setup(
+            model, "flora", accumulate=LEAN_ACCUMULATE, rank=cfg.rank, kappa=cfg.kappa, lr=lr
+        )
+        opt, acc = setup.optimizer, setup.accumulator
+    else:  # the preset's seeds: the accumulator's is the optimizer's + 1
+        opt = flora.Flora(model.named_parameters(), lr=lr, rank=cfg.rank, kappa=cfg.kappa)
+        acc = flora.GradientAccumulator(model, LEAN_ACCUMULATE, rank=cfg.rank, seed=1)
 
-    def lean_step(x: torch.Tensor) -> None:  # equal micro-batches: mean of means
+    def accumulated_step(x: torch.Tensor) -> None:  # equal micro-batches: mean of means
         for micro in x.chunk(LEAN_ACCUMULATE):
             with acc.micro_batch():
                 (model(input_ids=micro, labels=micro).loss / LEAN_ACCUMULATE).backward()
+        if name == "flora-accumulate":
+            opt.step()
 
-    return model, setup.optimizer, lean_step, acc
+    return model, opt, accumulated_step, acc
 
 
 def train_one(

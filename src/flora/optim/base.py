@@ -1033,11 +1033,9 @@ class FloraOptimizerBase(Optimizer):
         the multi-tensor step for the buckets the subclass's engine takes
         (:meth:`_bucket_eligible`), the per-parameter loop for the rest. ``grads`` (from
         :meth:`step_parameter`) replace the parameters' ``.grad`` and take the loop."""
+        given = grads is not None  # from step_parameter: the loop (the engine stacks .grad)
         if grads is None:
             grads = [p.grad for _, _, p in named]
-            given = False
-        else:
-            given = True
         for (_, name, _), grad in zip(named, grads, strict=True):
             if grad.is_sparse:
                 raise RuntimeError(
@@ -1062,7 +1060,7 @@ class FloraOptimizerBase(Optimizer):
             finite = self._agree(named, sharded, finite)
         if not all(finite) and self._skip_whole_step(named, finite):
             return
-        if given:  # the loop: the engine stacks .grad
+        if given:
             buckets, rest = [], {id(p) for _, _, p in named}
         else:
             buckets, rest = self._buckets([e for e, ok in zip(named, finite, strict=True) if ok])

@@ -61,7 +61,9 @@ def _init(rank: int, world: int, tmpdir: str) -> None:
     )
 
 
-def ddp_accumulation(rank: int, world: int, tmpdir: str, steps: int, cycles: int) -> None:
+def ddp_accumulation(
+    rank: int, world: int, tmpdir: str, steps: int, cycles: int, distribution: str = "gaussian"
+) -> None:
     """DDP + GradientAccumulator: micro-batch i of cycle c on rank r is global batch
     ``(c * steps + i) * world + r``; saves parameters and all-reduced bytes per cycle."""
     _init(rank, world, tmpdir)
@@ -82,7 +84,7 @@ def ddp_accumulation(rank: int, world: int, tmpdir: str, steps: int, cycles: int
             sib_error = ""
         except ValueError as err:
             sib_error = str(err)
-        acc = GradientAccumulator(ddp, steps, rank=4, seed=1)
+        acc = GradientAccumulator(ddp, steps, rank=4, seed=1, distribution=distribution)
         batches = make_batches(cycles * steps * world)
         per_cycle = []
         for c in range(cycles):

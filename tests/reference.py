@@ -252,6 +252,27 @@ def compressed_accumulation(
     return (scale * _up(c, a, side)).reshape(shape)
 
 
+def sketch_accumulation(
+    grads: Sequence[Tensor], omega: Tensor, psi: Tensor, side: str, *, scale: float = 1.0
+) -> Tensor:
+    """The low-rank sketch over one cycle in the generalized Nystrom form: with a_i the
+    matrix as (kept, compressed), Y = sum_i a_i Omega^T and W = sum_i Psi a_i built one
+    micro-batch at a time, G-hat = scale * Y (Psi Y)^+ W (equal to Q (Psi Q)^+ W when Y has
+    full column rank), through an SVD-based pseudo-inverse."""
+    shape = grads[0].shape
+    m = shape[0]
+    n = grads[0].numel() // m
+    omega, psi = omega.double(), psi.double()
+    y = w = None
+    for g in grads:
+        a = g.double().reshape(m, n)
+        a = a if side == "right" else a.T
+        y = a @ omega.T if y is None else y + a @ omega.T
+        w = psi @ a if w is None else w + psi @ a
+    approx = y @ torch.linalg.pinv(psi @ y) @ w
+    return (scale * (approx if side == "right" else approx.T)).reshape(shape)
+
+
 def _projector(a: Tensor) -> Tensor:
     """The orthogonal projector c A^T A onto the row space of an orthonormal A (r x d)."""
     return (a.shape[0] / a.shape[1]) * a.T @ a

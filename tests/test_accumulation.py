@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 from accumulation_models import TinyNet, loss_of, make_batches, make_model
-from reference import compressed_accumulation
+from reference import compressed_accumulation, sketch_accumulation
 from torch import nn
 
 from flora import Flora, GradientAccumulator, parameter_key, projection_matrix
+from flora.projection import sketch_sizes
 
 TAU = 3
 
@@ -487,7 +488,7 @@ def save_load(obj):
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("distribution", ["gaussian", "gradient"])
+@pytest.mark.parametrize("distribution", ["gaussian", "gradient", "sketch"])
 @pytest.mark.parametrize("step_in_backward", [False, True])
 @pytest.mark.parametrize("stop_at", [1, 2, 3, 5])
 def test_mid_cycle_checkpoint_resumes_bit_identically(step_in_backward, stop_at, distribution):
@@ -714,7 +715,7 @@ def test_repr_and_exclude():
 
 
 # ---------------------------------------------------------------- the true-norm estimate
-@pytest.mark.parametrize("distribution", ["gaussian", "orthonormal"])
+@pytest.mark.parametrize("distribution", ["gaussian", "orthonormal", "sketch"])
 def test_grad_norm_estimates_the_true_norm_where_the_decompressed_one_is_inflated(distribution):
     """Over many cycles (a fresh projection each) the mean of grad_norm**2 is the true
     accumulated gradient's squared norm; the decompressed gradient's is ~(1 + (d+1)/r) x."""
@@ -723,7 +724,8 @@ def test_grad_norm_estimates_the_true_norm_where_the_decompressed_one_is_inflate
     plain_cycle(model, batches)
     true_sq = sum(float(p.grad.double().square().sum()) for p in model.parameters())
     model.zero_grad()
-    acc = GradientAccumulator(model, TAU, rank=2, distribution=distribution)
+    rank = 4 if distribution == "sketch" else 2  # (the sketch needs rank >= 4 here)
+    acc = GradientAccumulator(model, TAU, rank=rank, distribution=distribution)
     est_sq, dec_sq = [], []
     for _ in range(300):  # the same micro-batches every cycle: only the projection changes
         acc_cycle(model, acc, batches)
@@ -732,7 +734,10 @@ def test_grad_norm_estimates_the_true_norm_where_the_decompressed_one_is_inflate
         model.zero_grad()
     mean_est = sum(est_sq) / len(est_sq)
     assert abs(mean_est / true_sq - 1) < 0.1  # unbiased (seeded: the same draws every run)
-    assert sum(dec_sq) / len(dec_sq) / true_sq > 2.0  # rank 2 of dims 12-16: inflated
+    if distribution == "sketch":  # a low-rank approximation: about the true norm (1.03 x)
+        assert sum(dec_sq) / len(dec_sq) / true_sq < 1.5
+    else:
+        assert sum(dec_sq) / len(dec_sq) / true_sq > 2.0  # rank 2 of dims 12-16: inflated
 
 
 def test_max_grad_norm_clips_with_the_estimate():
@@ -859,3 +864,107 @@ def test_gradient_basis_bytes_and_refusals():
         GradientAccumulator(make_model(), TAU, rank=4, distribution="gradient").load_state_dict(
             state
         )
+
+
+# ---------------------------------------------------------------- the low-rank sketch
+def sketch_test_matrices(acc, name, cycle, seed, dtype=torch.float64):
+    """Omega (k, d) and Psi (l, o): the documented pure functions of the keys."""
+    d = acc.decision(name)
+    kept = math.prod(d.state_shape) // d.rank
+    k, l_ = sketch_sizes(d.rank, kept, d.compressed_dim)
+    common = {"seed": seed, "key": parameter_key(name), "window": cycle, "dtype": dtype}
+    omega = projection_matrix(k, d.compressed_dim, stream="accumulation/range", **common)
+    psi = projection_matrix(l_, kept, stream="accumulation/co-range", **common)
+    return omega, psi
+
+
+@pytest.mark.parametrize(("side", "rank"), [("auto", 8), ("left", 12)])
+def test_sketch_matches_float64_reference(side, rank):
+    """distribution="sketch": G-hat is the rank-k matrix the two sketches of the cycle's sum
+    determine, computed by the reference in another form (Y (Psi Y)^+ W), to 1e-10."""
+    model = make_model(dtype=torch.float64)
+    acc = GradientAccumulator(model, TAU, rank=rank, seed=3, side=side, distribution="sketch")
+    batches = make_batches(2 * TAU)
+    params = dict(model.named_parameters())
+    for cycle in range(2):
+        part = batches[cycle * TAU : (cycle + 1) * TAU]
+        per_batch = micro_batch_grads(model, part)
+        acc_cycle(model, acc, part)
+        for name, p in params.items():
+            d = acc.decision(name)
+            if d.compressed:
+                omega, psi = sketch_test_matrices(acc, name, cycle, seed=3)
+                expected = sketch_accumulation([g[name] for g in per_batch], omega, psi, d.side)
+            else:
+                expected = sum(g[name] for g in per_batch)
+            torch.testing.assert_close(p.grad, expected, rtol=1e-10, atol=1e-12)
+        model.zero_grad()
+    assert acc.decision("fc.weight").compressed and acc.decision("emb.weight").compressed
+    with pytest.raises(ValueError, match="two test matrices"):
+        acc.projection("fc.weight")
+
+
+def test_sketch_is_exact_on_low_rank_gradients_and_beats_a_projection_on_decaying_ones():
+    torch.manual_seed(0)
+    m, n, rank = 60, 40, 16  # k = 6 (right side: kept 60, dim 40)
+    weight = nn.Parameter(torch.zeros(m, n, dtype=torch.float64))
+
+    def decompressed(grads, distribution, cycle=0):
+        acc = GradientAccumulator([("w", weight)], len(grads), rank=rank, distribution=distribution)
+        acc.cycle = cycle
+        for g in grads:
+            with acc.micro_batch():
+                weight.grad = g.clone()  # what a backward pass leaves; the hook runs below
+                acc._hook(weight)
+        out = weight.grad
+        weight.grad = None
+        return out
+
+    u, v = torch.randn(m, 5, dtype=torch.float64), torch.randn(5, n, dtype=torch.float64)
+    low = [u @ torch.diag(torch.randn(5, dtype=torch.float64)) @ v for _ in range(4)]
+    torch.testing.assert_close(decompressed(low, "sketch"), sum(low), rtol=1e-9, atol=1e-9)
+    # a decaying spectrum (singular values 0.7^j): the sketch's error is a fraction of the
+    # Gaussian projection's, over several cycles
+    q1 = torch.linalg.qr(torch.randn(m, n, dtype=torch.float64)).Q
+    q2 = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64)).Q
+    decaying = [q1 @ torch.diag(0.7 ** torch.arange(n, dtype=torch.float64)) @ q2.T]
+    target = decaying[0]
+    err = {
+        dist: [
+            float((decompressed(decaying, dist, cycle) - target).norm() / target.norm())
+            for cycle in range(4)
+        ]
+        for dist in ("sketch", "gaussian")
+    }
+    assert max(err["sketch"]) < 0.5 < 1.0 < min(err["gaussian"]), err  # best rank 6: 0.12
+    assert sum(err["sketch"]) < 0.35 * sum(err["gaussian"]), err
+
+
+def test_sketch_bytes_cache_and_refusals():
+    model = make_model()
+    sketch = GradientAccumulator(model, TAU, rank=8, distribution="sketch")
+    seeded = GradientAccumulator(make_model(), TAU, rank=8)
+    assert sketch.plan().state_bytes == seeded.plan().state_bytes  # the same buffers
+    for i, b in enumerate(make_batches(TAU)):
+        with sketch.micro_batch():
+            (loss_of(model, b) / TAU).backward()
+        if i < TAU - 1:
+            assert sketch.buffer_bytes() == sketch.plan().state_bytes
+    # cached test matrices: identical gradients, their bytes in the plan
+    a, b = make_model(), make_model()
+    acc_a = GradientAccumulator(a, TAU, rank=8, distribution="sketch")
+    acc_b = GradientAccumulator(b, TAU, rank=8, distribution="sketch", cache_projection=True)
+    batches = make_batches(2 * TAU)
+    for cycle in range(2):
+        part = batches[cycle * TAU : (cycle + 1) * TAU]
+        acc_cycle(a, acc_a, part)
+        acc_cycle(b, acc_b, part)
+        for x, y in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(x.grad, y.grad)
+        a.zero_grad()
+        b.zero_grad()
+    # (k, l) = emb (4, 9) kept 40 dim 12; conv (4, 9) kept 36 dim 16; fc (3, 7) kept 24 dim 16
+    cached = (4 * 12 + 9 * 40) + (4 * 16 + 9 * 36) + (3 * 16 + 7 * 24)
+    assert acc_b.plan().projection_cache_bytes == 4 * cached
+    with pytest.raises(ValueError, match=r"sketch.*head\.weight.*rank must be >="):
+        GradientAccumulator(make_model(), TAU, rank=8, side="right", distribution="sketch")

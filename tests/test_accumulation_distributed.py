@@ -12,13 +12,16 @@ from flora import GradientAccumulator
 pytestmark = pytest.mark.slow  # 2 gloo processes; `make test-fast` skips them
 
 
-def test_ddp_equals_single_process_on_the_concatenated_batch(tmp_path):
+@pytest.mark.parametrize("distribution", ["gaussian", "sketch"])
+def test_ddp_equals_single_process_on_the_concatenated_batch(tmp_path, distribution):
+    """The sketch too: both of its sketches are linear, so all-reducing them sketches the
+    averaged gradient."""
     world, steps, cycles = 2, 3, 2
-    run_workers(ddp_accumulation, world, str(tmp_path), steps, cycles)
+    run_workers(ddp_accumulation, world, str(tmp_path), steps, cycles, distribution)
     result = torch.load(tmp_path / "result.pt", weights_only=True)
 
     model = make_model()
-    acc = GradientAccumulator(model, steps, rank=4, seed=1)
+    acc = GradientAccumulator(model, steps, rank=4, seed=1, distribution=distribution)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
     batches = make_batches(cycles * steps * world)
     for c in range(cycles):

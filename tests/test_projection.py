@@ -32,6 +32,8 @@ from flora.projection import (
     projection_matrices,
     projection_matrix,
     range_basis,
+    sketch_reconstruct,
+    sketch_sizes,
     transfer,
     up,
 )
@@ -429,3 +431,33 @@ def test_projection_matrices_bad_arguments():
         projection_matrices(5, 4, seed=0, keys=[1], windows=[0], distribution="orthonormal")
     with pytest.raises(ValueError, match="distribution"):
         projection_matrices(2, 4, seed=0, keys=[1], windows=[0], distribution="uniform")
+
+
+def test_sketch_sizes_fill_the_buffer():
+    assert sketch_sizes(48, 384, 384) == (15, 31)  # square: k = (r - 1) / 3, l = 2k + 1
+    assert sketch_sizes(48, 1536, 384) == (31, 63)  # a tall matrix affords a larger k
+    for rank, kept, dim in [(48, 384, 384), (48, 1536, 384), (4, 5, 5), (32, 768, 3072)]:
+        k, l_ = sketch_sizes(rank, kept, dim)
+        assert k * kept + l_ * dim <= rank * kept < (k + 1) * kept + (l_ + 2) * dim
+    assert sketch_sizes(64, 8, 8) == (8, 8)  # capped: an exact sketch of a small matrix
+    with pytest.raises(ValueError, match="rank must be >= 4"):
+        sketch_sizes(3, 10, 10)
+    with pytest.raises(TypeError, match="rank"):
+        sketch_sizes(4.0, 10, 10)
+
+
+def test_sketch_reconstruct_is_exact_at_low_rank_and_zero_for_zero():
+    torch.manual_seed(0)
+    o, d, k, l_ = 30, 20, 4, 9
+    omega = torch.randn(k, d, dtype=torch.float64)
+    psi = torch.randn(l_, o, dtype=torch.float64)
+    for true_rank in (1, 3, 4):  # rank-deficient Y (1, 3) still gives an orthonormal Q
+        a = torch.randn(o, true_rank, dtype=torch.float64) @ torch.randn(
+            true_rank, d, dtype=torch.float64
+        )
+        approx = sketch_reconstruct(a @ omega.T, psi @ a, psi)
+        torch.testing.assert_close(approx, a, rtol=1e-9, atol=1e-9)
+    zero = torch.zeros(o, d, dtype=torch.float64)
+    assert torch.equal(sketch_reconstruct(zero @ omega.T, psi @ zero, psi), zero)
+    full = torch.randn(o, d, dtype=torch.float64)  # rank 20 > k: an approximation of rank k
+    assert torch.linalg.matrix_rank(sketch_reconstruct(full @ omega.T, psi @ full, psi)) == k

@@ -32,8 +32,9 @@ def test_every_optimizer_builds_and_steps(name):
     step(x)
     after = [p for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
-    if name == "flora-accumulate":
+    if name in ("flora-accumulate", "flora-accumulate-sketch"):
         assert acc.position == 0 and all(s["step"] == 1 for s in opt.state.values())
+        assert acc.distribution == ("sketch" if name.endswith("sketch") else "gaussian")
         acc.remove()
     elif name == "flora-lean-preset":  # stepped inside backward of the 4th micro-batch
         assert acc.position == 0 and all(p.grad is None for p in after)

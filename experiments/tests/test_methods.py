@@ -13,6 +13,7 @@ from flora_experiments.methods import (
     methods,
     parse_method,
     plot_sweeps,
+    ratios_to_naive,
     sweep,
 )
 from flora_experiments.report import Results
@@ -114,11 +115,13 @@ def test_plot_sweeps_sets_the_sweep_curves_and_the_memory_points(tmp_path):
     assert [p.name for p in res.write(tmp_path)][-1] == "sweeps.png"
 
 
-def test_chosen_methods_default_to_the_tables_rows_and_need_naive():
+def test_chosen_methods_default_to_the_tables_rows():
     assert chosen_methods((), (8,)) == methods((8,))
     assert chosen_methods(("naive", "flora-64"), (8,)) == ["naive", "flora-64"]
-    with pytest.raises(ValueError, match="methods must include 'naive'"):
-        chosen_methods(("none", "flora-64"), (8,))
+    assert chosen_methods(("flora-64",), (8,)) == ["flora-64"]  # ratios then stay empty
+    rows = [{"method": "flora-64", "state_bytes": 5}]
+    ratios_to_naive(rows, {"state_ratio": "state_bytes"})
+    assert rows[0]["state_ratio"] is None
     with pytest.raises(ValueError, match="method must be"):
         chosen_methods(("naive", "flora"), (8,))
 

@@ -73,9 +73,12 @@ from flora.projection import (
     GENERATOR,
     GENERATORS,
     GRADIENT,
+    SKETCH,
     parameter_key,
     projection_matrix,
     range_basis,
+    sketch_reconstruct,
+    sketch_sizes,
     up,
 )
 from flora.replicas import check_same_settings
@@ -123,15 +126,17 @@ class _Slot:
     """One managed parameter: its policy decision and its buffer for the current cycle."""
 
     __slots__ = (
-        "basis", "buffer", "decision", "dtype", "key", "name", "param", "proj", "seen", "stepped",
+        "basis", "buffer", "decision", "dtype", "key", "name", "param", "proj", "seen",
+        "sketch", "stepped",
     )  # fmt: skip
 
     def __init__(self, name: str, param: Tensor, decision: Decision, key: int) -> None:
         self.name, self.param, self.decision, self.key = name, param, decision, key
         self.dtype = state_dtype(param)  # float32 buffers for fp16/bf16 parameters
         self.buffer: Tensor | None = None  # compressed C, or full-size sum (step-in-backward)
-        self.proj: tuple[int, Tensor] | None = None  # (cycle, A) when caching
+        self.proj: tuple[int, Any] | None = None  # (cycle, A or (Omega, Psi)) when caching
         self.basis: Tensor | None = None  # distribution="gradient": this cycle's basis
+        self.sketch: tuple[int, int] | None = None  # distribution="sketch": sizes (k, l)
         self.seen = False  # received a gradient this cycle
         self.stepped = False  # stepped inside its hook this cycle
 
@@ -142,6 +147,22 @@ class _Slot:
     @property
     def shape2d(self) -> tuple[int, int]:
         return self.decision.matrix_shape  # type: ignore[return-value]
+
+    def oriented(self, g: Tensor) -> Tensor:
+        """The matrix ``g`` (in ``shape2d``) as ``(kept, compressed)``: ``g`` when compressed
+        on the right, ``g.T`` on the left."""
+        return g if self.decision.side == "right" else g.T
+
+    def sketches(self) -> tuple[Tensor, Tensor]:
+        """``distribution="sketch"``: views ``Y`` (kept, k) and ``W`` (l, compressed) at the
+        start of the buffer (its last ``r o - k o - l d`` entries stay zero)."""
+        assert self.buffer is not None and self.sketch is not None
+        k, l_ = self.sketch
+        dim = self.decision.compressed_dim
+        flat = self.buffer.view(-1)
+        kept = flat.numel() // self.decision.rank  # type: ignore[operator]
+        y = flat[: kept * k].view(kept, k)
+        return y, flat[kept * k : kept * k + l_ * dim].view(l_, dim)  # type: ignore[operator]
 
 
 def _named_parameters(
@@ -195,14 +216,24 @@ class GradientAccumulator:
         exclude: regex(es) of parameter names never compressed.
         side: ``"auto"`` (compress the smaller dimension), ``"left"`` or ``"right"``.
         distribution: the projection family, ``"gaussian"`` (paper), ``"rademacher"``,
-            ``"orthonormal"`` or ``"coordinates"`` (:mod:`flora.projection`), or
+            ``"orthonormal"`` or ``"coordinates"`` (:mod:`flora.projection`); or
             ``"gradient"``: each cycle's basis is the dominant subspace of the cycle's first
             gradient (:func:`flora.projection.range_basis`), and :math:`\hat G` is the
             projection of the accumulated gradient onto it, :math:`c\,\operatorname{up}(C)`
             with :math:`c = r/d` — low-noise but biased (the remainder is dropped, as in
             GaLore), with ``r * d`` more numbers per compressed matrix during a cycle. Not
             under DDP (the ranks' first gradients differ) and not with
-            ``cache_projection``.
+            ``cache_projection``; or ``"sketch"``: the buffer's ``r * o`` numbers (``o`` the
+            kept dimension, ``d`` the compressed one) hold two seeded Gaussian sketches of
+            the accumulated gradient, :math:`Y = a\,\Omega^\top` (``o x k``) and
+            :math:`W = \Psi a` (``l x d``), :math:`a` the gradient as ``(o, d)``, sizes from
+            :func:`flora.projection.sketch_sizes` (``k = (r-1)/3`` for a square matrix), and
+            :math:`\hat G` is the rank-``k`` approximation they determine
+            (:func:`flora.projection.sketch_reconstruct`; Tropp et al. 2017) — biased towards
+            the gradient's dominant directions, exact for gradients of rank ``<= k``, with
+            far less error than an unbiased projection when the spectrum decays. Seeded and
+            linear, so it works under DDP (the all-reduced sketches sketch the averaged
+            gradient) and with ``cache_projection`` (both test matrices are cached).
         reduction: ``"sum"`` (PyTorch convention: ``p.grad`` is the sum of the micro-batch
             gradients; scale the loss by ``1/steps``) or ``"mean"`` (divide by the number of
             micro-batches in the cycle).
@@ -246,7 +277,9 @@ class GradientAccumulator:
         compress: bool = True,
         exclude: str | Iterable[str] | None = None,
         side: Literal["auto", "left", "right"] = "auto",
-        distribution: Literal["gaussian", "rademacher", "orthonormal", "coordinates"] = "gaussian",
+        distribution: Literal[
+            "gaussian", "rademacher", "orthonormal", "coordinates", "gradient", "sketch"
+        ] = "gaussian",
         reduction: Literal["sum", "mean"] = "sum",
         cache_projection: bool = False,
         optimizer: Optimizer | None = None,
@@ -269,7 +302,7 @@ class GradientAccumulator:
                 "cache_projection": cache_projection,
                 "step_in_backward": step_in_backward,
             },
-            distributions=(*DISTRIBUTIONS, GRADIENT),
+            distributions=(*DISTRIBUTIONS, GRADIENT, SKETCH),
         )
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -359,7 +392,14 @@ class GradientAccumulator:
                 raise TypeError(f"complex parameters are not supported ({name})")
             d = decide(name, p.shape, rank=rank, compress=compress, exclude=patterns, side=side)
             key = parameter_key(name if has_names else int(name[len("param") :]))
-            self._slots.append(_Slot(name, p, d, key))
+            slot = _Slot(name, p, d, key)
+            if distribution == SKETCH and d.compressed:
+                kept = math.prod(d.state_shape) // rank  # type: ignore[arg-type]
+                try:
+                    slot.sketch = sketch_sizes(rank, kept, d.compressed_dim)  # type: ignore[arg-type]
+                except ValueError as e:
+                    raise ValueError(f"distribution='sketch', {name!r}: {e}") from None
+            self._slots.append(slot)
         self._by_param = {id(s.param): s for s in self._slots}
         if optimizer is not None:
             self._check_optimizer(optimizer)
@@ -440,10 +480,36 @@ class GradientAccumulator:
                     "after the parameter's first gradient in it"
                 )
             return s.basis
+        if self.distribution == SKETCH:
+            raise ValueError(
+                "distribution='sketch' has two test matrices, not a projection: see "
+                "flora.projection.sketch_reconstruct"
+            )
         return self._make_projection(s, self.cycle if cycle is None else cycle)
 
-    def _make_projection(self, s: _Slot, cycle: int) -> Tensor:
+    def _make_projection(self, s: _Slot, cycle: int) -> Any:
+        """The cycle's projection ``A``, or for the sketch its test matrices ``(Omega, Psi)``:
+        Gaussian, ``(k, d)`` and ``(l, o)``, streams ``accumulation/range`` and
+        ``accumulation/co-range``."""
         d = s.decision
+        if s.sketch is not None:
+            k, l_ = s.sketch
+            kept = math.prod(d.state_shape) // d.rank  # type: ignore[arg-type,operator]
+            sizes = ((k, d.compressed_dim, "range"), (l_, kept, "co-range"))
+            return tuple(
+                projection_matrix(
+                    rows,
+                    cols,
+                    seed=self.seed,
+                    key=s.key,
+                    window=cycle,
+                    stream=f"{STREAM}/{stream}",
+                    device=s.param.device,
+                    dtype=s.dtype,
+                    generator=self.generator,
+                )
+                for rows, cols, stream in sizes
+            )
         return projection_matrix(
             d.rank,  # type: ignore[arg-type]
             d.compressed_dim,  # type: ignore[arg-type]
@@ -457,7 +523,7 @@ class GradientAccumulator:
             generator=self.generator,
         )
 
-    def _projection_now(self, s: _Slot) -> Tensor:
+    def _projection_now(self, s: _Slot) -> Any:
         if self.distribution == GRADIENT:
             assert s.basis is not None
             return s.basis
@@ -594,7 +660,13 @@ class GradientAccumulator:
                 stream=STREAM, generator=self.generator,
             )  # fmt: skip
         proj = self._projection_now(s)
-        if s.decision.side == "left":
+        if s.sketch is not None:
+            omega, psi = proj
+            y, w = s.sketches()
+            a = s.oriented(g)
+            y.addmm_(a, omega.T)  # Y += a Omega^T
+            w.addmm_(psi, a)  # W += Psi a
+        elif s.decision.side == "left":
             s.buffer.addmm_(proj, g)  # type: ignore[union-attr]  # C += A G
         else:
             s.buffer.addmm_(g, proj.T)  # type: ignore[union-attr]  # C += G A^T
@@ -603,7 +675,10 @@ class GradientAccumulator:
         """G-hat of ``s`` in the parameter's shape and dtype (``cast=False``: in the
         buffers' dtype)."""
         assert s.buffer is not None
-        if s.compressed:
+        if s.sketch is not None:
+            y, w = s.sketches()
+            g = s.oriented(sketch_reconstruct(y, w, self._projection_now(s)[1]))
+        elif s.compressed:
             proj = self._projection_now(s)
             g = up(s.buffer, proj, s.decision.side)  # type: ignore[arg-type]
             if self.distribution == GRADIENT:  # c up(C): the projection onto the basis
@@ -642,7 +717,8 @@ class GradientAccumulator:
     def _true_norm_estimate(self, count: int) -> Tensor | None:
         r"""sqrt of an unbiased estimate of the accumulated gradient's squared norm: the
         compressed buffers' :math:`\lVert C\rVert^2` (as :math:`\mathbb{E}[A^\top A] = I`,
-        :math:`\mathbb{E}\lVert A G\rVert^2 = \lVert G\rVert^2`) plus the uncompressed
+        :math:`\mathbb{E}\lVert A G\rVert^2 = \lVert G\rVert^2`; the sketch's
+        :math:`\lVert W\rVert^2 = \lVert \Psi a\rVert^2` likewise) plus the uncompressed
         gradients' squared norms."""
         parts = []  # (not used with step_in_backward, whose plain gradients sit in buffers)
         shrink = {}  # gradient basis: ||c up(C)|| = sqrt(c) ||C||, the applied gradient's
@@ -651,7 +727,8 @@ class GradientAccumulator:
                 if s.buffer is not None and (s.seen or self._group is not None):
                     if self.distribution == GRADIENT:
                         shrink[s.name] = math.sqrt(s.decision.rank / s.decision.compressed_dim)  # type: ignore[operator]
-                    parts.append(_norm(s.buffer) * shrink.get(s.name, 1.0))
+                    held = s.sketches()[1] if s.sketch is not None else s.buffer
+                    parts.append(_norm(held) * shrink.get(s.name, 1.0))
             elif s.param.grad is not None:
                 parts.append(_norm(s.param.grad))
         if not parts:
@@ -739,7 +816,11 @@ class GradientAccumulator:
                 held = math.prod(d.state_shape) * itemsize  # type: ignore[arg-type]
                 if self.distribution == GRADIENT:  # the cycle's basis
                     held += d.rank * d.compressed_dim * itemsize  # type: ignore[operator]
-                if self.cache_projection:
+                if self.cache_projection and s.sketch is not None:  # Omega (k, d), Psi (l, o)
+                    kept = math.prod(d.state_shape) // d.rank  # type: ignore[arg-type,operator]
+                    k, l_ = s.sketch
+                    plan.projection_cache_bytes += (k * d.compressed_dim + l_ * kept) * itemsize  # type: ignore[operator]
+                elif self.cache_projection:
                     plan.projection_cache_bytes += d.rank * d.compressed_dim * itemsize  # type: ignore[operator]
             elif self.step_in_backward:  # the sum is kept in the buffer dtype (float32)
                 held = p.numel() * torch.empty((), dtype=s.dtype).element_size()

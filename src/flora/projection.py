@@ -90,6 +90,8 @@ __all__ = [
     "projection_matrices",
     "projection_matrix",
     "range_basis",
+    "sketch_reconstruct",
+    "sketch_sizes",
     "transfer",
     "up",
 ]
@@ -100,6 +102,8 @@ SIDES: tuple[str, ...] = ("left", "right")
 DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher", "orthonormal", "coordinates")
 #: the data-dependent basis of :func:`range_basis`, which an optimizer keeps in its state
 GRADIENT = "gradient"
+#: the accumulator's low-rank sketch (:func:`sketch_sizes`, :func:`sketch_reconstruct`)
+SKETCH = "sketch"
 #: families whose rows are orthogonal with P P^T = (d/r) I exactly
 ORTHONORMAL: tuple[str, ...] = ("orthonormal", "coordinates", GRADIENT)
 
@@ -433,6 +437,59 @@ def range_basis(
     sum_(gram)
     u_b = torch.linalg.eigh(gram).eigenvectors.flip(-1)[:, :rank]  # descending eigenvalues
     return (q @ u_b).T.mul_(math.sqrt(dim / rank)).contiguous()
+
+
+def sketch_sizes(rank: int, kept: int, dim: int) -> tuple[int, int]:
+    r"""Sizes ``(k, l)`` of the two sketches that fit the numbers of a rank-``rank`` buffer.
+
+    A matrix :math:`a \in \mathbb{R}^{o \times d}` (``o = kept``, ``d = dim``, the
+    compressed dimension) whose compressed buffer would hold :math:`r\,o` numbers is
+    sketched instead as :math:`Y = a\,\Omega^\top \in \mathbb{R}^{o \times k}` and
+    :math:`W = \Psi\,a \in \mathbb{R}^{l \times d}` with :math:`l = 2k + 1` (Tropp,
+    Yurtsever, Udell & Cevher, "Practical sketching algorithms for low-rank matrix
+    approximation", SIAM J. Matrix Anal. Appl. 38(4), 2017: for a budget of
+    :math:`T = k + l` sketch vectors of a square matrix, :math:`k = (T - 1)/3`) and the
+    largest :math:`k` with :math:`k\,o + l\,d \le r\,o`, capped so that
+    :math:`k \le \min(o, d)` and :math:`l \le o`. Square matrices get
+    :math:`k = \lfloor (r - 1)/3 \rfloor`. ``ValueError`` when not even :math:`k = 1` fits.
+    """
+    for name, value in (("rank", rank), ("kept", kept), ("dim", dim)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    k = min((rank * kept - dim) // (kept + 2 * dim), dim, kept)
+    if k < 1:
+        raise ValueError(
+            f"a sketch of a ({kept}, {dim}) matrix in {rank} x {kept} numbers has no room: "
+            f"rank must be >= {math.ceil((kept + 3 * dim) / kept)}"
+        )
+    return k, min(2 * k + 1, kept)
+
+
+def sketch_reconstruct(y: Tensor, w: Tensor, psi: Tensor) -> Tensor:
+    r"""The low-rank matrix that two linear sketches of ``a`` determine (Tropp et al. 2017, the
+    two-sketch approximation; also the generalized Nyström method): with
+    :math:`Y = a\,\Omega^\top` (``y``, (o, k)), :math:`W = \Psi a`
+    (``w``, (l, d)) and :math:`\Psi` (``psi``, (l, o)),
+
+    .. math::
+        Q = \operatorname{qr}(Y), \qquad \Psi Q = U T \ (\text{QR}), \qquad
+        \hat a = Q\, T^{-1} U^\top W \ (= Q\,(\Psi Q)^{+} W).
+
+    :math:`\hat a` has rank :math:`\le k`; it equals :math:`a` when :math:`a` has rank
+    :math:`\le k` (then :math:`a = Q Q^\top a`), and otherwise
+    :math:`\mathbb{E}\lVert a - \hat a\rVert_F^2 \le (1 + \frac{k}{l - k - 1})
+    \min_{\varrho < k - 1} (1 + \frac{\varrho}{k - \varrho - 1})\,
+    \tau_{\varrho + 1}^2(a)` for Gaussian test matrices, with :math:`\tau_j^2` the energy
+    of the singular values from the :math:`j`-th on (their bound). Both sketches are
+    linear in :math:`a`, so sums of sketches (micro-batches, an all-reduce) sketch the sum.
+    A Householder QR gives an orthonormal :math:`Q` also when :math:`Y` is rank-deficient
+    or zero (then :math:`\hat a = 0`)."""
+    q = torch.linalg.qr(y).Q  # (o, k)
+    u, t = torch.linalg.qr(psi @ q)  # (l, k), (k, k)
+    x = torch.linalg.solve_triangular(t, u.mT @ w, upper=True)  # (k, d)
+    return q @ x
 
 
 def _no_reduce(t: Tensor) -> None:

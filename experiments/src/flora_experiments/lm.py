@@ -32,7 +32,8 @@ Optimizers (``OPTIMIZERS``):
   micro-batches with step-in-backward (as many examples per step as every other row);
   ``flora-accumulate`` — default Flora in float32 with the same compressed accumulation
   (:class:`flora.GradientAccumulator`, rank ``r``, then ``opt.step()``): the preset's
-  accumulation without its bf16;
+  accumulation without its bf16; ``flora-accumulate-sketch`` — the same with the
+  accumulator's low-rank sketch (``distribution="sketch"``) in place of its projection;
   ``flora-adamw-fira`` / ``flora-adamw-fira-gradient`` — ``flora.FloraAdamW`` with
   ``preconditioner="subspace"`` (both moments in the subspace, the remainder scaled, GaLore +
   Fira) on an orthonormal / gradient basis; a ``-xemb`` suffix leaves the token embedding
@@ -97,6 +98,7 @@ OPTIMIZERS: dict[str, tuple[str, tuple[float, ...]]] = {  # name -> (package, fu
     "flora-gradient-lean": ("flora (bf16 weights and state, stochastic)", ADAFACTOR_LRS),
     "flora-lean-preset": ("flora.lean_setup (+ accumulation of 4, in backward)", ADAFACTOR_LRS),
     "flora-accumulate": ("flora (float32; compressed accumulation of 4)", ADAFACTOR_LRS),
+    "flora-accumulate-sketch": ("flora (float32; sketched accumulation of 4)", ADAFACTOR_LRS),
     "flora-adamw-fira": ("flora (subspace Adam + scaled remainder, orthonormal)", ADAM_LRS),
     "flora-adamw-fira-gradient": ("flora (subspace Adam + scaled remainder, gradient)", ADAM_LRS),
     "flora-gradient-xemb": ("flora (gradient basis; embeddings, head full)", ADAFACTOR_LRS),
@@ -335,9 +337,10 @@ def build_run(
     name: str, cfg: LMConfig, lr: float
 ) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[torch.Tensor], None], Any]:
     """:func:`build`, with the training step for one batch (forward, backward, step) and the
-    row's gradient accumulator (None but for ``flora-accumulate`` and ``flora-lean-preset``;
-    the preset's steps inside backward, so its training step calls no ``opt.step()``)."""
-    if name not in ("flora-accumulate", "flora-lean-preset"):
+    row's gradient accumulator (None but for the ``flora-accumulate`` rows and
+    ``flora-lean-preset``; the preset's steps inside backward, so its training step calls no
+    ``opt.step()``)."""
+    if name not in ("flora-accumulate", "flora-accumulate-sketch", "flora-lean-preset"):
         model, opt = build(name, cfg, lr)
 
         def step(x: torch.Tensor) -> None:
@@ -355,13 +358,16 @@ def build_run(
         opt, acc = setup.optimizer, setup.accumulator
     else:  # the preset's seeds: the accumulator's is the optimizer's + 1
         opt = flora.Flora(model.named_parameters(), lr=lr, rank=cfg.rank, kappa=cfg.kappa)
-        acc = flora.GradientAccumulator(model, LEAN_ACCUMULATE, rank=cfg.rank, seed=1)
+        how = "sketch" if name == "flora-accumulate-sketch" else "gaussian"
+        acc = flora.GradientAccumulator(
+            model, LEAN_ACCUMULATE, rank=cfg.rank, seed=1, distribution=how
+        )
 
     def accumulated_step(x: torch.Tensor) -> None:  # equal micro-batches: mean of means
         for micro in x.chunk(LEAN_ACCUMULATE):
             with acc.micro_batch():
                 (model(input_ids=micro, labels=micro).loss / LEAN_ACCUMULATE).backward()
-        if name == "flora-accumulate":
+        if name != "flora-lean-preset":
             opt.step()
 
     return model, opt, accumulated_step, acc

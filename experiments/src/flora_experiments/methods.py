@@ -41,12 +41,11 @@ def methods(ranks: tuple[int, ...]) -> list[str]:
 
 def chosen_methods(chosen: Iterable[str], ranks: tuple[int, ...]) -> list[str]:
     """The rows to run: ``chosen`` (checked) if any, else :func:`methods` of ``ranks``. The
-    ratios columns are to ``naive``, so it must be among them."""
+    ratio columns are to ``naive``; without it they stay empty (to save a run whose naive
+    row exists in another result of the same seed)."""
     names = list(chosen) or methods(ranks)
     for name in names:
         parse_method(name)
-    if "naive" not in names:
-        raise ValueError(f"methods must include 'naive' (the ratios are to it), got {names}")
     return names
 
 
@@ -71,11 +70,12 @@ def momentum_optimizer(
 
 
 def ratios_to_naive(rows: list[dict[str, Any]], pairs: dict[str, str]) -> None:
-    """Set ``row[new] = row[key] / naive_row[key]`` for each ``new: key`` of ``pairs``."""
-    naive = next(r for r in rows if r["method"] == "naive")
+    """Set ``row[new] = row[key] / naive_row[key]`` for each ``new: key`` of ``pairs`` (None
+    without a naive row)."""
+    naive = next((r for r in rows if r["method"] == "naive"), None)
     for row in rows:
         for new, key in pairs.items():
-            row[new] = row[key] / naive[key] if naive[key] else None
+            row[new] = row[key] / naive[key] if naive is not None and naive[key] else None
 
 
 def sweep(

@@ -95,6 +95,7 @@ class TranslateAccumulateConfig(TranslateConfig):
     accumulate: int = 16
     steps: int = 1000
     lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1)  # few updates: larger steps than Table 2's
+    distribution: str = "gaussian"  # the accumulator's (flora.GradientAccumulator)
 
     @classmethod
     def quick(cls) -> TranslateAccumulateConfig:
@@ -216,7 +217,9 @@ def train_one(
     if accumulating:
         opt: torch.optim.Optimizer = torch.optim.Adafactor([p for _, p in named], lr=lr)
         if kind == "flora":
-            acc = flora.GradientAccumulator(model, tau, rank=rank, seed=cfg.seed)
+            acc = flora.GradientAccumulator(
+                model, tau, rank=rank, seed=cfg.seed, distribution=cfg.distribution
+            )
     else:
         opt = momentum_optimizer(method, named, lr, cfg.kappa, cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -369,7 +372,8 @@ def run_accumulate(cfg: TranslateAccumulateConfig, *, name: str, data_root=None)
     res.notes.append(
         _describe(cfg, train, test) + f" {cfg.steps} updates of {cfg.accumulate} micro-batches "
         f"of {cfg.batch} (none: {cfg.steps * cfg.accumulate} updates of one micro-batch), "
-        f"torch.optim.Adafactor; LoRA on every block matrix, alpha = r."
+        f"torch.optim.Adafactor; LoRA on every block matrix, alpha = r; the accumulator's "
+        f"projection: {cfg.distribution}."
     )
     res.notes.append(
         "Paper (Table 1): Flora(r) close to naive accumulation, above LoRA(r). Here, "

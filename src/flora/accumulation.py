@@ -677,7 +677,7 @@ class GradientAccumulator:
         assert s.buffer is not None
         if s.sketch is not None:
             y, w = s.sketches()
-            g = s.oriented(sketch_reconstruct(y, w, self._projection_now(s)[1]))
+            g = s.oriented(sketch_reconstruct(y, w, self._projection_now(s)[1])).contiguous()
         elif s.compressed:
             proj = self._projection_now(s)
             g = up(s.buffer, proj, s.decision.side)  # type: ignore[arg-type]

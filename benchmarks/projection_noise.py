@@ -25,14 +25,17 @@ import torch
 OUT = Path(__file__).resolve().parent / "results" / "projection_noise.md"
 
 
-def accumulated(model, batches, rank: int | None, seed: int):
+def accumulated(model, batches, rank: int | None, seed: int, distribution: str = "gaussian"):
     """(``name -> accumulated .grad`` over ``batches``, the plan or None): plain when
     ``rank`` is None."""
     import flora
 
     model.zero_grad(set_to_none=True)
-    acc = None if rank is None else flora.GradientAccumulator(model, len(batches), rank=rank,
-                                                              seed=seed)  # fmt: skip
+    acc = None
+    if rank is not None:
+        acc = flora.GradientAccumulator(
+            model, len(batches), rank=rank, seed=seed, distribution=distribution
+        )
     for batch, label in batches:
         loss = model(**batch, labels=torch.tensor([label])).loss / len(batches)
         if acc is None:
@@ -52,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", default="8,32,128,256")
     parser.add_argument("--seeds", type=int, default=3, help="projection seeds per rank")
+    parser.add_argument("--distributions", default="gaussian,sketch", help="the accumulator's")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
 
@@ -68,10 +72,12 @@ def main() -> None:
     true_sq = sum(float(g.square().sum()) for g in true.values())
 
     rows = []
-    for rank in map(int, args.ranks.split(",")):
+    for distribution, rank in (
+        (d, r) for d in args.distributions.split(",") for r in map(int, args.ranks.split(","))
+    ):
         cosines, rms_ratios, predicted = [], [], []
         for seed in range(args.seeds):
-            got, plan = accumulated(model, batches, rank, seed)
+            got, plan = accumulated(model, batches, rank, seed, distribution)
             dot = sum(float((got[n] * true[n]).sum()) for n in true)
             got_sq = sum(float(g.square().sum()) for g in got.values())
             cosines.append(dot / math.sqrt(got_sq * true_sq))
@@ -86,8 +92,9 @@ def main() -> None:
             predicted.append(math.sqrt(true_sq / expected_sq))
         compressed = sum(r.uncompressed_bytes for r in plan.rows if r.compressed)
         total = sum(r.uncompressed_bytes for r in plan.rows)
-        rows.append((rank, sum(cosines) / len(cosines), min(cosines), max(cosines),
-                     sum(predicted) / len(predicted), sum(rms_ratios) / len(rms_ratios),
+        pred = sum(predicted) / len(predicted) if distribution == "gaussian" else None
+        rows.append((distribution, rank, sum(cosines) / len(cosines), min(cosines),
+                     max(cosines), pred, sum(rms_ratios) / len(rms_ratios),
                      compressed / total))  # fmt: skip
 
     lines = [
@@ -98,15 +105,20 @@ def main() -> None:
         f"all-MiniLM-L6-v2 + classifier, one cycle of tau = {cfg.accumulate} micro-batches of "
         f"one Shakespeare passage ({cfg.max_tokens} tokens), as in `flora-experiments accumulate "
         f"--quick`; {args.seeds} projection seeds per rank. Cosine between the decompressed "
-        "and the plain accumulated gradient over the whole model; predicted: "
-        "`(sum ||g||^2 / sum ||g||^2 (1 + (n+1)/r))^0.5` over the compressed matrices.",
+        "and the plain accumulated gradient over the whole model; predicted (Gaussian "
+        "projection): `(sum ||g||^2 / sum ||g||^2 (1 + (n+1)/r))^0.5` over the compressed "
+        'matrices. The sketch (`distribution="sketch"`) holds the same bytes as the '
+        "projection at each rank.",
         "",
-        "| rank | cosine (mean) | min | max | predicted | norm vs true | compressed bytes share |",
-        "|---|---|---|---|---|---|---|",
+        "| accumulator | rank | cosine (mean) | min | max | predicted | norm vs true "
+        "| compressed bytes share |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for rank, cos, lo, hi, pred, ratio, share in rows:
+    for distribution, rank, cos, lo, hi, pred, ratio, share in rows:
+        shown = "-" if pred is None else f"{pred:.3f}"
         lines.append(
-            f"| {rank} | {cos:.3f} | {lo:.3f} | {hi:.3f} | {pred:.3f} | {ratio:.2f} | {share:.3f} |"
+            f"| {distribution} | {rank} | {cos:.3f} | {lo:.3f} | {hi:.3f} | {shown} | "
+            f"{ratio:.2f} | {share:.3f} |"
         )
     lines += [
         "",

@@ -138,7 +138,7 @@ def test_matches_float64_reference_of_algorithm_1(side, distribution):
 def test_reference_detects_a_wrong_projection():
     """The reference comparison is not vacuous: another cycle's projection fails it."""
     model = make_model(dtype=torch.float64)
-    acc = GradientAccumulator(model, TAU, rank=4)
+    acc = GradientAccumulator(model, TAU, rank=4, distribution="gaussian")
     batches = make_batches(TAU)
     per_batch = micro_batch_grads(model, batches)
     acc_cycle(model, acc, batches)
@@ -209,7 +209,7 @@ OPTIMIZERS = {
 def test_trains_with_any_optimizer_and_clipping(name, clip):
     model = make_model(dtype=torch.float64)
     batches = make_batches(2 * TAU)
-    acc = GradientAccumulator(model, TAU, rank=4, seed=1)
+    acc = GradientAccumulator(model, TAU, rank=4, distribution="gaussian", seed=1)
     expected = expected_update(model, batches, acc, OPTIMIZERS[name], clip)
     opt = OPTIMIZERS[name](model)
     norms = []
@@ -265,7 +265,7 @@ def test_gradscaler_equals_unscaled_and_skips_overflow():
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_early_ended_cycle(how, reduction):
     model = make_model(dtype=torch.float64)
-    acc = GradientAccumulator(model, 4, rank=4, reduction=reduction)
+    acc = GradientAccumulator(model, 4, rank=4, distribution="gaussian", reduction=reduction)
     batches = make_batches(2)
     per_batch = micro_batch_grads(model, batches)
     for i, b in enumerate(batches):
@@ -427,7 +427,9 @@ def test_step_in_backward_is_linear_in_the_parameters(opt_cls):
 
     opt._named_params = counting
     opt.register_step_post_hook(lambda *_: hooks.append(1))
-    acc = GradientAccumulator(model, 2, rank=2, optimizer=opt, step_in_backward=True)
+    acc = GradientAccumulator(
+        model, 2, rank=2, distribution="gaussian", optimizer=opt, step_in_backward=True
+    )
     for _ in range(2):
         for _ in range(2):
             with acc.micro_batch():
@@ -633,8 +635,8 @@ def test_buffer_bytes_are_exact_and_sublinear():
 def test_projection_cache_is_reported_and_changes_nothing():
     a, b = make_model(), make_model()
     batches = make_batches(2 * TAU)
-    acc_a = GradientAccumulator(a, TAU, rank=4)
-    acc_b = GradientAccumulator(b, TAU, rank=4, cache_projection=True)
+    acc_a = GradientAccumulator(a, TAU, rank=4, distribution="gaussian")
+    acc_b = GradientAccumulator(b, TAU, rank=4, distribution="gaussian", cache_projection=True)
     for cycle in range(2):
         part = batches[cycle * TAU : (cycle + 1) * TAU]
         acc_cycle(a, acc_a, part)
@@ -743,15 +745,19 @@ def test_grad_norm_estimates_the_true_norm_where_the_decompressed_one_is_inflate
 def test_max_grad_norm_clips_with_the_estimate():
     model, ref = make_model(), make_model()
     batches = make_batches(TAU)
-    acc = GradientAccumulator(model, TAU, rank=2, max_grad_norm=0.01)
-    free = GradientAccumulator(ref, TAU, rank=2)  # the same projections, no clipping
+    acc = GradientAccumulator(model, TAU, rank=2, distribution="gaussian", max_grad_norm=0.01)
+    free = GradientAccumulator(
+        ref, TAU, rank=2, distribution="gaussian"
+    )  # the same projections, no clipping
     acc_cycle(model, acc, batches)
     acc_cycle(ref, free, batches)
     coef = 0.01 / (float(free.grad_norm) + 1e-6)
     assert coef < 1 and float(acc.grad_norm) == float(free.grad_norm)
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad * coef, rtol=1e-5, atol=1e-9)
-    big = GradientAccumulator(make_model(), TAU, rank=2, max_grad_norm=1e9)  # no-op when above
+    big = GradientAccumulator(
+        make_model(), TAU, rank=2, distribution="gaussian", max_grad_norm=1e9
+    )  # no-op when above
     assert big.max_grad_norm == 1e9
 
 
@@ -782,14 +788,14 @@ def test_a_state_from_before_generator_v2_decodes_with_v1():
     from flora.projection import projection_matrix
 
     model = make_model()
-    acc = GradientAccumulator(model, TAU, rank=4)
+    acc = GradientAccumulator(model, TAU, rank=4, distribution="gaussian")
     with acc.micro_batch():
         loss_of(model, make_batches(1)[0]).backward()
     state = acc.state_dict()
     assert state["generator"] == 2
     old = {k: v for k, v in state.items() if k != "generator"}
     other = make_model()
-    resumed = GradientAccumulator(other, TAU, rank=4)
+    resumed = GradientAccumulator(other, TAU, rank=4, distribution="gaussian")
     resumed.load_state_dict(old)
     assert resumed.generator == 1
     p = next(p for p in other.parameters() if resumed.projection(p) is not None)
@@ -799,7 +805,9 @@ def test_a_state_from_before_generator_v2_decodes_with_v1():
                                  stream="accumulation", generator=1)  # fmt: skip
     assert torch.equal(resumed.projection(p), expected)
     with pytest.raises(ValueError, match="generator"):
-        GradientAccumulator(make_model(), TAU, rank=4).load_state_dict({**state, "generator": 3})
+        GradientAccumulator(make_model(), TAU, rank=4, distribution="gaussian").load_state_dict(
+            {**state, "generator": 3}
+        )
 
 
 def test_gradient_basis_projects_the_sum_onto_the_first_gradients_subspace():

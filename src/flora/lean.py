@@ -114,7 +114,7 @@ def lean_setup(
         "bf16 weights without float32 masters (stochastic rounding)",
         "bf16 moments and gradient basis (stochastic rounding)",
         (
-            f"compressed accumulation of {accumulate} micro-batches "
+            f"compressed accumulation (low-rank sketch) of {accumulate} micro-batches "
             f"(rank {accumulate_rank or rank})"
             if compress
             else "no accumulation (accumulate=1)"

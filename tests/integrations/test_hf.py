@@ -60,7 +60,7 @@ class Probe(transformers.TrainerCallback):
 
 def make_trainer(
     tmp_path, *, max_grad_norm, epochs=2, save_steps=1000, probe=None, route="create",
-    clip="estimate",
+    clip="estimate", distribution="sketch",
 ):  # fmt: skip
     model = tiny_model()
     args = transformers.TrainingArguments(
@@ -79,7 +79,8 @@ def make_trainer(
         data_seed=0,
         disable_tqdm=True,
     )
-    callbacks = [FloraAccumulationCallback(rank=4, clip=clip)] + ([probe] if probe else [])
+    accumulation = FloraAccumulationCallback(rank=4, clip=clip, distribution=distribution)
+    callbacks = [accumulation] + ([probe] if probe else [])
     if probe is not None:
         probe.callback = callbacks[0]
     if route == "cls":  # the Trainer's own factory: it builds the optimizer from its groups
@@ -106,7 +107,9 @@ def make_trainer(
 
 def test_trainer_with_compressed_accumulation_logs_the_true_grad_norm(tmp_path):
     probe = Probe()
-    trainer, _, optimizer = make_trainer(tmp_path, max_grad_norm=1e9, epochs=3, probe=probe)
+    trainer, _, optimizer = make_trainer(
+        tmp_path, max_grad_norm=1e9, epochs=3, probe=probe, distribution="gaussian"
+    )
     callback = next(
         c for c in trainer.callback_handler.callbacks if isinstance(c, FloraAccumulationCallback)
     )
@@ -119,7 +122,7 @@ def test_trainer_with_compressed_accumulation_logs_the_true_grad_norm(tmp_path):
         # logged: the true-norm estimate, and the norm of the gradient the step used
         assert math.isclose(log["grad_norm"], estimate, rel_tol=1e-6)
         assert math.isclose(log["grad_norm_decompressed"], norm, rel_tol=1e-4)
-        assert 0 < log["grad_norm"] < norm  # rank 4: the decompressed norm is inflated
+        assert 0 < log["grad_norm"] < norm  # rank 4: the projection inflates the norm
     losses = [h["loss"] for h in logs]
     assert losses[-1] < losses[0]
     # the attention/MLP matrices were compressed by both the optimizer and the accumulator
@@ -134,8 +137,9 @@ def test_trainer_with_compressed_accumulation_logs_the_true_grad_norm(tmp_path):
 
 def test_trainer_clips_with_the_true_norm_estimate(tmp_path):
     free, clipped = Probe(), Probe()
-    make_trainer(tmp_path / "a", max_grad_norm=1e9, epochs=1, probe=free)[0].train()
-    trainer, _, _ = make_trainer(tmp_path / "b", max_grad_norm=0.05, epochs=1, probe=clipped)
+    gaussian = {"epochs": 1, "distribution": "gaussian"}  # the projection: an inflated norm
+    make_trainer(tmp_path / "a", max_grad_norm=1e9, probe=free, **gaussian)[0].train()
+    trainer, _, _ = make_trainer(tmp_path / "b", max_grad_norm=0.05, probe=clipped, **gaussian)
     trainer.train()
     assert trainer.args.max_grad_norm == 0.05  # restored after the run
     logs = [h for h in trainer.state.log_history if "grad_norm" in h]

@@ -17,8 +17,9 @@ The optimizer takes ``learning_rate``, ``weight_decay``, ``adam_beta1``/``adam_b
 callback compresses gradient accumulation when ``gradient_accumulation_steps > 1``: each
 backward pass is a micro-batch, and accelerate's ``sync_gradients`` flag (which the Trainer sets
 before every micro-batch, including the shorter last accumulation of an epoch) ends the cycle.
-The decompressed gradient is in ``p.grad`` when the cycle ends. Its norm is larger than the
-true accumulated gradient's by about ``sqrt(1 + (d+1)/r)``, so by default
+The decompressed gradient is in ``p.grad`` when the cycle ends. With a projection
+(``distribution="gaussian"``) its norm is larger than the true accumulated gradient's by about
+``sqrt(1 + (d+1)/r)`` (the default low-rank sketch's is close to it), so by default
 (``clip="estimate"``) the callback clips instead of the Trainer: it hands ``max_grad_norm`` to
 the accumulator, which scales the gradients by ``min(1, max_grad_norm / grad_norm)`` with an
 unbiased estimate of the true squared norm (:attr:`GradientAccumulator.grad_norm`), sets the

@@ -24,8 +24,9 @@ usual.
 Deviations from the paper, all deliberate:
 
 * The default estimate is the low-rank sketch, not the paper's unbiased projection: at the
-  same buffer bytes it trained better in the quality study (MiniLM accumulation and LM
-  pre-training; ``docs/results.md``); ``distribution="gaussian"`` is Algorithm 1 as printed.
+  same buffer bytes it trained better in the quality study on MiniLM accumulation and LM
+  pre-training, and tied on the translation row (``docs/results.md``);
+  ``distribution="gaussian"`` is Algorithm 1 as printed.
 
 * ``reduction="sum"`` (default) keeps PyTorch's convention that ``.grad`` is the *sum* of the
   micro-batch gradients: scale the loss by ``1/steps`` as in a plain accumulation loop (the

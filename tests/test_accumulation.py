@@ -97,17 +97,25 @@ def micro_batch_grads(model, batches):
     return out
 
 
+def reference_cycles(model, acc, cycles=2):
+    """Run ``cycles`` accumulation cycles; after each yield ``(cycle, per-micro-batch
+    gradients)`` with the accumulated ``.grad`` in place, then zero the gradients."""
+    batches = make_batches(cycles * TAU)
+    for cycle in range(cycles):
+        part = batches[cycle * TAU : (cycle + 1) * TAU]
+        per_batch = micro_batch_grads(model, part)
+        acc_cycle(model, acc, part)
+        yield cycle, per_batch
+        model.zero_grad()
+
+
 @pytest.mark.parametrize("side", ["auto", "left", "right"])
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
 def test_matches_float64_reference_of_algorithm_1(side, distribution):
     model = make_model(dtype=torch.float64)
     acc = GradientAccumulator(model, TAU, rank=4, seed=3, side=side, distribution=distribution)
-    batches = make_batches(2 * TAU)
     params = dict(model.named_parameters())
-    for cycle in range(2):
-        part = batches[cycle * TAU : (cycle + 1) * TAU]
-        per_batch = micro_batch_grads(model, part)
-        acc_cycle(model, acc, part)
+    for cycle, per_batch in reference_cycles(model, acc):
         for name, p in params.items():
             d = acc.decision(name)
             a = acc.projection(name, cycle)
@@ -127,7 +135,6 @@ def test_matches_float64_reference_of_algorithm_1(side, distribution):
                 [g[name] for g in per_batch], a, d.side if d.compressed else None
             )
             torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14)
-        model.zero_grad()
     # a fresh projection every cycle, and the head (dim 5 > rank 4) is compressed too
     assert not torch.equal(acc.projection("fc.weight", 0), acc.projection("fc.weight", 1))
     assert acc.decision("head.weight").compressed
@@ -878,7 +885,8 @@ def test_gradient_basis_bytes_and_refusals():
 def sketch_test_matrices(acc, name, cycle, seed, dtype=torch.float64):
     """Omega (k, d) and Psi (l, o): the documented pure functions of the keys."""
     d = acc.decision(name)
-    kept = math.prod(d.state_shape) // d.rank
+    kept = d.kept_dim
+    assert kept * d.rank == math.prod(d.state_shape)
     k, l_ = sketch_sizes(d.rank, kept, d.compressed_dim)
     common = {"seed": seed, "key": parameter_key(name), "window": cycle, "dtype": dtype}
     omega = projection_matrix(k, d.compressed_dim, stream="accumulation/range", **common)
@@ -892,12 +900,8 @@ def test_sketch_matches_float64_reference(side, rank):
     determine, computed by the reference in another form (Y (Psi Y)^+ W), to 1e-10."""
     model = make_model(dtype=torch.float64)
     acc = GradientAccumulator(model, TAU, rank=rank, seed=3, side=side, distribution="sketch")
-    batches = make_batches(2 * TAU)
     params = dict(model.named_parameters())
-    for cycle in range(2):
-        part = batches[cycle * TAU : (cycle + 1) * TAU]
-        per_batch = micro_batch_grads(model, part)
-        acc_cycle(model, acc, part)
+    for cycle, per_batch in reference_cycles(model, acc):
         for name, p in params.items():
             d = acc.decision(name)
             if d.compressed:
@@ -906,7 +910,6 @@ def test_sketch_matches_float64_reference(side, rank):
             else:
                 expected = sum(g[name] for g in per_batch)
             torch.testing.assert_close(p.grad, expected, rtol=1e-10, atol=1e-12)
-        model.zero_grad()
     assert acc.decision("fc.weight").compressed and acc.decision("emb.weight").compressed
     with pytest.raises(ValueError, match="two test matrices"):
         acc.projection("fc.weight")
@@ -922,8 +925,8 @@ def test_sketch_is_exact_on_low_rank_gradients_and_beats_a_projection_on_decayin
         acc.cycle = cycle
         for g in grads:
             with acc.micro_batch():
-                weight.grad = g.clone()  # what a backward pass leaves; the hook runs below
-                acc._hook(weight)
+                (weight * g).sum().backward()  # a real backward pass whose gradient is g
+        acc.remove()  # the next call's accumulator alone hooks the weight
         out = weight.grad
         weight.grad = None
         return out

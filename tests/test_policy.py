@@ -18,13 +18,16 @@ def test_rules():
     assert not decide("b", (10,), rank=4).compressed
     d = decide("w", (48, 64), rank=8)
     assert d.compressed and d.side == "left" and d.state_shape == (8, 64) and d.compressed_dim == 48
+    assert d.kept_dim == 64  # the state's other dimension
     d = decide("emb", (50257, 768), rank=32)
     assert d.compressed and d.side == "right" and d.state_shape == (50257, 32)
+    assert (d.compressed_dim, d.kept_dim) == (768, 50257)
     d = decide("conv", (16, 3, 5, 5), rank=8)
     assert d.matrix_shape == (16, 75) and d.side == "left" and d.state_shape == (8, 75)
     assert decide("w", (48, 64), rank=8, side="right").state_shape == (48, 8)
     small = decide("w", (6, 64), rank=8)
     assert not small.compressed and "rank 8 >= compressed dim 6" in small.reason
+    assert small.kept_dim is None and small.compressed_dim is None
     assert not decide("w", (48, 64), rank=8, compress=False).compressed
     ex = decide("lm_head.weight", (100, 64), rank=8, exclude=(r"lm_head",))
     assert not ex.compressed and "lm_head" in ex.reason

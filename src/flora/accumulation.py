@@ -166,10 +166,9 @@ class _Slot:
         start of the buffer (its last ``r o - k o - l d`` entries stay zero)."""
         assert self.buffer is not None and self.sketch is not None
         k, l_ = self.sketch
-        dim = self.decision.compressed_dim
+        dim, kept = self.decision.compressed_dim, self.decision.kept_dim
         flat = self.buffer.view(-1)
-        kept = flat.numel() // self.decision.rank  # type: ignore[operator]
-        y = flat[: kept * k].view(kept, k)
+        y = flat[: kept * k].view(kept, k)  # type: ignore[operator]
         return y, flat[kept * k : kept * k + l_ * dim].view(l_, dim)  # type: ignore[operator]
 
 
@@ -405,9 +404,8 @@ class GradientAccumulator:
             key = parameter_key(name if has_names else int(name[len("param") :]))
             slot = _Slot(name, p, d, key)
             if distribution == SKETCH and d.compressed:
-                kept = math.prod(d.state_shape) // rank  # type: ignore[arg-type]
                 try:
-                    slot.sketch = sketch_sizes(rank, kept, d.compressed_dim)  # type: ignore[arg-type]
+                    slot.sketch = sketch_sizes(rank, d.kept_dim, d.compressed_dim)  # type: ignore[arg-type]
                 except ValueError as e:
                     raise ValueError(f"distribution='sketch', {name!r}: {e}") from None
             self._slots.append(slot)
@@ -505,8 +503,7 @@ class GradientAccumulator:
         d = s.decision
         if s.sketch is not None:
             k, l_ = s.sketch
-            kept = math.prod(d.state_shape) // d.rank  # type: ignore[arg-type,operator]
-            sizes = ((k, d.compressed_dim, "range"), (l_, kept, "co-range"))
+            sizes = ((k, d.compressed_dim, "range"), (l_, d.kept_dim, "co-range"))
             return tuple(
                 projection_matrix(
                     rows,
@@ -828,9 +825,9 @@ class GradientAccumulator:
                 if self.distribution == GRADIENT:  # the cycle's basis
                     held += d.rank * d.compressed_dim * itemsize  # type: ignore[operator]
                 if self.cache_projection and s.sketch is not None:  # Omega (k, d), Psi (l, o)
-                    kept = math.prod(d.state_shape) // d.rank  # type: ignore[arg-type,operator]
                     k, l_ = s.sketch
-                    plan.projection_cache_bytes += (k * d.compressed_dim + l_ * kept) * itemsize  # type: ignore[operator]
+                    entries = k * d.compressed_dim + l_ * d.kept_dim  # type: ignore[operator]
+                    plan.projection_cache_bytes += entries * itemsize
                 elif self.cache_projection:
                     plan.projection_cache_bytes += d.rank * d.compressed_dim * itemsize  # type: ignore[operator]
             elif self.step_in_backward:  # the sum is kept in the buffer dtype (float32)

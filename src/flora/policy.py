@@ -72,6 +72,14 @@ class Decision:
         return m if self.side == "left" else n
 
     @property
+    def kept_dim(self) -> int | None:
+        """Length of the dimension a compressed state keeps (n on the left, m on the right)."""
+        if not self.compressed:
+            return None
+        m, n = self.matrix_shape  # type: ignore[misc]
+        return n if self.side == "left" else m
+
+    @property
     def state_shape(self) -> tuple[int, int] | None:
         """Shape of a compressed state: ``(r, n)`` on the left, ``(m, r)`` on the right."""
         if not self.compressed:

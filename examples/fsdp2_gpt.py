@@ -10,6 +10,7 @@ Only rank 0 prints; the per-rank state sizes are gathered to it first.
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -84,3 +85,10 @@ if rank == 0:
     print(f"final: step {max(start, args.steps)}, loss {loss.item():.4f}, world {world}, "
           f"checkpoint {args.save}")  # fmt: skip
 dist.destroy_process_group()
+# FSDP2 keeps the gloo group alive past destroy_process_group (torch 2.13, even once the
+# model is freed), and a gloo worker thread that releases its last collective
+# during interpreter shutdown aborts the process ("terminate called without an active
+# exception", seen once on a loaded 2-core CI machine). Everything is written and printed, so
+# leave without the shutdown, as multiprocessing's workers do.
+sys.stdout.flush()
+os._exit(0)

@@ -1,5 +1,6 @@
 """The examples run end to end at tiny sizes, so they cannot rot."""
 
+import os
 import re
 import subprocess
 import sys
@@ -31,10 +32,11 @@ def test_train_gpt_stdlib_runs(extra):
 
 
 def run_example(args, tmp_path):
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a crashing worker prints where it was
     out = subprocess.run(
-        args, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False
+        args, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False, env=env
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, f"stdout:\n{out.stdout[-1500:]}\nstderr:\n{out.stderr[-3000:]}"
     return out.stdout
 
 

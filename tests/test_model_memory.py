@@ -169,9 +169,9 @@ def test_lean_plan_equals_what_flora_train_lean_holds(tmp_path):
     with torch.device("meta"):
         meta = GPT(cfg.model_config()).to(torch.bfloat16)
     rows = dict(lean_rows(meta, rank=4, kappa=5, accumulate=2))
-    assert rows["gradients (largest one)"] == 128 * 32 * 2  # an MLP matrix, not the head
+    assert rows["gradients at their peak"] == 128 * 32 * 2  # an MLP matrix, not the head
     assert rows["parameters (bf16)"] == result.memory["parameters"]
-    assert rows["gradients (largest one)"] == result.memory["gradients (largest one)"]
+    assert rows["gradients at their peak"] == result.memory["gradients at their peak"]
     assert rows["optimizer state (Flora r4)"] == result.memory["optimizer state"]
     assert rows["accumulation buffers (2)"] == result.memory["accumulation buffers"]
 
@@ -181,7 +181,7 @@ def test_lean_plan_of_gpt2_uses_the_vocabulary_blocks(capsys):
     out = capsys.readouterr().out
     assert "vocab_chunks=17" in out
     rows = {x[:34].strip(): x[34:].split() for x in out.splitlines() if len(x) > 34}
-    assert rows["gradients (largest one)"][:2] == ["4.50", "MiB"]  # 3072 x 768 bf16
+    assert rows["gradients at their peak"][:2] == ["4.50", "MiB"]  # 3072 x 768 bf16
     assert float(rows["total (without activations)"][2]) <= 2.5
 
 

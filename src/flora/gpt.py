@@ -36,9 +36,18 @@ class GPTConfig:
     vocab_size: int = 256
     #: row blocks of the token embedding and the head (1: one matrix each)
     vocab_chunks: int = 1
+    #: the head's weight is the token embedding's (GPT-2's weight tying; one parameter,
+    #: or one per vocabulary block, initialised N(0, 0.02) as GPT-2's)
+    tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tie_embeddings, bool):
+            raise TypeError(
+                f"tie_embeddings must be a bool, got {type(self.tie_embeddings).__name__}"
+            )
         for name, value in asdict(self).items():
+            if name == "tie_embeddings":
+                continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value <= 0:
@@ -135,7 +144,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Token + position embeddings, pre-LayerNorm blocks, an untied output head."""
+    """Token + position embeddings, pre-LayerNorm blocks, an output head: untied (N(0, 1)
+    embedding, ``nn.Linear``'s head), or with ``tie_embeddings`` the embedding's own weight,
+    drawn N(0, 0.02) as in GPT-2 (a head of N(0, 1) weights would start at huge logits)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -155,6 +166,17 @@ class GPT(nn.Module):
             if chunks == 1
             else ChunkedLinear(d, config.vocab_size, chunks)
         )
+        if config.tie_embeddings:  # the head reuses the embedding's parameters
+            tied = [self.tok.weight] if chunks == 1 else list(self.tok.weights)
+            with torch.no_grad():  # drawn whole, then split: the same values in blocks
+                whole = torch.empty(config.vocab_size, d, device=tied[0].device)
+                rows = whole.normal_(0.0, 0.02).tensor_split(chunks)
+                for weight, block in zip(tied, rows, strict=True):
+                    weight.copy_(block)
+            if chunks == 1:
+                self.head.weight = self.tok.weight
+            else:
+                self.head.weights = self.tok.weights
         #: recompute each block in backward instead of keeping its activations (reentrant
         #: ``torch.utils.checkpoint``: only the block inputs are saved)
         self.activation_checkpointing = False

@@ -191,6 +191,15 @@ def _unique_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _shared(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters reachable under more than one name (a head tied to the token
+    embedding, each of its vocabulary blocks)."""
+    uses: dict[int, list[Any]] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses.setdefault(id(p), [p, 0])[1] += 1
+    return [p for p, count in uses.values() if count > 1 and p.requires_grad]
+
+
 def adamw_bytes(params: list[nn.Parameter]) -> int:
     return sum(2 * p.numel() * p.element_size() + 4 for p in params)
 
@@ -404,8 +413,14 @@ def lean_rows(
     model: nn.Module, *, rank: int, kappa: int = 1000, accumulate: int = 1
 ) -> list[tuple[str, int]]:
     """The lean preset's memory for a bf16 ``model`` (meta or real; it is not changed):
-    parameters, the largest gradient, optimizer state, accumulation buffers, their total,
-    and mixed-precision AdamW's 16 bytes per parameter for comparison."""
+    parameters, the gradients at their peak, optimizer state, accumulation buffers, their
+    total, and mixed-precision AdamW's 16 bytes per parameter for comparison.
+
+    Under step-in-backward the gradients at their peak are the largest one, except where a
+    weight is used twice (a head tied to the token embedding): autograd holds the first
+    use's gradient until the last use's backward, so every tied weight's gradient is alive
+    at once, plus the one being formed (measured on GPT-2-small:
+    ``benchmarks/results/lean_memory_tied_cpu.md``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if any(p.dtype != torch.bfloat16 for p in params):
         raise PlanError("the lean preset trains in bfloat16: plan a bf16 model")
@@ -413,6 +428,9 @@ def lean_rows(
     try:
         parameters = sum(p.numel() * p.element_size() for p in params)
         gradient = max(p.numel() * p.element_size() for p in params)
+        tied = [p.numel() * p.element_size() for p in _shared(model)]
+        if tied:  # all held from the head's backward to the embedding's, plus one forming
+            gradient = max(gradient, sum(tied) + max(tied))
         state = setup.optimizer.plan().state_bytes
         buffers = setup.accumulator.plan().state_bytes if accumulate > 1 else 0
     finally:
@@ -431,7 +449,7 @@ def lean_rows(
     full_grads = 2 * numel  # bf16 weights and a full bf16 .grad, accumulated in place
     return [
         ("parameters (bf16)", parameters),
-        ("gradients (largest one)", gradient),
+        ("gradients at their peak", gradient),
         (f"optimizer state (Flora r{rank})", state),
         ("accumulation buffers" + (f" ({accumulate})" if accumulate > 1 else ""), buffers),
         ("step workspace (measured)", workspace),

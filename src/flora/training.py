@@ -584,7 +584,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
     accumulation = acc.plan().state_bytes if acc is not None and cfg.accumulate > 1 else 0
     memory: dict[str, int | None] = {
         "parameters": tensor_bytes(model.parameters()),
-        "gradients" + (" (largest one)" if setup is not None else ""): grad_bytes,
+        "gradients" + (" at their peak" if setup is not None else ""): grad_bytes,
         "optimizer state": optimizer_state_bytes(opt),
         "accumulation buffers": accumulation,
         "AdamW state (reference)": 2 * tensor_bytes(model.parameters()),

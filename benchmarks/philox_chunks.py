@@ -2,10 +2,10 @@
 
 ``flora.philox`` runs the ~150 elementwise passes of Philox4x32-10 over chunks of
 ``flora.philox.CPU_CHUNK`` counters on the CPU; this times that against one pass over the
-whole counter tensor (the chunk size set to the tensor's length), for raw words and for the
-two places that draw millions of them: the range finder's sketch of a GPT-2 token embedding
-(``projection_matrix(64, 50257)``, the default ``Flora``'s first step) and the stochastic
-rounding of a GPT-2 MLP matrix into bf16 (the lean preset, every step). The words are the
+whole counter tensor (the chunk size set to the tensor's length), for raw words and for two
+users of many words: a Gaussian projection as large as a GPT-2 token embedding's
+(``projection_matrix(64, 50257)``) and the stochastic rounding of a GPT-2 MLP matrix into
+bf16 (the lean preset, every step; it already draws in chunks of its own). The words are the
 same either way (tests/test_philox.py); medians of interleaved rounds, ratios in one run.
 
     python benchmarks/philox_chunks.py
@@ -49,7 +49,7 @@ out = torch.empty(3072, 768, dtype=torch.bfloat16)
 stream = philox.stream_words("bench", 0)
 cases = [(f"{n:,} counters ({4 * n:,} words)", words(n)) for n in (2**12, 2**16, 2**20, 2**22)]
 cases += [
-    ("sketch of a 50257 x 768 embedding, 64 x 50257", sketch),
+    ("Gaussian projection_matrix(64, 50257)", sketch),
     (
         "stochastic rounding of a 3072 x 768 matrix",
         lambda: stochastic_round_stream_(out, x, stream),

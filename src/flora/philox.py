@@ -7,8 +7,9 @@ rounds. Here it runs in int64 tensor arithmetic with the products split into 16-
 so nothing overflows and every backend (CPU, CUDA, MPS) gives the same words. The tests check
 it against the Random123 known-answer vectors and a pure-Python implementation. On the CPU
 the counters go through the rounds in chunks of :data:`CPU_CHUNK` (a few hundred KiB per
-temporary, so the ~150 elementwise passes stay in cache: about 8x faster for millions of
-words than whole-tensor passes, measured); each counter's words do not depend on the chunking.
+temporary, so the ~150 elementwise passes stay in cache: about 4x faster than one pass at 4M
+counters, 1.5x at 1M, alike below 64K, ``benchmarks/results/philox_chunks_cpu.md``); each
+counter's words do not depend on the chunking.
 
 A *stream* is the key and the three high counter words, derived from a BLAKE2b digest of a
 tuple (domain, seed, parameter key, window, name, ...); the low counter word indexes the

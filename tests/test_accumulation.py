@@ -13,7 +13,7 @@ from reference import compressed_accumulation, sketch_accumulation
 from torch import nn
 
 from flora import Flora, GradientAccumulator, parameter_key, projection_matrix
-from flora.projection import sign_matrix, sketch_sizes
+from flora.projection import sketch_sizes
 
 TAU = 3
 
@@ -889,8 +889,8 @@ def sketch_test_matrices(acc, name, cycle, seed, dtype=torch.float64):
     assert kept * d.rank == math.prod(d.state_shape)
     k, l_ = sketch_sizes(d.rank, kept, d.compressed_dim)
     common = {"seed": seed, "key": parameter_key(name), "window": cycle, "dtype": dtype}
-    omega = sign_matrix(k, d.compressed_dim, stream="accumulation/range", **common)
-    psi = sign_matrix(l_, kept, stream="accumulation/co-range", **common)
+    omega = projection_matrix(k, d.compressed_dim, stream="accumulation/range", **common)
+    psi = projection_matrix(l_, kept, stream="accumulation/co-range", **common)
     return omega, psi
 
 
@@ -983,9 +983,9 @@ def test_sketch_bytes_cache_and_refusals(monkeypatch):
 
     def record(*args, stream, **kwargs):
         drawn.append(stream.rsplit("/", 1)[1])
-        return sign_matrix(*args, stream=stream, **kwargs)
+        return projection_matrix(*args, stream=stream, **kwargs)
 
-    monkeypatch.setattr(accumulation, "sign_matrix", record)
+    monkeypatch.setattr(accumulation, "projection_matrix", record)
     for i, batch in enumerate(batches[:TAU]):
         with acc_a.micro_batch():
             (loss_of(a, batch) / TAU).backward()

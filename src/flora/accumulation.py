@@ -85,7 +85,6 @@ from flora.projection import (
     parameter_key,
     projection_matrix,
     range_basis,
-    sign_matrix,
     sketch_reconstruct,
     sketch_sizes,
     up,
@@ -233,9 +232,8 @@ class GradientAccumulator:
             GaLore), with ``r * d`` more numbers per compressed matrix during a cycle. Not
             under DDP (the ranks' first gradients differ) and not with
             ``cache_projection``; or ``"sketch"`` (default): the buffer's ``r * o`` numbers
-            (``o`` the kept dimension, ``d`` the compressed one) hold two seeded sketches
-            of the accumulated gradient (random-sign test matrices,
-            :func:`flora.projection.sign_matrix`), :math:`Y = a\,\Omega^\top` (``o x k``) and
+            (``o`` the kept dimension, ``d`` the compressed one) hold two seeded Gaussian
+            sketches of the accumulated gradient, :math:`Y = a\,\Omega^\top` (``o x k``) and
             :math:`W = \Psi a` (``l x d``), :math:`a` the gradient as ``(o, d)``, sizes from
             :func:`flora.projection.sketch_sizes` (``k = (r-1)/3`` for a square matrix), and
             :math:`\hat G` is the rank-``k`` approximation they determine
@@ -500,9 +498,9 @@ class GradientAccumulator:
 
     def _make_projection(self, s: _Slot, cycle: int, only: str | None = None) -> Any:
         """The cycle's projection ``A``, or for the sketch its test matrices ``(Omega, Psi)``:
-        :func:`flora.projection.sign_matrix`, ``(k, d)`` and ``(l, o)``, streams
-        ``accumulation/range`` and ``accumulation/co-range`` (``only="co-range"``: ``Psi``
-        alone, all that the reconstruction needs)."""
+        Gaussian, ``(k, d)`` and ``(l, o)``, streams ``accumulation/range`` and
+        ``accumulation/co-range`` (``only="co-range"``: ``Psi`` alone, all that the
+        reconstruction needs)."""
         d = s.decision
         if s.sketch is not None:
             k, l_ = s.sketch
@@ -510,7 +508,7 @@ class GradientAccumulator:
             if only is not None:
                 sizes = [x for x in sizes if x[2] == only]
             made = tuple(
-                sign_matrix(
+                projection_matrix(
                     rows,
                     cols,
                     seed=self.seed,
@@ -519,6 +517,7 @@ class GradientAccumulator:
                     stream=f"{STREAM}/{stream}",
                     device=s.param.device,
                     dtype=s.dtype,
+                    generator=self.generator,
                 )
                 for rows, cols, stream in sizes
             )

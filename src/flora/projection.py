@@ -55,12 +55,13 @@ Sides. A matrix :math:`G \in \mathbb{R}^{m \times n}` is compressed on the
 * ``"right"`` with :math:`P \in \mathbb{R}^{r \times n}`: :math:`C = G P^\top \in
   \mathbb{R}^{m \times r}`, :math:`\hat G = C P`.
 
-Randomized test matrices — the sketches of :func:`range_basis` and of the accumulator's
-low-rank sketch — are not projections that a state must regenerate as a family; they only
-need random entries of equal variance. :func:`sign_matrix` draws them as Rademacher signs,
-one bit of a Philox word each: 32 entries per word instead of one Gaussian (or one sign) per
-word, integer-exact on every device (Halko, Martinsson & Tropp 2011, §4.6, and Tropp et
-al. 2017 allow any such sub-Gaussian test matrix).
+The range finder's test matrix (:func:`range_basis`) is not a projection that a state must
+regenerate as a family; it only needs random entries of equal variance. :func:`sign_matrix`
+draws it as Rademacher signs, one bit of a Philox word each: 32 entries per word instead of
+one Gaussian (or one sign) per word, integer-exact on every device (Halko, Martinsson &
+Tropp 2011, §4.6, allow any such sub-Gaussian test matrix). The accumulator's low-rank
+sketch keeps Gaussian test matrices: with random signs it trained slightly worse in LM
+pre-training (``docs/results.md``).
 
 A fifth kind of basis is not seed-only: :func:`range_basis` (``distribution="gradient"`` of
 the optimizers) finds the dominant ``r``-dimensional subspace of a matrix — the gradient at a
@@ -268,8 +269,8 @@ def sign_matrix(
     significant first) of word ``e // 32`` of the Philox stream ``("flora-signs/v1", seed,
     key, window, stream)`` (:func:`flora.philox.random_words`), scaled: integer-exact on
     every device, a pure function of the arguments, and one Philox word per 32 entries.
-    For randomized test matrices (the sketches of :func:`range_basis` and of
-    ``GradientAccumulator(distribution="sketch")``), not a projection family.
+    For randomized test matrices (the sketch of :func:`range_basis`), not a projection
+    family.
     """
     _validate(rows, cols, seed, key, window)
     device = torch.device("cpu") if device is None else torch.device(device)
@@ -533,9 +534,7 @@ def sketch_reconstruct(y: Tensor, w: Tensor, psi: Tensor) -> Tensor:
     :math:`\mathbb{E}\lVert a - \hat a\rVert_F^2 \le (1 + \frac{k}{l - k - 1})
     \min_{\varrho < k - 1} (1 + \frac{\varrho}{k - \varrho - 1})\,
     \tau_{\varrho + 1}^2(a)` for Gaussian test matrices, with :math:`\tau_j^2` the energy
-    of the singular values from the :math:`j`-th on (their bound; the random-sign matrices
-    of :func:`sign_matrix` that Flora uses measured alike: mean relative error 0.36 against
-    0.37 over 200 draws of a 60 x 40 matrix with singular values 0.7^j, k = 6). Both sketches are
+    of the singular values from the :math:`j`-th on (their bound). Both sketches are
     linear in :math:`a`, so sums of sketches (micro-batches, an all-reduce) sketch the sum.
     A Householder QR gives an orthonormal :math:`Q` also when :math:`Y` is rank-deficient
     or zero (then :math:`\hat a = 0`)."""

@@ -40,7 +40,7 @@ def words(n: int):
     return lambda: philox.philox4x32(counter, 1, 2, 3, 4, 5)
 
 
-def sketch():
+def gaussian_projection():
     return projection_matrix(64, 50257, seed=0, key=1, window=0, stream="momentum/sketch")
 
 
@@ -49,7 +49,7 @@ out = torch.empty(3072, 768, dtype=torch.bfloat16)
 stream = philox.stream_words("bench", 0)
 cases = [(f"{n:,} counters ({4 * n:,} words)", words(n)) for n in (2**12, 2**16, 2**20, 2**22)]
 cases += [
-    ("Gaussian projection_matrix(64, 50257)", sketch),
+    ("Gaussian projection_matrix(64, 50257)", gaussian_projection),
     (
         "stochastic rounding of a 3072 x 768 matrix",
         lambda: stochastic_round_stream_(out, x, stream),

@@ -504,13 +504,13 @@ class GradientAccumulator:
         d = s.decision
         if s.sketch is not None:
             k, l_ = s.sketch
-            sizes = [(k, d.compressed_dim, "range"), (l_, d.kept_dim, "co-range")]
-            if only is not None:
-                sizes = [x for x in sizes if x[2] == only]
-            made = tuple(
-                projection_matrix(
-                    rows,
-                    cols,
+            sizes = {"range": (k, d.compressed_dim), "co-range": (l_, d.kept_dim)}
+
+            def test_matrix(stream: str) -> Tensor:
+                rows, cols = sizes[stream]
+                return projection_matrix(
+                    rows,  # type: ignore[arg-type]
+                    cols,  # type: ignore[arg-type]
                     seed=self.seed,
                     key=s.key,
                     window=cycle,
@@ -519,9 +519,8 @@ class GradientAccumulator:
                     dtype=s.dtype,
                     generator=self.generator,
                 )
-                for rows, cols, stream in sizes
-            )
-            return made if only is None else made[0]
+
+            return test_matrix(only) if only else (test_matrix("range"), test_matrix("co-range"))
         return projection_matrix(
             d.rank,  # type: ignore[arg-type]
             d.compressed_dim,  # type: ignore[arg-type]

@@ -61,7 +61,14 @@ from flora.gpt import GPT, SIZES, lean_config
 from flora.rounding import ROUNDING_CHUNK
 from flora.state_plan import Plan, format_bytes
 
-__all__ = ["HF_PRESETS", "MemoryPlan", "PlanError", "build_meta_model", "plan_memory"]
+__all__ = [
+    "HF_PRESETS",
+    "MemoryPlan",
+    "PlanError",
+    "build_meta_model",
+    "peak_gradient_bytes",
+    "plan_memory",
+]
 
 #: transformers architectures by name (config fields as in their published config.json)
 HF_PRESETS: dict[str, dict[str, Any]] = {
@@ -198,6 +205,18 @@ def _shared(model: nn.Module) -> list[nn.Parameter]:
     for _, p in model.named_parameters(remove_duplicate=False):
         uses.setdefault(id(p), [p, 0])[1] += 1
     return [p for p, count in uses.values() if count > 1 and p.requires_grad]
+
+
+def peak_gradient_bytes(model: nn.Module) -> int:
+    """Bytes of the gradients alive at once under step-in-backward: the largest one, except
+    where a weight is used twice (a head tied to the token embedding): autograd holds the
+    first use's gradient until the last use's backward, so every tied weight's gradient is
+    alive at once, plus the one being formed (measured on GPT-2-small:
+    ``benchmarks/results/lean_memory_tied_cpu.md``)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    largest = max((p.numel() * p.element_size() for p in params), default=0)
+    tied = [p.numel() * p.element_size() for p in _shared(model)]
+    return max(largest, sum(tied) + max(tied)) if tied else largest
 
 
 def adamw_bytes(params: list[nn.Parameter]) -> int:
@@ -414,23 +433,15 @@ def lean_rows(
 ) -> list[tuple[str, int]]:
     """The lean preset's memory for a bf16 ``model`` (meta or real; it is not changed):
     parameters, the gradients at their peak, optimizer state, accumulation buffers, their
-    total, and mixed-precision AdamW's 16 bytes per parameter for comparison.
-
-    Under step-in-backward the gradients at their peak are the largest one, except where a
-    weight is used twice (a head tied to the token embedding): autograd holds the first
-    use's gradient until the last use's backward, so every tied weight's gradient is alive
-    at once, plus the one being formed (measured on GPT-2-small:
-    ``benchmarks/results/lean_memory_tied_cpu.md``)."""
+    total, and mixed-precision AdamW's 16 bytes per parameter for comparison. The gradients
+    are :func:`peak_gradient_bytes` (step-in-backward)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if any(p.dtype != torch.bfloat16 for p in params):
         raise PlanError("the lean preset trains in bfloat16: plan a bf16 model")
     setup = flora.lean_setup(model, accumulate=accumulate, rank=rank, kappa=kappa)
     try:
         parameters = sum(p.numel() * p.element_size() for p in params)
-        gradient = max(p.numel() * p.element_size() for p in params)
-        tied = [p.numel() * p.element_size() for p in _shared(model)]
-        if tied:  # all held from the head's backward to the embedding's, plus one forming
-            gradient = max(gradient, sum(tied) + max(tied))
+        gradient = peak_gradient_bytes(model)
         state = setup.optimizer.plan().state_bytes
         buffers = setup.accumulator.plan().state_bytes if accumulate > 1 else 0
     finally:

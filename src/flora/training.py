@@ -38,6 +38,7 @@ import flora
 import flora.lean
 from flora.data import Corpus, get_batch, load_corpus
 from flora.gpt import GPT, SIZES, GPTConfig, lean_config
+from flora.model_memory import peak_gradient_bytes
 from flora.state_plan import format_bytes
 
 __all__ = ["OPTIMIZERS", "TrainConfig", "TrainError", "TrainResult", "load_checkpoint", "train"]
@@ -580,7 +581,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
     interrupted = signals.received is not None
 
     if setup is not None:  # step-in-backward: one parameter's gradient at a time
-        grad_bytes = max(p.numel() * p.element_size() for p in model.parameters())
+        grad_bytes = peak_gradient_bytes(model)
     accumulation = acc.plan().state_bytes if acc is not None and cfg.accumulate > 1 else 0
     memory: dict[str, int | None] = {
         "parameters": tensor_bytes(model.parameters()),

@@ -948,8 +948,11 @@ def test_sketch_is_exact_on_low_rank_gradients_and_beats_a_projection_on_decayin
         ]
         for dist in ("sketch", "gaussian")
     }
+    first = {dist: e[:4] for dist, e in err.items()}  # these draws, cycle by cycle
+    assert max(first["sketch"]) < 0.5 < 1.0 < min(first["gaussian"]), err  # best rank 6: 0.12
+    assert sum(first["sketch"]) < 0.35 * sum(first["gaussian"]), err
     mean = {dist: sum(e) / len(e) for dist, e in err.items()}
-    assert mean["sketch"] < 0.5 < 1.0 < mean["gaussian"], err  # best rank 6: 0.12
+    assert mean["sketch"] < 0.5 < 1.0 < mean["gaussian"], err
     assert mean["sketch"] < 0.35 * mean["gaussian"], err
 
 

@@ -1,5 +1,6 @@
 """GradientAccumulator: limits, the float64 reference of Algorithm 1, unbiasedness, use with
-real optimizers, step-in-backward, checkpoints, memory accounting and bad input."""
+real optimizers, step-in-backward, tied weights (tied_use), checkpoints, memory accounting and
+bad input."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from reference import compressed_accumulation, sketch_accumulation
 from torch import nn
 
 from flora import Flora, GradientAccumulator, parameter_key, projection_matrix
+from flora.accumulation import tied_use
 from flora.projection import sketch_sizes
 
 TAU = 3
@@ -413,6 +415,100 @@ def test_step_in_backward_holds_one_gradient_at_a_time():
     run_step_in_backward(model, opt, make_batches(2 * TAU), 2)
     n = len(list(model.parameters()))
     assert live == [1] * (2 * n)  # one step per parameter per cycle, one gradient alive
+
+
+class TiedNet(nn.Module):
+    """An embedding whose weight is also the output head. ``route``: the second use goes
+    through tied_use; ``reverse``: the routed use is the lookup (its gradient arrives after
+    the head's, which then reaches the parameter's hook first)."""
+
+    def __init__(self, route: bool, reverse: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(40, 12)
+        self.mid = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 40, bias=False)
+        self.head.weight = self.emb.weight
+        self.route, self.reverse = route, reverse
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        w = self.emb.weight
+        routed = tied_use(w) if self.route else w
+        lookup, head = (routed, w) if self.reverse else (w, routed)
+        h = torch.tanh(self.mid(nn.functional.embedding(idx, lookup)))
+        return nn.functional.linear(h, head)
+
+
+def tied_loss(model, batch):
+    idx, _ = batch
+    logits = model(idx[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, 40), idx[:, 1:].reshape(-1))
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "sketch"])
+@pytest.mark.parametrize("step_in_backward", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_tied_use_takes_each_use_into_the_buffer(distribution, step_in_backward, reverse):
+    """The tied weight's uses, compressed one by one as they arrive, give the gradient (and
+    the step) of compressing their sum, to rounding; the parameter's own hook saw one use."""
+    batches = make_batches(2 * TAU)
+    models = [TiedNet(route=True, reverse=reverse), TiedNet(route=False)]
+    seen = {0: [], 1: []}
+    for i, m in enumerate(models):  # registered first: runs before the accumulator's hook
+        m.emb.weight.register_post_accumulate_grad_hook(lambda p, i=i: seen[i].append(p.grad))
+    results = []
+    for m in models:
+        opt = torch.optim.SGD(m.parameters(), lr=0.5) if step_in_backward else None
+        acc = GradientAccumulator(
+            m, TAU, rank=4, seed=3, distribution=distribution, optimizer=opt,
+            step_in_backward=step_in_backward,
+        )  # fmt: skip
+        assert acc.decision("emb.weight").compressed
+        grads = []
+        for cycle in range(2):
+            for b in batches[cycle * TAU : (cycle + 1) * TAU]:
+                with acc.micro_batch():
+                    (tied_loss(m, b) / TAU).backward()
+            if not step_in_backward:
+                grads.append(m.emb.weight.grad.clone())
+                m.zero_grad()
+        results.append(grads if not step_in_backward else [m.emb.weight.detach().clone()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(a, torch.zeros_like(a))
+    assert len(seen[0]) == len(seen[1]) == 2 * TAU  # one hook per backward, either way
+    for part, whole in zip(*seen.values(), strict=True):
+        assert not torch.allclose(part, whole, atol=1e-4)  # the routed hook saw one use only
+
+
+def test_tied_use_is_the_weight_itself_unless_routed():
+    model = TiedNet(route=True)
+    w = model.emb.weight
+    assert tied_use(w) is w  # no accumulator
+    plain = GradientAccumulator(model, TAU, rank=4, compress=False)
+    assert tied_use(w) is w  # nothing to route: plain accumulation in p.grad
+    plain.remove()
+    acc = GradientAccumulator(model, TAU, rank=4)
+    alias = tied_use(w)
+    assert alias is not w and alias.is_leaf and alias.requires_grad
+    assert alias.data_ptr() == w.data_ptr()  # the same storage, no copy
+    with torch.no_grad():
+        assert tied_use(w) is w
+    acc.remove()
+    assert tied_use(w) is w
+
+
+def test_tied_use_after_the_parameter_was_stepped_is_refused():
+    """Reverse order, parameters listed once: the accumulator cannot know the weight is
+    shared, steps it in its hook, and then refuses the late gradient by name."""
+    model = TiedNet(route=True, reverse=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = GradientAccumulator(
+        list(model.named_parameters()), 1, rank=4, optimizer=opt, step_in_backward=True
+    )
+    refused = pytest.raises(RuntimeError, match=r"tied_use.*emb\.weight.*after it was stepped")
+    with refused, acc.micro_batch():
+        tied_loss(model, make_batches(1)[0]).backward()
 
 
 @pytest.mark.parametrize("opt_cls", ["Flora", "FloraAdamW"])

@@ -7,14 +7,21 @@
   time, and the largest is one block: exact bytes, smaller than the whole head's;
 - ``lean_config`` picks ceil(vocab / (4 n_embd)) blocks; bad ``vocab_chunks`` are refused.
 - ``tie_embeddings``: the head is the embedding's parameters (one, or one per block), the
-  chunked tied model is the whole tied one split, the tied gradient arrives once with both
-  uses summed, and the lean planner counts it once.
+  chunked tied model is the whole tied one split, without an accumulator the tied gradient
+  arrives once with both uses summed; under the lean preset the head's block gradients are
+  taken in as they are formed (flora.accumulation.tied_use: the bf16 block-shaped tensors
+  alive at once peak exactly as in the untied model, where plain autograd holds every
+  block), and the lean planner counts the tied weight once and its gradients by that rule.
 """
+
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import flora
+import flora.gpt
 from flora.gpt import GPT, SIZES, GPTConfig, lean_config
 from flora.model_memory import lean_rows
 
@@ -133,13 +140,66 @@ def test_tied_gradient_arrives_once_with_both_uses():
     torch.testing.assert_close(seen[0], both, rtol=1e-5, atol=1e-7)
 
 
+class _Live(TorchDispatchMode):
+    """The peak bytes of bf16 tensors of the given shapes produced and alive at once (the
+    vocabulary blocks' gradients), checked after every op."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.refs, self.peak = shapes, [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if (
+                isinstance(t, torch.Tensor)
+                and t.dtype == torch.bfloat16
+                and tuple(t.shape) in self.shapes
+                and t._base is None
+            ):
+                self.refs.append(weakref.ref(t))
+        alive = {}
+        for ref in self.refs:
+            if (t := ref()) is not None:
+                alive[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        self.peak = max(self.peak, sum(alive.values()))
+        return out
+
+
+def _block_gradient_peak(model):
+    """The peak of :class:`_Live` over the first micro-batch's backward of a lean cycle
+    (no step yet: only gradients and their transient copies are block-shaped)."""
+    setup = flora.lean_setup(model, accumulate=2, rank=4, kappa=5)
+    idx = torch.randint(103, (2, 13), generator=torch.Generator().manual_seed(3))
+    live = _Live({tuple(w.shape) for w in model.tok.weights})
+    with setup.accumulator.micro_batch():
+        loss = model(idx[:, :-1], idx[:, 1:]) / 2
+        with live:
+            loss.backward()
+    setup.accumulator.remove()
+    return live.peak
+
+
+def test_tied_head_gradients_are_not_held_until_the_embeddings_backward(monkeypatch):
+    _, untied = _pair()
+    routed = _block_gradient_peak(_tied(4).to(torch.bfloat16))
+    assert routed == _block_gradient_peak(untied.to(torch.bfloat16))  # as if untied
+    assert routed <= 2 * 26 * 16 * 2  # a block's gradient and autograd's copy of it
+    monkeypatch.setattr(flora.gpt, "tied_use", lambda w: w)  # plain autograd: held
+    assert _block_gradient_peak(_tied(4).to(torch.bfloat16)) >= 103 * 16 * 2  # every block
+
+
 def test_lean_planner_counts_a_tied_weight_once():
     with torch.device("meta"):
         tied = _tied(4).to(torch.bfloat16)
     rows = dict(lean_rows(tied, rank=4, kappa=5, accumulate=2))
     assert rows["parameters (bf16)"] == 2 * sum(p.numel() for p in tied.parameters())
-    # autograd holds the head's gradient of every block until the embedding's backward:
-    # all blocks (103 x 16, bf16) plus the one being formed (26 x 16)
+    # routed apart (tied_use): the largest gradient, an MLP matrix (4 x 16 x 16, bf16)
+    assert rows["gradients at their peak"] == 4 * 16 * 16 * 2
+    # a model that does not route them: autograd holds the head's gradient of every block
+    # until the embedding's backward: all blocks (103 x 16, bf16) plus the one being formed
+    tied.routes_shared_gradients = False
+    rows = dict(lean_rows(tied, rank=4, kappa=5, accumulate=2))
     assert rows["gradients at their peak"] == 103 * 16 * 2 + 26 * 16 * 2
     with torch.device("meta"):
         untied = GPT(GPTConfig(**{**CONFIG.__dict__, "vocab_chunks": 4})).to(torch.bfloat16)

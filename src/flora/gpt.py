@@ -12,6 +12,10 @@ optimizer's workspace for it, is one block instead of a whole vocabulary matrix.
 :func:`lean_config` picks the number of blocks the lean preset uses. The optimizer then
 keeps statistics per block (Adafactor's column factors, the parameter RMS, one projection
 per block).
+
+``tie_embeddings`` computes the head with the embedding's own parameters through
+:func:`flora.accumulation.tied_use`, so under an accumulator each block's head gradient is
+compressed as it is formed instead of being held until the embedding's backward.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
+
+from flora.accumulation import tied_use
 
 __all__ = ["GPT", "SIZES", "ChunkedEmbedding", "ChunkedLinear", "GPTConfig", "lean_config"]
 
@@ -146,7 +152,11 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Token + position embeddings, pre-LayerNorm blocks, an output head: untied (N(0, 1)
     embedding, ``nn.Linear``'s head), or with ``tie_embeddings`` the embedding's own weight,
-    drawn N(0, 0.02) as in GPT-2 (a head of N(0, 1) weights would start at huge logits)."""
+    drawn N(0, 0.02) as in GPT-2 (a head of N(0, 1) weights would start at huge logits),
+    applied through :func:`flora.accumulation.tied_use`."""
+
+    #: the tied head's gradients reach an accumulator apart from the embedding's
+    routes_shared_gradients = True
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -193,7 +203,12 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True)
             else:
                 x = block(x)
-        logits = self.head(self.ln(x))
+        if self.config.tie_embeddings:  # the embedding's weights, routed apart (tied_use)
+            h = self.ln(x)
+            tied = [self.tok.weight] if self.config.vocab_chunks == 1 else self.tok.weights
+            logits = torch.cat([F.linear(h, tied_use(w)) for w in tied], dim=-1)
+        else:
+            logits = self.head(self.ln(x))
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.reshape(-1))

@@ -209,12 +209,15 @@ def _shared(model: nn.Module) -> list[nn.Parameter]:
 
 def peak_gradient_bytes(model: nn.Module) -> int:
     """Bytes of the gradients alive at once under step-in-backward: the largest one, except
-    where a weight is used twice (a head tied to the token embedding): autograd holds the
-    first use's gradient until the last use's backward, so every tied weight's gradient is
-    alive at once, plus the one being formed (measured on GPT-2-small:
-    ``benchmarks/results/lean_memory_tied_cpu.md``)."""
+    where a weight is used twice (a head tied to the token embedding) and the model does not
+    route its uses apart (``routes_shared_gradients``, :func:`flora.accumulation.tied_use`):
+    autograd then holds the first use's gradient until the last use's backward, so every
+    tied weight's gradient is alive at once, plus the one being formed (measured on
+    GPT-2-small: ``benchmarks/results/lean_memory_tied_cpu.md``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     largest = max((p.numel() * p.element_size() for p in params), default=0)
+    if getattr(model, "routes_shared_gradients", False):
+        return largest
     tied = [p.numel() * p.element_size() for p in _shared(model)]
     return max(largest, sum(tied) + max(tied)) if tied else largest
 

@@ -1,6 +1,8 @@
 """The accumulation experiment's pieces on a tiny random BERT (the real MiniLM is only loaded
 by ``flora-experiments accumulate``)."""
 
+from dataclasses import replace
+
 import pytest
 
 from flora_experiments import datasets
@@ -44,6 +46,9 @@ def test_accumulation_bytes_per_method(data):
     assert rows["none"]["accumulation_bytes"] == 0  # nothing waits: one update per example
     assert rows["naive"]["accumulation_bytes"] == rows["naive"]["trainable_bytes"]
     assert 0 < rows["flora-4"]["accumulation_bytes"] < rows["naive"]["accumulation_bytes"]
+    kept = train_one("flora-4", 1e-4, replace(CFG, exclude=("embeddings",)), *data, False)
+    assert rows["flora-4"]["accumulation_bytes"] < kept["accumulation_bytes"]  # full-size
+    assert kept["accumulation_bytes"] < rows["naive"]["accumulation_bytes"]
     assert all(0 <= r["accuracy"] <= 1 for r in rows.values())
     pytest.importorskip("peft")
     lora = train_one("lora-4", 1e-3, CFG, *data, pretrained=False)

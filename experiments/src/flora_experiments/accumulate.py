@@ -65,6 +65,7 @@ class AccumulateConfig:
     test_per_work: int = 100
     optimizer: str = "adamw"  # or "adafactor" (torch.optim.Adafactor, the paper's base)
     distribution: str = "gaussian"  # the accumulator's projection family (flora.projection)
+    exclude: tuple[str, ...] = ()  # regexes of parameters the accumulator keeps uncompressed
     seed: int = 0
 
     @classmethod
@@ -174,7 +175,12 @@ def train_one(
     tau = 1 if kind == "none" else cfg.accumulate
     acc = (
         flora.GradientAccumulator(
-            model, tau, rank=rank, seed=cfg.seed, distribution=cfg.distribution
+            model,
+            tau,
+            rank=rank,
+            seed=cfg.seed,
+            distribution=cfg.distribution,
+            exclude=cfg.exclude or None,
         )
         if kind == "flora"
         else None
@@ -251,8 +257,9 @@ def run(cfg: AccumulateConfig, *, name: str, data_root=None, pretrained: bool = 
         f"tokens, {cfg.steps} optimizer steps of {cfg.accumulate} micro-batches of 1 "
         f"(none: {cfg.steps * cfg.accumulate} steps of 1); {cfg.optimizer}, constant step "
         f"size, best of a sweep from {_listing(cfg.lrs)} (LoRA: {_listing(cfg.lora_lrs)}; "
-        f"alpha = r); the accumulator's projection: {cfg.distribution}. Chance is "
-        f"{1 / len(cfg.works):.3f}."
+        f"alpha = r); the accumulator's projection: {cfg.distribution}"
+        + (f", uncompressed: {', '.join(cfg.exclude)}" if cfg.exclude else "")
+        + f". Chance is {1 / len(cfg.works):.3f}."
     )
     res.notes.append(edge_note(rows, cfg.widen))
     plot_sweeps(res, rows, "accuracy", "test accuracy", "accumulation_ratio",

@@ -1097,3 +1097,147 @@ def test_sketch_bytes_cache_and_refusals(monkeypatch):
     assert acc_b.plan().projection_cache_bytes == 4 * cached
     with pytest.raises(ValueError, match=r"sketch.*head\.weight.*rank must be >="):
         GradientAccumulator(make_model(), TAU, rank=8, side="right", distribution="sketch")
+
+
+# ---------------------------------------------------------------- exact_rows
+class Lookup(nn.Module):
+    """An embedding (row-sparse gradients) and a dense matrix after it."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(200, 12).to(dtype)  # right side: kept 200 rows, d = 12
+        self.fc = nn.Linear(12, 16).to(dtype)
+
+    def forward(self, idx):
+        return self.fc(self.emb(idx)).square().mean()
+
+
+def lookup_batches(tokens_per_batch, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 200, (1, t), generator=g) for t in tokens_per_batch]
+
+
+def lookup_cycle(model, acc, batches):
+    for b in batches:
+        with acc.micro_batch():
+            model(b).backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_rows_accumulate_a_lookup_exactly(dtype):
+    """Rows that fit: the embedding's .grad is plain accumulation's bit for bit (the same
+    additions in the same order); the dense matrix is compressed as without the option."""
+    batches = lookup_batches([5, 7, 4])
+    plain, exact, compressed = Lookup(dtype), Lookup(dtype), Lookup(dtype)
+    for b in batches:
+        plain(b).backward()
+    acc = GradientAccumulator(exact, TAU, rank=8, exact_rows=True)
+    ref = GradientAccumulator(compressed, TAU, rank=8)
+    assert acc.decision("emb.weight").compressed and acc.decision("fc.weight").compressed
+    assert acc._slot("emb.weight").capacity == 8 * 200 // 13  # n d + n <= r o
+    lookup_cycle(exact, acc, batches[:2])
+    slot = acc._slot("emb.weight")
+    assert 0 < slot.rows <= 12 and acc._slot("fc.weight").rows is None  # dense: switched
+    lookup_cycle(exact, acc, batches[2:])
+    lookup_cycle(compressed, ref, batches)
+    assert torch.equal(exact.emb.weight.grad, plain.emb.weight.grad)
+    assert torch.equal(exact.fc.weight.grad, compressed.fc.weight.grad)
+    assert not torch.equal(compressed.emb.weight.grad, plain.emb.weight.grad)
+    assert acc.buffer_bytes() == 0 and acc.plan().state_bytes == ref.plan().state_bytes
+
+
+def test_exact_rows_switch_to_the_compressed_form_when_they_do_not_fit():
+    """The third micro-batch brings more rows than fit: the held rows join it and the cycle
+    ends compressed, equal (to rounding) to compressing every micro-batch."""
+    batches = lookup_batches([3, 4, 400])  # 400 tokens: more distinct rows than fit
+    exact, compressed = Lookup(torch.float64), Lookup(torch.float64)
+    acc = GradientAccumulator(exact, TAU, rank=8, exact_rows=True, distribution="gaussian")
+    ref = GradientAccumulator(compressed, TAU, rank=8, distribution="gaussian")
+    lookup_cycle(exact, acc, batches[:2])
+    assert acc._slot("emb.weight").rows > 0
+    assert batches[2].unique().numel() > acc._slot("emb.weight").capacity
+    lookup_cycle(exact, acc, batches[2:])
+    lookup_cycle(compressed, ref, batches)
+    torch.testing.assert_close(exact.emb.weight.grad, compressed.emb.weight.grad)
+    # the next cycle starts exact again
+    exact.zero_grad()
+    with acc.micro_batch():
+        exact(batches[0]).backward()
+    assert acc._slot("emb.weight").rows == batches[0].unique().numel()
+
+
+@pytest.mark.parametrize("step_in_backward", [False, True])
+def test_exact_rows_resume_mid_cycle_bit_identically(step_in_backward):
+    batches = lookup_batches([5, 6, 4] * 2)
+
+    def build():
+        model = Lookup()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        kw = {"optimizer": opt, "step_in_backward": True} if step_in_backward else {}
+        return model, opt, GradientAccumulator(model, TAU, rank=8, exact_rows=True, **kw)
+
+    def finish(model, opt, acc, todo):
+        for b in todo:
+            with acc.micro_batch():
+                model(b).backward()
+            if acc.sync_gradients and not step_in_backward:
+                opt.step()
+                opt.zero_grad()
+
+    a, opt_a, acc_a = build()
+    finish(a, opt_a, acc_a, batches)
+    b, opt_b, acc_b = build()
+    finish(b, opt_b, acc_b, batches[:2])
+    saved = io.BytesIO()
+    torch.save(
+        {"acc": acc_b.state_dict(), "model": b.state_dict(), "opt": opt_b.state_dict()}, saved
+    )
+    state = acc_b.state_dict()
+    assert state["rows"] == {"emb.weight": acc_b._slot("emb.weight").rows}
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=True)
+    c, opt_c, acc_c = build()
+    c.load_state_dict(loaded["model"])
+    opt_c.load_state_dict(loaded["opt"])
+    if not step_in_backward:  # mid-cycle .grad of the uncompressed vectors
+        for p, q in zip(b.parameters(), c.parameters(), strict=True):
+            q.grad = None if p.grad is None else p.grad.clone()
+    acc_c.load_state_dict(loaded["acc"])
+    finish(c, opt_c, acc_c, batches[2:])
+    for x, y in zip(a.parameters(), c.parameters(), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_exact_rows_states_are_validated():
+    model = Lookup()
+    acc = GradientAccumulator(model, TAU, rank=8, exact_rows=True)
+    lookup_cycle(model, acc, lookup_batches([5]))
+    state = acc.state_dict()
+    for rows, match in (
+        ({"emb.weight": 10**6}, "exact rows"),
+        ({"emb.weight": True}, "exact rows"),
+        ({"fc.bias": 1}, "has none here"),
+        ([], "rows must be a dict"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            acc.load_state_dict({**state, "rows": rows})
+    plain = GradientAccumulator(Lookup(), TAU, rank=8)
+    with pytest.raises(ValueError, match="exact_rows"):
+        plain.load_state_dict(state)
+    old = {**plain.state_dict(), "settings": {**plain._settings()}}
+    del old["settings"]["exact_rows"], old["rows"]  # a state from before the option
+    plain.load_state_dict(old)
+    with pytest.raises(TypeError, match="exact_rows"):
+        GradientAccumulator(Lookup(), TAU, rank=8, exact_rows=1)
+
+
+def test_exact_rows_grad_norm_is_the_true_norm():
+    batches = lookup_batches([5, 6, 4])
+    plain, exact = Lookup(), Lookup()
+    for b in batches:
+        plain(b).backward()
+    acc = GradientAccumulator(exact, TAU, rank=8, exact_rows=True, exclude="fc")
+    lookup_cycle(exact, acc, batches)
+    true = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in plain.parameters()]))
+    torch.testing.assert_close(acc.grad_norm, true)

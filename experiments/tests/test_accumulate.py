@@ -49,6 +49,8 @@ def test_accumulation_bytes_per_method(data):
     kept = train_one("flora-4", 1e-4, replace(CFG, exclude=("embeddings",)), *data, False)
     assert rows["flora-4"]["accumulation_bytes"] < kept["accumulation_bytes"]  # full-size
     assert kept["accumulation_bytes"] < rows["naive"]["accumulation_bytes"]
+    exact = train_one("flora-4", 1e-4, replace(CFG, exact_rows=True), *data, False)
+    assert exact["accumulation_bytes"] == rows["flora-4"]["accumulation_bytes"]  # same buffer
     assert all(0 <= r["accuracy"] <= 1 for r in rows.values())
     pytest.importorskip("peft")
     lora = train_one("lora-4", 1e-3, CFG, *data, pretrained=False)

@@ -175,8 +175,8 @@ class _Slot:
     """One managed parameter: its policy decision and its buffer for the current cycle."""
 
     __slots__ = (
-        "basis", "buffer", "decision", "dtype", "key", "name", "param", "proj", "seen",
-        "shared", "sketch", "stepped",
+        "basis", "buffer", "capacity", "decision", "dtype", "key", "name", "param", "proj",
+        "rows", "seen", "shared", "sketch", "stepped",
     )  # fmt: skip
 
     def __init__(self, name: str, param: Tensor, decision: Decision, key: int) -> None:
@@ -191,6 +191,10 @@ class _Slot:
         #: used more than once (a tied head): stepped at the end of the backward pass, as
         #: its uses' gradients arrive apart when the model computes them with tied_use()
         self.shared = False
+        #: exact_rows: how many rows of the kept dimension fit in the buffer exactly, and
+        #: how many are held this cycle (None: the buffer holds the compressed form)
+        self.capacity = 0
+        self.rows: int | None = None
 
     @property
     def compressed(self) -> bool:
@@ -214,6 +218,15 @@ class _Slot:
         flat = self.buffer.view(-1)
         y = flat[: kept * k].view(kept, k)  # type: ignore[operator]
         return y, flat[kept * k : kept * k + l_ * dim].view(l_, dim)  # type: ignore[operator]
+
+    def exact_rows(self) -> tuple[Tensor, Tensor]:
+        """``exact_rows``: views of the ``n = rows`` held rows of the gradient as
+        ``(kept, compressed)``: their values ``(n, d)`` at the start of the buffer and their
+        indices (ascending) bit-cast into its last ``n`` entries."""
+        assert self.buffer is not None and self.rows is not None
+        flat, n, d = self.buffer.view(-1), self.rows, self.decision.compressed_dim
+        ints = flat.view(torch.int32 if flat.element_size() == 4 else torch.int64)
+        return flat[: n * d].view(n, d), ints[flat.numel() - n :]  # type: ignore[operator]
 
 
 def _named_parameters(
@@ -304,6 +317,15 @@ class GradientAccumulator:
             on the decompressed gradient: with a projection its norm is larger than the true
             one by about ``sqrt(1 + (d+1)/r)``; the default sketch's is close to the true one
             but depends on the spectrum. Not with ``step_in_backward``.
+        exact_rows: hold a compressed matrix's gradient exactly while its non-zero rows (of
+            the kept dimension ``o``) fit in the buffer's ``r o`` numbers — ``n`` rows take
+            ``n d`` values and ``n`` indices, so up to ``r o // (d + 1)`` — and switch to the
+            compressed form (adding the held rows to the gradient that does not fit) for the
+            rest of the cycle once they do not. An embedding lookup's gradient is non-zero
+            only on the rows of the tokens seen: over a cycle of short micro-batches it stays
+            exact, at no more memory. Dense matrices switch at their first gradient, after
+            one pass that finds their non-zero rows (one host sync per matrix and micro-batch
+            while rows are held). Not under DDP (the ranks' rows differ).
         is_last_micro_batch: for training loops you do not write (Hugging Face ``Trainer``,
             ``accelerate``): instead of ``micro_batch()``, each backward pass is a micro-batch,
             and this callable, asked when the backward pass reaches the first parameter,
@@ -342,6 +364,7 @@ class GradientAccumulator:
         max_param_grad_norm: float | None = None,
         is_last_micro_batch: Callable[[], bool] | None = None,
         max_grad_norm: float | None = None,
+        exact_rows: bool = False,
     ) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise TypeError(f"steps must be an int, got {type(steps).__name__}")
@@ -356,6 +379,7 @@ class GradientAccumulator:
                 "compress": compress,
                 "cache_projection": cache_projection,
                 "step_in_backward": step_in_backward,
+                "exact_rows": exact_rows,
             },
             distributions=(*DISTRIBUTIONS, GRADIENT, SKETCH),
         )
@@ -409,6 +433,11 @@ class GradientAccumulator:
                     else "so there is nothing to cache: leave cache_projection False"
                 )
             )
+        if ddp is not None and exact_rows:
+            raise ValueError(
+                "exact_rows=True is not supported under DistributedDataParallel: each rank's "
+                "gradients have other non-zero rows, so the buffers cannot be all-reduced"
+            )
         if ddp is not None and step_in_backward:
             raise ValueError(
                 "step_in_backward=True is not supported under DistributedDataParallel: "
@@ -430,6 +459,7 @@ class GradientAccumulator:
         self.max_param_grad_norm = max_param_grad_norm
         self.max_grad_norm = max_grad_norm
         self.is_last_micro_batch = is_last_micro_batch
+        self.exact_rows = exact_rows
 
         self._slots: list[_Slot] = []
         seen_ids: set[int] = set()
@@ -456,6 +486,8 @@ class GradientAccumulator:
                 except ValueError as e:
                     raise ValueError(f"distribution='sketch', {name!r}: {e}") from None
             slot.shared = id(p) in twice
+            if exact_rows and d.compressed:  # n d values and n indices in the r o numbers
+                slot.capacity = math.prod(d.state_shape) // (d.compressed_dim + 1)  # type: ignore[arg-type,operator]
             self._slots.append(slot)
         self._by_param = {id(s.param): s for s in self._slots}
         if optimizer is not None:
@@ -616,12 +648,14 @@ class GradientAccumulator:
             flat = torch.zeros(sum(sizes), device=device, dtype=dtype)
             for s, view in zip(slots, flat.split(sizes), strict=True):
                 s.buffer = view.view(s.decision.state_shape)  # type: ignore[arg-type]
+                s.rows = 0 if s.capacity else None
             self._flats.append(flat)
 
     def _release(self) -> None:
         for s in self._slots:
             s.buffer = None
             s.basis = None
+            s.rows = None
             s.seen = False
             s.stepped = False
             if s.proj is not None and s.proj[0] != self.cycle:
@@ -744,6 +778,8 @@ class GradientAccumulator:
         g = grad.reshape(s.shape2d)
         if g.dtype != s.dtype:
             g = g.to(s.dtype)
+        if s.rows is not None and self._hold_rows(s, g):
+            return
         if self.distribution == GRADIENT and s.basis is None:  # the cycle's first gradient
             d = s.decision
             s.basis = range_basis(
@@ -762,11 +798,42 @@ class GradientAccumulator:
         else:
             s.buffer.addmm_(g, proj.T)  # type: ignore[union-attr]  # C += G A^T
 
+    def _hold_rows(self, s: _Slot, g: Tensor) -> bool:
+        """``exact_rows``: add ``g`` (in ``shape2d``) to the held rows if the union of their
+        non-zero rows still fits; otherwise fold the held rows into ``g`` (in place: ``g`` is
+        this hook's gradient, freed after it) and leave the compressed form from now on.
+        Whether a row is non-zero is read on the host: one sync per micro-batch."""
+        a = s.oriented(g)  # (kept, compressed)
+        new = a.ne(0).any(1).nonzero().squeeze(1)
+        values, held = s.exact_rows()
+        held = held.long()
+        union = torch.unique(torch.cat([held, new])) if s.rows else new
+        if union.numel() > s.capacity:
+            if s.rows:
+                a.index_add_(0, held, values)
+            s.buffer.zero_()  # type: ignore[union-attr]
+            s.rows = None
+            return False
+        merged = a.new_zeros(union.numel(), a.shape[1])
+        if s.rows:
+            merged.index_copy_(0, torch.searchsorted(union, held), values)
+        merged.index_add_(0, torch.searchsorted(union, new), a.index_select(0, new))
+        s.rows = union.numel()
+        values, held = s.exact_rows()
+        values.copy_(merged)
+        held.copy_(union)
+        return True
+
     def _decompressed(self, s: _Slot, count: int, *, cast: bool = True) -> Tensor:
         """G-hat of ``s`` in the parameter's shape and dtype (``cast=False``: in the
         buffers' dtype)."""
         assert s.buffer is not None
-        if s.sketch is not None:
+        if s.rows is not None:  # exact_rows: the accumulated gradient itself
+            values, held = s.exact_rows()
+            o, d = s.decision.kept_dim, s.decision.compressed_dim
+            a = values.new_zeros(o, d).index_copy_(0, held.long(), values)  # type: ignore[arg-type]
+            g = s.oriented(a).contiguous()
+        elif s.sketch is not None:
             y, w = s.sketches()
             psi = self._projection_now(s, only="co-range")
             g = s.oriented(sketch_reconstruct(y, w, psi)).contiguous()
@@ -819,7 +886,12 @@ class GradientAccumulator:
                 if s.buffer is not None and (s.seen or self._group is not None):
                     if self.distribution == GRADIENT:
                         shrink[s.name] = math.sqrt(s.decision.rank / s.decision.compressed_dim)  # type: ignore[operator]
-                    held = s.sketches()[1] if s.sketch is not None else s.buffer
+                    if s.rows is not None:  # exact_rows: the norm itself
+                        held = s.exact_rows()[0]
+                    elif s.sketch is not None:
+                        held = s.sketches()[1]
+                    else:
+                        held = s.buffer
                     parts.append(_norm(held) * shrink.get(s.name, 1.0))
             elif s.param.grad is not None:
                 parts.append(_norm(s.param.grad))
@@ -970,10 +1042,13 @@ class GradientAccumulator:
         grads: dict[str, Tensor] = {}
         bases: dict[str, Tensor] = {}
         seen: list[str] = []
+        rows: dict[str, int] = {}
         if self.position > 0:
             for s in self._slots:
                 if s.seen:
                     seen.append(s.name)
+                if s.rows is not None:
+                    rows[s.name] = s.rows
                 if s.compressed:
                     buffers[s.name] = s.buffer.clone()  # type: ignore[union-attr]
                     if s.basis is not None:
@@ -993,6 +1068,7 @@ class GradientAccumulator:
             "buffers": buffers,
             "grads": grads,
             "bases": bases,
+            "rows": rows,
         }
 
     def _settings(self) -> dict[str, Any]:
@@ -1005,6 +1081,7 @@ class GradientAccumulator:
             "distribution": self.distribution,
             "reduction": self.reduction,
             "exclude": list(self.exclude),
+            "exact_rows": self.exact_rows,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1026,7 +1103,7 @@ class GradientAccumulator:
         if not isinstance(saved, dict):
             raise ValueError("state_dict['settings'] must be a dict")
         for key, value in self._settings().items():
-            if saved.get(key) != value:
+            if saved.get(key, False if key == "exact_rows" else None) != value:
                 raise ValueError(
                     f"state_dict was saved with {key}={saved.get(key)!r}, this accumulator "
                     f"has {key}={value!r}"
@@ -1068,6 +1145,18 @@ class GradientAccumulator:
                 raise ValueError(f"state_dict holds a basis for {name!r}, which has none here")
             d = s.decision
             _check_tensor(basis, (d.rank, d.compressed_dim), s.dtype, name)  # type: ignore[arg-type]
+        rows = state_dict.get("rows", {})  # absent: written before exact_rows
+        if not isinstance(rows, dict):
+            raise ValueError("state_dict rows must be a dict")
+        for name, n in rows.items():
+            s = managed.get(name)  # type: ignore[assignment]
+            if s is None or not s.capacity or position == 0:
+                raise ValueError(f"state_dict holds exact rows for {name!r}, which has none here")
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= s.capacity:
+                raise ValueError(
+                    f"state_dict: {name!r} holds {n!r} exact rows, expected an int in "
+                    f"[0, {s.capacity}]"
+                )
         if self.distribution == GRADIENT and position > 0:
             lacking = [n for n in seen if managed[n].compressed and n not in bases]
             if lacking:
@@ -1085,6 +1174,7 @@ class GradientAccumulator:
             s.seen = s.name in seen
             if s.compressed:
                 s.buffer.copy_(buffers[s.name])  # type: ignore[union-attr]
+                s.rows = rows.get(s.name)
                 if s.name in bases:
                     s.basis = bases[s.name].to(s.param.device, copy=True)
                 continue

@@ -66,6 +66,7 @@ class AccumulateConfig:
     optimizer: str = "adamw"  # or "adafactor" (torch.optim.Adafactor, the paper's base)
     distribution: str = "gaussian"  # the accumulator's projection family (flora.projection)
     exclude: tuple[str, ...] = ()  # regexes of parameters the accumulator keeps uncompressed
+    exact_rows: bool = False  # the accumulator's exact_rows (row-sparse gradients held exactly)
     seed: int = 0
 
     @classmethod
@@ -181,6 +182,7 @@ def train_one(
             seed=cfg.seed,
             distribution=cfg.distribution,
             exclude=cfg.exclude or None,
+            exact_rows=cfg.exact_rows,
         )
         if kind == "flora"
         else None
@@ -259,6 +261,7 @@ def run(cfg: AccumulateConfig, *, name: str, data_root=None, pretrained: bool = 
         f"size, best of a sweep from {_listing(cfg.lrs)} (LoRA: {_listing(cfg.lora_lrs)}; "
         f"alpha = r); the accumulator's projection: {cfg.distribution}"
         + (f", uncompressed: {', '.join(cfg.exclude)}" if cfg.exclude else "")
+        + (", row-sparse gradients held exactly (exact_rows)" if cfg.exact_rows else "")
         + f". Chance is {1 / len(cfg.works):.3f}."
     )
     res.notes.append(edge_note(rows, cfg.widen))

@@ -96,6 +96,7 @@ class TranslateAccumulateConfig(TranslateConfig):
     steps: int = 1000
     lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1)  # few updates: larger steps than Table 2's
     distribution: str = "gaussian"  # the accumulator's (flora.GradientAccumulator)
+    exact_rows: bool = False  # the accumulator's exact_rows (row-sparse gradients held exactly)
 
     @classmethod
     def quick(cls) -> TranslateAccumulateConfig:
@@ -218,7 +219,12 @@ def train_one(
         opt: torch.optim.Optimizer = torch.optim.Adafactor([p for _, p in named], lr=lr)
         if kind == "flora":
             acc = flora.GradientAccumulator(
-                model, tau, rank=rank, seed=cfg.seed, distribution=cfg.distribution
+                model,
+                tau,
+                rank=rank,
+                seed=cfg.seed,
+                distribution=cfg.distribution,
+                exact_rows=cfg.exact_rows,
             )
     else:
         opt = momentum_optimizer(method, named, lr, cfg.kappa, cfg.seed)
@@ -373,7 +379,8 @@ def run_accumulate(cfg: TranslateAccumulateConfig, *, name: str, data_root=None)
         _describe(cfg, train, test) + f" {cfg.steps} updates of {cfg.accumulate} micro-batches "
         f"of {cfg.batch} (none: {cfg.steps * cfg.accumulate} updates of one micro-batch), "
         f"torch.optim.Adafactor; LoRA on every block matrix, alpha = r; the accumulator's "
-        f"projection: {cfg.distribution}."
+        f"projection: {cfg.distribution}"
+        + (", row-sparse gradients held exactly (exact_rows)." if cfg.exact_rows else ".")
     )
     res.notes.append(
         "Paper (Table 1): Flora(r) close to naive accumulation, above LoRA(r). Here, "

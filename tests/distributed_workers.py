@@ -84,6 +84,11 @@ def ddp_accumulation(
             sib_error = ""
         except ValueError as err:
             sib_error = str(err)
+        try:
+            GradientAccumulator(ddp, steps, rank=4, exact_rows=True)
+            rows_error = ""
+        except ValueError as err:
+            rows_error = str(err)
         acc = GradientAccumulator(ddp, steps, rank=4, seed=1, distribution=distribution)
         batches = make_batches(cycles * steps * world)
         per_cycle = []
@@ -107,6 +112,7 @@ def ddp_accumulation(
                     "plan_bytes": acc.plan().state_bytes,
                     "naive_bytes": acc.plan().uncompressed_bytes,
                     "sib_error": sib_error,
+                    "rows_error": rows_error,
                 },
                 Path(tmpdir) / "result.pt",
             )

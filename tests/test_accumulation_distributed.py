@@ -42,3 +42,4 @@ def test_ddp_equals_single_process_on_the_concatenated_batch(tmp_path, distribut
     assert result["reported"] == plan.state_bytes
     assert plan.state_bytes < 0.4 * plan.uncompressed_bytes
     assert "not supported under DistributedDataParallel" in result["sib_error"]
+    assert "exact_rows=True is not supported under DistributedDataParallel" in result["rows_error"]

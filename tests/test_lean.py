@@ -115,3 +115,79 @@ def test_step_in_backward_hands_bf16_parameters_their_float32_estimate():
     assert seen == [torch.float32] * 4  # two weights, two biases: no bf16 rounding between
     assert all(p.grad is None for p in model.parameters())
     setup.accumulator.remove()
+
+
+# ---------------------------------------------------------------- tied weights (HF)
+def _hf_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=97, n_positions=16, n_embd=16, n_layer=1, n_head=2, tie_word_embeddings=True,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def test_route_shared_uses_reroutes_a_hugging_face_tied_head():
+    """GPT-2's lm_head is the token embedding's weight: after route_shared_uses the logits are
+    the same, and under an accumulator the embedding's own hook sees only the lookup's
+    gradient while the buffer holds both uses' (to rounding)."""
+    from flora.accumulation import route_shared_uses
+
+    plain, routed = _hf_gpt2(), _hf_gpt2()
+    assert routed.lm_head.weight is routed.transformer.wte.weight
+    assert route_shared_uses(routed) == ["lm_head"]
+    assert routed.routes_shared_gradients and route_shared_uses(routed) == []  # once
+    idx = torch.randint(97, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(routed(idx).logits, plain(idx).logits)
+    seen = {}
+    grads = []
+
+    def first_grad(name):
+        def look(p):  # runs before the accumulator's hook; returns None
+            seen.setdefault(name, p.grad)
+
+        return look
+
+    for name, model in (("plain", plain), ("routed", routed)):
+        wte = model.transformer.wte.weight
+        wte.register_post_accumulate_grad_hook(first_grad(name))
+        acc = flora.GradientAccumulator(model, 2, rank=4, seed=3)
+        for _ in range(2):
+            with acc.micro_batch():
+                (model(idx, labels=idx).loss / 2).backward()
+        grads.append(wte.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(seen["plain"], seen["routed"], atol=1e-4)  # one use, not both
+
+
+def test_route_shared_uses_refuses_holders_it_cannot_reroute():
+    from flora.accumulation import route_shared_uses
+
+    class Scale(torch.nn.Module):
+        def __init__(self, weight):
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, x):
+            return x * self.weight
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model.append(Scale(model[0].weight))
+    with pytest.raises(TypeError, match=r"'2' \(Scale\)"):
+        route_shared_uses(model)
+    assert "forward" not in vars(model[1]) and not hasattr(model, "routes_shared_gradients")
+    setup = flora.lean_setup(model, accumulate=2, rank=2, accumulate_rank=4)
+    assert "tied weights held in backward" in str(setup)
+    shared = torch.nn.Linear(4, 4)
+    twice = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)  # a module used twice
+    assert route_shared_uses(twice) == [] and not hasattr(twice, "routes_shared_gradients")
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        route_shared_uses(shared.weight)
+
+
+def test_lean_setup_routes_a_tied_head_and_says_so():
+    model = _hf_gpt2()
+    setup = flora.lean_setup(model, accumulate=2, rank=4)
+    assert "tied weights' later uses routed apart (lm_head)" in str(setup)
+    assert model.routes_shared_gradients

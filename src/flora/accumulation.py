@@ -99,7 +99,7 @@ from flora.projection import (
 from flora.replicas import check_same_settings
 from flora.state_plan import Plan, PlanRow
 
-__all__ = ["AccumulationMemory", "GradientAccumulator", "tied_use"]
+__all__ = ["AccumulationMemory", "GradientAccumulator", "route_shared_uses", "tied_use"]
 
 #: parameter -> the accumulator method that takes the gradients of its tied_use() aliases
 _ROUTES: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -134,6 +134,60 @@ def tied_use(weight: Tensor) -> Tensor:
 
     alias.register_post_accumulate_grad_hook(deliver)
     return alias
+
+
+def _routed_linear(self: nn.Linear, x: Tensor) -> Tensor:
+    return nn.functional.linear(x, tied_use(self.weight), self.bias)
+
+
+def _routed_embedding(self: nn.Embedding, x: Tensor) -> Tensor:
+    return nn.functional.embedding(
+        x, tied_use(self.weight), self.padding_idx, self.max_norm, self.norm_type,
+        self.scale_grad_by_freq, self.sparse,
+    )  # fmt: skip
+
+
+_ROUTED_FORWARDS: dict[type[nn.Module], Callable[..., Tensor]] = {
+    nn.Linear: _routed_linear,
+    nn.Embedding: _routed_embedding,
+}
+
+
+def route_shared_uses(model: nn.Module) -> list[str]:
+    """Compute every later use of ``model``'s shared weights with :func:`tied_use`: a weight
+    reachable under several names (a Hugging Face head tied to the token embedding,
+    ``lm_head.weight`` and ``transformer.wte.weight``) keeps its first holder as it is, and
+    each other holder's ``forward`` is replaced by its own with ``tied_use(self.weight)``.
+    Sets ``model.routes_shared_gradients = True`` (read by
+    :func:`flora.model_memory.peak_gradient_bytes`; not where a whole module is used twice,
+    whose uses cannot be told apart) and returns the rerouted modules' names (none for a
+    model without shared weights, or one that routes them itself). The values computed do
+    not change. Holders must be ``nn.Linear`` or ``nn.Embedding``
+    (exactly those types); another raises TypeError naming it, with nothing changed."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if getattr(model, "routes_shared_gradients", False):
+        return []
+    holders: dict[int, list[tuple[str, nn.Module, Tensor]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for _, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            if p.requires_grad:
+                holders.setdefault(id(p), []).append((name, module, p))
+    # a module used twice holds its parameters once per name: nothing to reroute there
+    later = [h for hs in holders.values() for h in hs[1:] if h[1] is not hs[0][1]]
+    same_module = any(all(h[1] is hs[0][1] for h in hs) for hs in holders.values() if len(hs) > 1)
+    for name, module, p in later:
+        if type(module) not in _ROUTED_FORWARDS or module.weight is not p:
+            raise TypeError(
+                f"route_shared_uses: {name!r} ({type(module).__name__}) holds a shared weight, "
+                "and only the weight of an nn.Linear or nn.Embedding can be rerouted: compute "
+                "that use with flora.accumulation.tied_use(weight) yourself"
+            )
+    for _, module, _ in later:
+        module.forward = _ROUTED_FORWARDS[type(module)].__get__(module)  # type: ignore[method-assign]
+    if later and not same_module:
+        model.routes_shared_gradients = True  # type: ignore[assignment]
+    return [name for name, _, _ in later]
 
 
 def _norm(t: Tensor) -> Tensor:

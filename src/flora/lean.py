@@ -11,7 +11,10 @@ memory of training besides activations:
 * **compressed gradient accumulation with step-in-backward** — a
   :class:`~flora.GradientAccumulator` of ``accumulate`` micro-batches (compressed when
   ``accumulate > 1``) that steps each parameter inside ``backward()`` of the last micro-batch
-  and frees its gradient at once, so at most about one parameter's gradient exists at a time.
+  and frees its gradient at once, so at most about one parameter's gradient exists at a time;
+  a tied weight's later uses (a head tied to the embedding) are routed apart
+  (:func:`flora.accumulation.route_shared_uses`), so their gradients are not held in
+  backward either.
 
 The returned :class:`Lean` says what it turned on (``print(setup)``). The training loop then
 runs the micro-batches inside ``setup.accumulator.micro_batch()`` and does **not** call
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flora.accumulation import GradientAccumulator
+from flora.accumulation import GradientAccumulator, route_shared_uses
 from flora.optim import Flora, FloraAdamW, FloraLion, FloraSGD
 from flora.optim.base import FloraOptimizerBase
 from flora.options import check_int
@@ -90,6 +93,10 @@ def lean_setup(
         raise ValueError(f"the lean preset sets {sorted(fixed)} itself; leave them out")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    try:  # a tied head's gradient is then not held in backward
+        routed, unrouted = route_shared_uses(model), ""
+    except TypeError as e:  # a holder it cannot reroute: said in the settings
+        routed, unrouted = [], str(e)
     model.to(torch.bfloat16)
     opt = cls(
         model.named_parameters(),
@@ -121,4 +128,8 @@ def lean_setup(
         ),
         "step-in-backward (each gradient freed once its parameter is stepped)",
     ]
+    if routed:
+        settings.append(f"tied weights' later uses routed apart ({', '.join(routed)})")
+    if unrouted:
+        settings.append(f"tied weights held in backward ({unrouted})")
     return Lean(opt, acc, settings)

@@ -434,7 +434,8 @@ def _measured_workspace(m: int, n: int, *, rank: int, kappa: int, accumulate: in
 def lean_rows(
     model: nn.Module, *, rank: int, kappa: int = 1000, accumulate: int = 1
 ) -> list[tuple[str, int]]:
-    """The lean preset's memory for a bf16 ``model`` (meta or real; it is not changed):
+    """The lean preset's memory for a bf16 ``model`` (meta or real; its values are not
+    changed, its tied weights' later uses are routed as the preset routes them):
     parameters, the gradients at their peak, optimizer state, accumulation buffers, their
     total, and mixed-precision AdamW's 16 bytes per parameter for comparison. The gradients
     are :func:`peak_gradient_bytes` (step-in-backward)."""

@@ -1139,6 +1139,7 @@ def test_exact_rows_accumulate_a_lookup_exactly(dtype):
     lookup_cycle(exact, acc, batches[:2])
     slot = acc._slot("emb.weight")
     assert 0 < slot.rows <= 12 and acc._slot("fc.weight").rows is None  # dense: switched
+    assert acc._slot("fc.weight").dense and not slot.dense  # fc starts compressed from now on
     lookup_cycle(exact, acc, batches[2:])
     lookup_cycle(compressed, ref, batches)
     assert torch.equal(exact.emb.weight.grad, plain.emb.weight.grad)
@@ -1165,6 +1166,7 @@ def test_exact_rows_switch_to_the_compressed_form_when_they_do_not_fit():
     with acc.micro_batch():
         exact(batches[0]).backward()
     assert acc._slot("emb.weight").rows == batches[0].unique().numel()
+    assert acc._slot("fc.weight").rows is None  # dense in its first cycle: not checked again
 
 
 @pytest.mark.parametrize("step_in_backward", [False, True])

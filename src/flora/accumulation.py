@@ -229,8 +229,8 @@ class _Slot:
     """One managed parameter: its policy decision and its buffer for the current cycle."""
 
     __slots__ = (
-        "basis", "buffer", "capacity", "decision", "dtype", "key", "name", "param", "proj",
-        "rows", "seen", "shared", "sketch", "stepped",
+        "basis", "buffer", "capacity", "decision", "dense", "dtype", "key", "name", "param",
+        "proj", "rows", "seen", "shared", "sketch", "stepped",
     )  # fmt: skip
 
     def __init__(self, name: str, param: Tensor, decision: Decision, key: int) -> None:
@@ -249,6 +249,9 @@ class _Slot:
         #: how many are held this cycle (None: the buffer holds the compressed form)
         self.capacity = 0
         self.rows: int | None = None
+        #: its first gradient of a cycle did not fit: later cycles start compressed (the
+        #: same values, one pass and one host sync fewer per cycle)
+        self.dense = False
 
     @property
     def compressed(self) -> bool:
@@ -379,7 +382,8 @@ class GradientAccumulator:
             only on the rows of the tokens seen: over a cycle of short micro-batches it stays
             exact, at no more memory. Dense matrices switch at their first gradient, after
             one pass that finds their non-zero rows (one host sync per matrix and micro-batch
-            while rows are held). Not under DDP (the ranks' rows differ).
+            while rows are held), and start later cycles compressed. Not under DDP (the
+            ranks' rows differ).
         is_last_micro_batch: for training loops you do not write (Hugging Face ``Trainer``,
             ``accelerate``): instead of ``micro_batch()``, each backward pass is a micro-batch,
             and this callable, asked when the backward pass reaches the first parameter,
@@ -702,7 +706,7 @@ class GradientAccumulator:
             flat = torch.zeros(sum(sizes), device=device, dtype=dtype)
             for s, view in zip(slots, flat.split(sizes), strict=True):
                 s.buffer = view.view(s.decision.state_shape)  # type: ignore[arg-type]
-                s.rows = 0 if s.capacity else None
+                s.rows = 0 if s.capacity and not s.dense else None
             self._flats.append(flat)
 
     def _release(self) -> None:
@@ -865,6 +869,8 @@ class GradientAccumulator:
         if union.numel() > s.capacity:
             if s.rows:
                 a.index_add_(0, held, values)
+            else:  # the cycle's first gradient: a dense matrix
+                s.dense = True
             s.buffer.zero_()  # type: ignore[union-attr]
             s.rows = None
             return False

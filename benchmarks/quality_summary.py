@@ -150,9 +150,9 @@ def accumulation_section() -> list[str]:
         commands.add(command)
         family = re.search(r"--set distribution=(\w+)", command)
         family = family.group(1) if family else "gaussian"
-        if "--set exact_rows=True" in command:
+        if re.search(r"--set '?exact_rows=True", command):
             family += ", exact rows"
-        if "--set exclude=" in command:  # parameters left uncompressed
+        if re.search(r"--set '?exclude=", command):  # parameters left uncompressed
             family += ", embeddings uncompressed" if "embeddings" in command else ", exclude"
         steps = re.search(r"--set steps=(\d+)", command)
         steps = int(steps.group(1)) if steps else 25  # the --quick default

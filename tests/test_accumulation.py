@@ -1224,12 +1224,16 @@ def test_exact_rows_states_are_validated():
     ):
         with pytest.raises(ValueError, match=match):
             acc.load_state_dict({**state, "rows": rows})
-    plain = GradientAccumulator(Lookup(), TAU, rank=8)
-    with pytest.raises(ValueError, match="exact_rows"):
-        plain.load_state_dict(state)
-    old = {**plain.state_dict(), "settings": {**plain._settings()}}
-    del old["settings"]["exact_rows"], old["rows"]  # a state from before the option
-    plain.load_state_dict(old)
+    plain_model = Lookup()
+    plain = GradientAccumulator(plain_model, TAU, rank=8)
+    with pytest.raises(ValueError, match=r"holds exact rows for 'emb\.weight'"):
+        plain.load_state_dict(state)  # rows need the option
+    lookup_cycle(plain_model, plain, lookup_batches([5]))
+    compressed = plain.state_dict()
+    acc.load_state_dict(compressed)  # no rows held: it continues compressed
+    assert acc._slot("emb.weight").rows is None
+    del compressed["rows"]  # a state from before the option
+    acc.load_state_dict(compressed)
     with pytest.raises(TypeError, match="exact_rows"):
         GradientAccumulator(Lookup(), TAU, rank=8, exact_rows=1)
 

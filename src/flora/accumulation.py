@@ -1141,7 +1141,6 @@ class GradientAccumulator:
             "distribution": self.distribution,
             "reduction": self.reduction,
             "exclude": list(self.exclude),
-            "exact_rows": self.exact_rows,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1163,7 +1162,7 @@ class GradientAccumulator:
         if not isinstance(saved, dict):
             raise ValueError("state_dict['settings'] must be a dict")
         for key, value in self._settings().items():
-            if saved.get(key, False if key == "exact_rows" else None) != value:
+            if saved.get(key) != value:
                 raise ValueError(
                     f"state_dict was saved with {key}={saved.get(key)!r}, this accumulator "
                     f"has {key}={value!r}"
@@ -1205,7 +1204,9 @@ class GradientAccumulator:
                 raise ValueError(f"state_dict holds a basis for {name!r}, which has none here")
             d = s.decision
             _check_tensor(basis, (d.rank, d.compressed_dim), s.dtype, name)  # type: ignore[arg-type]
-        rows = state_dict.get("rows", {})  # absent: written before exact_rows
+        # absent: written before exact_rows; the setting itself is not compared: a state
+        # without held rows continues compressed either way, one with rows needs the option
+        rows = state_dict.get("rows", {})
         if not isinstance(rows, dict):
             raise ValueError("state_dict rows must be a dict")
         for name, n in rows.items():

@@ -481,6 +481,14 @@ def test_tied_use_takes_each_use_into_the_buffer(distribution, step_in_backward,
         assert not torch.allclose(part, whole, atol=1e-4)  # the routed hook saw one use only
 
 
+def test_a_hook_that_returns_a_value_is_named():
+    model = make_model()
+    model.fc.weight.register_post_accumulate_grad_hook(lambda p: p.grad)  # returns a tensor
+    acc = GradientAccumulator(model, TAU, rank=4)
+    with pytest.raises(RuntimeError, match="returned a value instead of None"):
+        acc_cycle(model, acc, make_batches(1))
+
+
 def test_tied_use_is_the_weight_itself_unless_routed():
     model = TiedNet(route=True)
     w = model.emb.weight

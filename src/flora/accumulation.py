@@ -777,7 +777,13 @@ class GradientAccumulator:
 
     @torch.no_grad()
     def _hook(self, param: Tensor) -> None:
-        s = self._by_param[id(param)]
+        s = self._by_param.get(id(param))
+        if s is None:  # torch hands later hooks what an earlier one returned
+            raise RuntimeError(
+                "GradientAccumulator's hook received a tensor that is not a managed parameter: "
+                "a post-accumulate-grad hook registered before it returned a value instead of "
+                "None"
+            )
         grad = param.grad
         if not self._take(s, grad):
             return

@@ -3,8 +3,8 @@
 The engine must agree with the per-parameter loop (``foreach=False``, the reference) to a few
 ulp across windows, groups, kinds (compressed on either side, full-size momentum, none) and
 dtypes; keep the per-parameter state the truth (``state_dict``, resume, loading into the
-loop); rebuild its stacks when the state is replaced or the buckets change; run without host
-syncs; and use few ops per matrix.
+loop); rebuild its stacks when the state is replaced or the buckets change; read the host
+once per step (the finiteness verdict), never per matrix; and use few ops per matrix.
 """
 
 import copy

@@ -98,6 +98,39 @@ def test_step_parameter_takes_a_float32_gradient_for_a_bf16_parameter():
             opt16.step_parameter(w16, grad=bad)
 
 
+@pytest.mark.parametrize("beta1", [0.9, 0.0])
+def test_a_consumed_gradient_gives_the_same_bits(monkeypatch, beta1):
+    """step_parameter(p, grad=g, consume=True) forms Flora's update in g's memory, its
+    factored second moment a block of rows at a time (here 2 rows: several blocks), and
+    steps the bf16 weights, their state and the windows' bases bit for bit as without
+    consume, which leaves g untouched; a 3-D weight is factored over its last two dims."""
+    monkeypatch.setattr("flora.optim.adafactor.VARIANCE_BLOCK", 20)
+    shapes = {"w": (12, 10), "conv": (3, 8, 10), "v": (7,)}
+    init = {k: torch.randn(s, generator=torch.Generator().manual_seed(i)).bfloat16()
+            for i, (k, s) in enumerate(shapes.items())}  # fmt: skip
+
+    def run(consume):
+        params = {k: torch.nn.Parameter(v.clone()) for k, v in init.items()}
+        kw = {"lr": 0.05, "rank": 2, "kappa": 2, "beta1": beta1}
+        opt = flora.Flora(list(params.items()), rounding="stochastic", **kw)
+        for step in range(5):
+            for i, p in enumerate(params.values()):
+                gen = torch.Generator().manual_seed(100 * step + i)
+                g = torch.randn(p.shape, generator=gen)
+                kept = g.clone()
+                opt.step_parameter(p, grad=g, consume=consume)
+                if not consume:
+                    assert torch.equal(g, kept)
+        return params, opt.state_dict()
+
+    (ours, ours_sd), (theirs, theirs_sd) = run(True), run(False)
+    for k in shapes:
+        assert torch.equal(ours[k], theirs[k]), k
+    for i, st in theirs_sd["state"].items():
+        for key, value in st.items():
+            assert torch.equal(torch.as_tensor(ours_sd["state"][i][key]), torch.as_tensor(value))
+
+
 def test_step_in_backward_hands_bf16_parameters_their_float32_estimate():
     seen = []
 

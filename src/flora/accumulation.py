@@ -511,9 +511,14 @@ class GradientAccumulator:
         self._step_parameter = getattr(optimizer, "step_parameter", None)
         #: whether step_parameter takes the gradient itself (Flora's optimizers): then a
         #: low-precision parameter gets its float32 estimate, not one rounded to its dtype
-        self._hands_grad = self._step_parameter is not None and (
-            "grad" in inspect.signature(self._step_parameter).parameters
+        accepts = (
+            inspect.signature(self._step_parameter).parameters
+            if self._step_parameter is not None
+            else {}
         )
+        self._hands_grad = "grad" in accepts
+        #: whether it may overwrite that gradient (``consume=True``: Flora's optimizers)
+        self._hands_over = "consume" in accepts
         self.max_param_grad_norm = max_param_grad_norm
         self.max_grad_norm = max_grad_norm
         self.is_last_micro_batch = is_last_micro_batch
@@ -928,8 +933,12 @@ class GradientAccumulator:
             coef = (self.max_param_grad_norm / (norm_sq.sqrt() + 1e-6)).clamp(max=1.0)
             g.mul_(coef.to(g.dtype))
         s.buffer = None if not s.compressed else s.buffer
-        if hand:  # float32 into a low-precision parameter: no rounding, no second copy
-            self._step_parameter(p, grad=g)  # type: ignore[misc]
+        if hand:  # float32 into a low-precision parameter: no rounding, no second copy; the
+            # step may form its update in g's memory (consume)
+            if self._hands_over:
+                self._step_parameter(p, grad=g, consume=True)  # type: ignore[misc]
+            else:
+                self._step_parameter(p, grad=g)  # type: ignore[misc]
         else:
             p.grad = g
             if self._step_parameter is not None:  # Flora's optimizers: O(1) in the parameters

@@ -76,7 +76,8 @@ from flora.optim.base import (
 from flora.optim.buckets import Bucket, add_scaled_
 from flora.options import check_bool, check_choice, check_real
 from flora.policy import Decision
-from flora.projection import ORTHONORMAL, down, up
+from flora.projection import ORTHONORMAL, down
+from flora.reductions import sum_of_squares
 
 __all__ = [
     "PRECONDITIONERS",
@@ -201,17 +202,17 @@ def subspace_adam_update_(
         param.mul_(1 - lr * weight_decay)
     g = grad.reshape(param.shape[0], math.prod(param.shape[1:]))
     if shards is None:
-        norm = Tensor.norm
+        total = Tensor.sum
     else:
 
-        def norm(residual: Tensor) -> Tensor:
-            total = residual.square().sum().reshape(1)
-            shards.sum_(total)
-            return total.sqrt_()[0]
+        def total(local: Tensor) -> Tensor:
+            whole = local.sum().reshape(1)
+            shards.sum_(whole)
+            return whole[0]
 
     direction = _subspace_adam_direction(
         g, exp_avg, exp_avg_sq, state.get("residual_norm"), proj, side, step,
-        beta1=beta1, beta2=beta2, eps=eps, growth_limit=growth_limit, norm=norm,
+        beta1=beta1, beta2=beta2, eps=eps, growth_limit=growth_limit, total=total,
     )  # fmt: skip
     param.add_(direction.view_as(param), alpha=-lr)
 
@@ -240,7 +241,7 @@ def subspace_adam_bucket_update_(
         grads, stacks["exp_avg"], stacks["exp_avg_sq"], stacks.get("residual_norm"), proj,
         side, step if isinstance(step, Tensor) else float(step), beta1=beta1, beta2=beta2,
         eps=eps, growth_limit=growth_limit,
-        norm=lambda residual: torch.linalg.vector_norm(residual, dim=(-2, -1)),
+        total=lambda per_channel: per_channel.sum(dim=(-2, -1)), overwrite=True,
     )  # fmt: skip
     add_scaled_(params, direction, lr)
 
@@ -258,27 +259,47 @@ def _subspace_adam_direction(
     beta2: float,
     eps: float,
     growth_limit: float | None,
-    norm: Callable[[Tensor], Tensor],  # ||E|| per matrix
+    total: Callable[[Tensor], Tensor],  # per-channel values -> their sum per matrix
+    overwrite: bool = False,  # write the direction into ``g``
 ) -> Tensor:
     r"""The update direction :math:`\sqrt c\,P^\top N_t + E_t` of the module docstring
-    (the moments and the limiter's norm advanced in place)."""
-    root = math.sqrt(proj.shape[-2] / proj.shape[-1])
+    (the moments and the limiter's norm advanced in place), with one product of the
+    parameter's size instead of two: since :math:`E_t` scales each channel of the exact
+    remainder, :math:`E_t / f_t = G_t \operatorname{diag}(s) - \sqrt c\,P^\top R_t
+    \operatorname{diag}(s)` with :math:`s = \phi / f_t`, so the direction is
+    :math:`G_t \operatorname{diag}(s) + \sqrt c\,P^\top (N_t - R_t \operatorname{diag}(s))`
+    (left side; the right side is the transpose). The limiter's
+    :math:`\lVert E_t \rVert^2 = \sum_j \phi_j^2 (\lVert G_{:j} \rVert^2
+    - 2 \lVert R_{:j} \rVert^2 + R_{:j}^\top K R_{:j})`, :math:`K = c\,P P^\top`
+    (exactly :math:`I` for an orthonormal basis; a bf16 basis is only nearly one), is formed
+    from per-channel sums without :math:`E_t` itself."""
+    c = proj.shape[-2] / proj.shape[-1]
+    root = math.sqrt(c)
+    left = side == "left"
     low = down(g, proj, side).mul_(root)  # R
     exp_avg.lerp_(low, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
     denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
     normed = (exp_avg / (1 - beta1**step)).div_(denom)  # N
-    reduce = -2 if side == "left" else -1  # over the subspace coordinates: one per channel
-    phi = normed.norm(dim=reduce, keepdim=True).div_(low.norm(dim=reduce, keepdim=True).add_(eps))
-    residual = torch.sub(g, up(low, proj, side), alpha=root).mul_(phi)  # E
+    reduce = -2 if left else -1  # over the subspace coordinates: one value per channel
+    low_norm = torch.linalg.vector_norm(low, dim=reduce, keepdim=True)
+    scale = torch.linalg.vector_norm(normed, dim=reduce, keepdim=True).div_(low_norm + eps)  # phi
     if growth_limit is not None:
         assert previous is not None
-        e = norm(residual)
+        gram = (proj @ proj.mT).mul_(c)  # K (r, r)
+        projected = (gram @ low if left else low @ gram).mul_(low).sum(dim=reduce, keepdim=True)
+        remainder = sum_of_squares(g, reduce)
+        remainder.sub_(low_norm.square_(), alpha=2).add_(projected).clamp_(min=0)
+        e = total(remainder.mul_(scale).mul_(scale)).sqrt_()  # ||E||
         ratio = e / previous.clamp(min=torch.finfo(e.dtype).tiny)
         factor = torch.where(previous > 0, ratio.clamp(min=growth_limit) / growth_limit, 1.0)
-        residual.div_(factor.view(*factor.shape, 1, 1))
+        scale.div_(factor.view(*factor.shape, 1, 1))  # s = phi / f
         previous.copy_(e / factor)
-    return residual.add_(up(normed, proj, side), alpha=root)
+    inside = normed.sub_(low.mul_(scale)).mul_(root)  # sqrt(c) (N - R diag(s))
+    a, b = (proj.mT, inside) if left else (inside, proj)
+    if overwrite:
+        return g.mul_(scale).baddbmm_(a, b) if g.dim() == 3 else g.mul_(scale).addmm_(a, b)
+    return (a @ b).addcmul_(g, scale)
 
 
 class FloraAdamW(FloraOptimizerBase):
@@ -433,7 +454,14 @@ class FloraAdamW(FloraOptimizerBase):
         return {"exp_avg_sq": shape}
 
     def _update(
-        self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
+        self,
+        p: Tensor,
+        grad: Tensor,
+        group: dict[str, Any],
+        name: str,
+        state: dict[str, Any],
+        *,
+        scratch: bool = False,  # whether grad may be overwritten (used by Flora only)
     ) -> None:
         beta1, beta2 = (float(b) for b in group["betas"])
         first = "step" not in state

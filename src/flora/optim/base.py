@@ -967,9 +967,17 @@ class FloraOptimizerBase(Optimizer):
 
     # ------------------------------------------------------------------ step
     def _update(
-        self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
+        self,
+        p: Tensor,
+        grad: Tensor,
+        group: dict[str, Any],
+        name: str,
+        state: dict[str, Any],
+        *,
+        scratch: bool = False,
     ) -> None:
-        """Subclass hook: one update of ``p`` (already in the state dtype, as is ``grad``)."""
+        """Subclass hook: one update of ``p`` (already in the state dtype, as is ``grad``);
+        with ``scratch`` the update may overwrite ``grad`` (a copy nobody else reads)."""
         raise NotImplementedError
 
     def _momentum_inputs(
@@ -1000,7 +1008,9 @@ class FloraOptimizerBase(Optimizer):
         return loss
 
     @torch.no_grad()
-    def step_parameter(self, param: Tensor, grad: Tensor | None = None) -> None:
+    def step_parameter(
+        self, param: Tensor, grad: Tensor | None = None, *, consume: bool = False
+    ) -> None:
         """Step ``param`` alone, as ``step()`` would if only ``param`` had a gradient, in time
         independent of the number of parameters (step-in-backward calls it once per parameter;
         :class:`flora.GradientAccumulator` then calls ``step()`` once, with no gradient left,
@@ -1011,7 +1021,9 @@ class FloraOptimizerBase(Optimizer):
         ``grad``, if given, is used instead of ``param.grad``: a dense tensor of ``param``'s
         shape and device, of the parameter's dtype or float32 (the accumulator hands a bf16
         parameter its float32 estimate this way, which ``param.grad`` could not hold: no
-        rounding to bf16, and no bf16 copy beside the float32 one). Not for FSDP2 shards."""
+        rounding to bf16, and no bf16 copy beside the float32 one). Not for FSDP2 shards.
+        ``consume=True`` lets the step overwrite that ``grad`` (its memory becomes the step's
+        workspace; the accumulator hands over its fresh estimate this way)."""
         groups = tuple(id(g) for g in self.param_groups)
         count = sum(len(g["params"]) for g in self.param_groups)
         if self._index is None or self._index[0] != (groups, count):
@@ -1022,17 +1034,21 @@ class FloraOptimizerBase(Optimizer):
             raise ValueError("param is not optimized by this optimizer")
         if grad is not None:
             _check_given_grad(param, grad)
-            self._step_named([(entry[0], entry[1], param)], grads=[grad])
+            self._step_named([(entry[0], entry[1], param)], grads=[grad], consume=consume)
         elif param.grad is not None:
             self._step_named([(entry[0], entry[1], param)])
 
     def _step_named(
-        self, named: list[tuple[dict[str, Any], str, Tensor]], grads: list[Tensor] | None = None
+        self,
+        named: list[tuple[dict[str, Any], str, Tensor]],
+        grads: list[Tensor] | None = None,
+        consume: bool = False,
     ) -> None:
         """The body of ``step()`` for the parameters in ``named`` (those with a gradient):
         the multi-tensor step for the buckets the subclass's engine takes
         (:meth:`_bucket_eligible`), the per-parameter loop for the rest. ``grads`` (from
-        :meth:`step_parameter`) replace the parameters' ``.grad`` and take the loop."""
+        :meth:`step_parameter`) replace the parameters' ``.grad`` and take the loop
+        (``consume``: the step may overwrite them)."""
         given = grads is not None  # from step_parameter: the loop (the engine stacks .grad)
         if grads is None:
             grads = [p.grad for _, _, p in named]
@@ -1068,7 +1084,7 @@ class FloraOptimizerBase(Optimizer):
             named, finite, sharded, locals_, strict=True
         ):
             if not ok or id(p) in rest:
-                self._step_one(group, name, p, ok, is_sharded, local, local_grad)
+                self._step_one(group, name, p, ok, is_sharded, local, local_grad, consume)
         for kind, members in buckets:  # stacked one bucket at a time: a bounded workspace
             self._step_bucket(kind, members, torch.stack([p.grad for _, _, p in members]))
 
@@ -1219,8 +1235,11 @@ class FloraOptimizerBase(Optimizer):
         is_sharded: bool,
         local: Tensor,
         local_grad: Tensor,
+        consume: bool = False,
     ) -> None:
-        """The per-parameter step (``foreach=False``, and what the engine does not take)."""
+        """The per-parameter step (``foreach=False``, and what the engine does not take).
+        The update may overwrite its gradient when that is a copy made here (a sign or dtype
+        change) or ``consume`` hands it over."""
         state = self.state[p]
         if not ok:  # nonfinite="skip_parameter"
             state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
@@ -1235,9 +1254,11 @@ class FloraOptimizerBase(Optimizer):
         try:
             moments = group["moment_dtype"] not in (None, dtype)  # stored narrower
             math_view = _widened(view, dtype) if moments else view
+            scratch = consume or grad is not local_grad or grad.dtype != dtype
             self._update(
-                work, grad if grad.dtype == dtype else grad.to(dtype), group, name, math_view
-            )
+                work, grad if grad.dtype == dtype else grad.to(dtype), group, name, math_view,
+                scratch=scratch,
+            )  # fmt: skip
             if moments:
                 self._store_moments(group, name, view, math_view, is_sharded)
             if work is not local:

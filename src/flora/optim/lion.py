@@ -217,7 +217,14 @@ class FloraLion(FloraOptimizerBase):
         )
 
     def _update(
-        self, p: Tensor, grad: Tensor, group: dict[str, Any], name: str, state: dict[str, Any]
+        self,
+        p: Tensor,
+        grad: Tensor,
+        group: dict[str, Any],
+        name: str,
+        state: dict[str, Any],
+        *,
+        scratch: bool = False,  # whether grad may be overwritten (used by Flora only)
     ) -> None:
         if "step" not in state:
             state["step"] = 0

@@ -10,10 +10,13 @@ run), with glibc told to return every freed block of 128 KiB or more at once, so
 resident set follows the live tensors. That rise plus the parameters' exact bytes is the
 measured peak of everything: parameters, gradients, optimizer state, accumulation buffers,
 the optimizer's workspace and the activations. Activations are measured on their own in
-the same run (the rise during one forward that keeps its autograd graph, no optimizer); with
-a short sequence (``--tokens``) they are small, so the total is an upper bound of what the
-planner counts, whose figure is printed beside it. (The PyTorch profiler's allocation events
-would be exact, but at this size they take more memory than the machine has.)
+the same run (the rise during one forward that keeps its autograd graph, no optimizer). The
+default micro-batch is one token (``--tokens``), whose activations are about 0.002 bytes per
+parameter, so the measured peak is what the planner counts, whose figure is printed beside
+it; with longer sequences "the peak less the activations" is only a lower bound of it (at
+the peak, inside backward, part of the activations is already freed). (The PyTorch
+profiler's allocation events would be exact, but at this size they take more memory than
+the machine has.)
 
     python benchmarks/lean_memory.py --out benchmarks/results/lean_memory_cpu.md
 """
@@ -69,7 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default="gpt2", choices=list(SIZES))
     parser.add_argument("--accumulate", type=int, default=16)
     parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=16, help="sequence length of a micro-batch")
+    parser.add_argument(
+        "--tokens", type=int, default=1,
+        help="sequence length of a micro-batch (1: activations are negligible, so the peak is "
+        "what the planner counts)",
+    )  # fmt: skip
     parser.add_argument("--cycles", type=int, default=2)
     parser.add_argument(
         "--whole-vocabulary",
@@ -157,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         + (f" --size {args.size}" if args.size != "gpt2" else "")
         + (" --whole-vocabulary" if args.whole_vocabulary else "")
         + (" --tie-embeddings" if args.tie_embeddings else "")
+        + (f" --tokens {args.tokens}" if args.tokens != 1 else "")
         + (f" --out {args.out}" if args.out else "")
         + "`",
         "",

@@ -303,6 +303,24 @@ def test_unfactored_second_moment_on_non_contiguous_parameters(layout, distribut
     assert torch.allclose(p_odd, p_ref, rtol=1e-6, atol=atol)
 
 
+def test_subspace_preconditioner_on_a_non_contiguous_parameter():
+    """FloraAdamW's subspace step subtracts its direction from a contiguous parameter in
+    place and takes a full-size direction for a non-contiguous one: the same steps."""
+    torch.manual_seed(0)
+    weight = torch.randn(24, 12)
+    p_odd = torch.nn.Parameter(weight.clone().t())  # a (12, 24) non-contiguous view
+    p_ref = torch.nn.Parameter(weight.t().contiguous())
+    target = torch.randn(12, 24)
+    optimizers = [flora.FloraAdamW([("w", p)], rank=4, kappa=2, lr=0.01) for p in (p_odd, p_ref)]
+    for _ in range(4):
+        for p, opt in zip((p_odd, p_ref), optimizers, strict=True):
+            opt.zero_grad()
+            (p - target).square().sum().backward()
+            opt.step()
+    assert not p_odd.is_contiguous()
+    assert torch.allclose(p_odd, p_ref, rtol=1e-6, atol=1e-7)
+
+
 def test_zero_element_parameter(cls):
     empty = torch.nn.Parameter(torch.zeros(0, 5))
     w = torch.nn.Parameter(torch.randn(6, 5))

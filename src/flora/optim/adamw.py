@@ -210,11 +210,14 @@ def subspace_adam_update_(
             shards.sum_(whole)
             return whole[0]
 
+    target = param.view(g.shape) if param.is_contiguous() else None
     direction = _subspace_adam_direction(
         g, exp_avg, exp_avg_sq, state.get("residual_norm"), proj, side, step,
         beta1=beta1, beta2=beta2, eps=eps, growth_limit=growth_limit, total=total,
+        apply_to=target, lr=lr,
     )  # fmt: skip
-    param.add_(direction.view_as(param), alpha=-lr)
+    if direction is not None:  # a non-contiguous parameter
+        param.add_(direction.view_as(param), alpha=-lr)
 
 
 def subspace_adam_bucket_update_(
@@ -243,6 +246,7 @@ def subspace_adam_bucket_update_(
         eps=eps, growth_limit=growth_limit,
         total=lambda per_channel: per_channel.sum(dim=(-2, -1)), overwrite=True,
     )  # fmt: skip
+    assert direction is not None
     add_scaled_(params, direction, lr)
 
 
@@ -261,7 +265,9 @@ def _subspace_adam_direction(
     growth_limit: float | None,
     total: Callable[[Tensor], Tensor],  # per-channel values -> their sum per matrix
     overwrite: bool = False,  # write the direction into ``g``
-) -> Tensor:
+    apply_to: Tensor | None = None,  # a matrix (m, n): subtract lr * direction from it
+    lr: float = 0.0,
+) -> Tensor | None:
     r"""The update direction :math:`\sqrt c\,P^\top N_t + E_t` of the module docstring
     (the moments and the limiter's norm advanced in place), with one product of the
     parameter's size instead of two: since :math:`E_t` scales each channel of the exact
@@ -272,7 +278,9 @@ def _subspace_adam_direction(
     :math:`\lVert E_t \rVert^2 = \sum_j \phi_j^2 (\lVert G_{:j} \rVert^2
     - 2 \lVert R_{:j} \rVert^2 + R_{:j}^\top K R_{:j})`, :math:`K = c\,P P^\top`
     (exactly :math:`I` for an orthonormal basis; a bf16 basis is only nearly one), is formed
-    from per-channel sums without :math:`E_t` itself."""
+    from per-channel sums without :math:`E_t` itself. With ``apply_to`` the two terms are
+    subtracted from that matrix in place, scaled by ``lr``, and nothing is returned: no
+    temporary of the parameter's size at all."""
     c = proj.shape[-2] / proj.shape[-1]
     root = math.sqrt(c)
     left = side == "left"
@@ -297,6 +305,9 @@ def _subspace_adam_direction(
         previous.copy_(e / factor)
     inside = normed.sub_(low.mul_(scale)).mul_(root)  # sqrt(c) (N - R diag(s))
     a, b = (proj.mT, inside) if left else (inside, proj)
+    if apply_to is not None:
+        apply_to.addcmul_(g, scale, value=-lr).addmm_(a, b, alpha=-lr)
+        return None
     if overwrite:
         return g.mul_(scale).baddbmm_(a, b) if g.dim() == 3 else g.mul_(scale).addmm_(a, b)
     return (a @ b).addcmul_(g, scale)

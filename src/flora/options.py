@@ -34,7 +34,7 @@ __all__ = [
 #: where a matrix is compressed: the smaller dimension (``"auto"``), its rows or its columns
 SIDE_CHOICES: tuple[str, ...] = ("auto", "left", "right")
 #: what a non-finite gradient does to an optimizer step
-NONFINITE_POLICIES: tuple[str, ...] = ("skip", "skip_parameter", "raise")
+NONFINITE_POLICIES: tuple[str, ...] = ("skip", "skip_parameter", "raise", "unchecked")
 
 
 #: dtypes a stored projection basis may be kept in (None: the state dtype)

@@ -276,16 +276,21 @@ class _Syncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("nonfinite", ["skip", "unchecked"])
 @pytest.mark.parametrize("foreach", [False, None])
-def test_one_host_sync_per_step_in_the_engine(foreach):
+def test_one_host_sync_per_step_in_the_engine(foreach, nonfinite):
     shapes = [(20, 30)] * 4
-    params, opt = _run(foreach, steps=2, params=_params(shapes=shapes), kappa=100)
+    params, opt = _run(
+        foreach, steps=2, params=_params(shapes=shapes), kappa=100, nonfinite=nonfinite
+    )
     _grads(params, 2)
     with _Syncs() as syncs:
         opt.step()
-    # one per step: the finiteness verdict of every gradient at once (base._all_finite);
-    # the loop also reads each matrix's parameter RMS and clipping norm as Python floats
-    assert syncs.count == 1 + (0 if foreach is None else 2 * len(shapes))
+    # one per step: the finiteness verdict of every gradient at once (base._all_finite),
+    # none with nonfinite="unchecked"; the loop also reads each matrix's parameter RMS and
+    # clipping norm as Python floats
+    verdict = 0 if nonfinite == "unchecked" else 1
+    assert syncs.count == verdict + (0 if foreach is None else 2 * len(shapes))
 
 
 def test_ops_per_matrix():

@@ -102,7 +102,7 @@ BAD = [
     (dict(weight_decay=-0.1), ValueError, "weight_decay"),
     (dict(side="top"), ValueError, "side"),
     (dict(momentum_variant="fancy"), ValueError, "momentum_variant"),
-    (dict(nonfinite="ignore"), ValueError, "nonfinite"),
+    (dict(nonfinite="ignore"), ValueError, "nonfinite"),  # "unchecked" is the name
     (dict(rounding="up"), ValueError, "rounding"),
     (dict(distribution="uniform"), ValueError, "distribution"),
     (dict(distribution="gradient", momentum_variant="history"), ValueError, "distribution"),
@@ -446,6 +446,33 @@ def test_nonfinite_policy_of_one_group_raise_wins(opt_spec):
         opt.step()  # the offender's group skips
     model[1].weight.grad[0, 0] = float("nan")
     with pytest.raises(FloatingPointError):
+        opt.step()
+
+
+def test_unchecked_nonfinite_gradient_reaches_the_weights(opt_spec):
+    """nonfinite="unchecked": no check, as in torch's optimizers; a checked group beside it
+    still skips the whole step for its own offender."""
+    model = _model()
+    opt = _make(opt_spec, model, nonfinite="unchecked")
+    _steps(model, opt, 0, 1)  # the gradient basis is found from a finite gradient
+    opt.zero_grad()
+    _loss(model, 1).backward()
+    model[1].weight.grad[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    held = [model[1].weight] + [
+        v
+        for v in opt.state[model[1].weight].values()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    ]
+    assert any(torch.isnan(t).any() for t in held) and opt.skipped_steps == 0  # Lion: sign
+    # at a window's first step the basis cannot be found from it: a FloatingPointError
+    fresh = _model()
+    opt = _make(opt_spec, fresh, nonfinite="unchecked", distribution="gradient")
+    _loss(fresh, 0).backward()
+    fresh[1].weight.grad.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="gradient basis"):
         opt.step()
 
 

@@ -398,8 +398,10 @@ class Flora(FloraOptimizerBase):
             update: ``"skip"`` (default, GradScaler's convention: the whole step is skipped,
             a ``RuntimeWarning`` is issued and ``optimizer.skipped_steps`` counts it),
             ``"skip_parameter"`` (only the offending parameters are not updated;
-            ``state["nonfinite_skips"]`` counts it; their step counters then fall behind) or
-            ``"raise"`` (``FloatingPointError``, no parameter updated).
+            ``state["nonfinite_skips"]`` counts it; their step counters then fall behind),
+            ``"raise"`` (``FloatingPointError``, no parameter updated) or ``"unchecked"``
+            (no check and so no host sync in ``step()``; a NaN reaches the weights, as in
+            torch's optimizers).
         rounding: how the float32 step is written into bf16 parameters (there are no
             float32 master weights): ``"nearest"`` (default), ``"stochastic"`` (unbiased,
             keyed by seed, parameter and step: reproducible and resumable) or

@@ -19,7 +19,9 @@ Non-finite gradients are found for the whole step before any parameter is touche
 reduction per gradient and one host sync): ``nonfinite="skip"`` (default, GradScaler's
 convention) skips the whole step, so every parameter's step counter stays equal;
 ``"skip_parameter"`` skips only the offending parameters; ``"raise"`` raises
-``FloatingPointError`` with no parameter updated.
+``FloatingPointError`` with no parameter updated; ``"unchecked"`` does not look (no
+reduction, no host sync: torch's optimizers' behaviour, for a loop whose ``GradScaler`` or
+own check already decides).
 
 The multi-tensor step (``foreach``; every optimizer here offers it) takes same-shaped
 compressed matrices in buckets — same group,
@@ -647,11 +649,18 @@ class FloraOptimizerBase(Optimizer):
         if self._shards is not None:  # FSDP2: this rank's rows of the global matrix
             offset = _global_row_offset(self._current_param)
             shard = (offset, int(self._shards.shape[0]), self._shards.sum_)
-        basis = range_basis(
-            matrix.to(state_dtype(p)), rank, side,  # type: ignore[arg-type]
-            seed=group["seed"], key=state["key"], window=state["window"],
-            stream=self.projection_stream, shard=shard, generator=state.get("generator", 1),
-        )  # fmt: skip
+        try:
+            basis = range_basis(
+                matrix.to(state_dtype(p)), rank, side,  # type: ignore[arg-type]
+                seed=group["seed"], key=state["key"], window=state["window"],
+                stream=self.projection_stream, shard=shard, generator=state.get("generator", 1),
+            )  # fmt: skip
+        except torch.linalg.LinAlgError as err:  # a NaN/Inf gradient nothing checked
+            raise FloatingPointError(
+                f"{type(self).__name__}: the gradient basis of a {tuple(p.shape)} matrix "
+                f"cannot be found from its gradient at window {state['window']} (non-finite "
+                f"entries? nonfinite={group['nonfinite']!r} lets them through)"
+            ) from err
         dtype = _basis_dtype(group, state_dtype(p))
         return basis if basis.dtype == dtype else basis.to(dtype)
 
@@ -1071,9 +1080,14 @@ class FloraOptimizerBase(Optimizer):
             (p._local_tensor, grad._local_tensor) if is_sharded else (p, grad)
             for (_, _, p), grad, is_sharded in zip(named, grads, sharded, strict=True)
         ]
-        finite = _all_finite([g for _, g in locals_])
-        if any(sharded):  # every rank must take the same skip decision
-            finite = self._agree(named, sharded, finite)
+        checked = [i for i, (g, _, _) in enumerate(named) if g["nonfinite"] != "unchecked"]
+        finite = [True] * len(named)
+        if checked:
+            verdict = _all_finite([locals_[i][1] for i in checked])
+            for i, ok in zip(checked, verdict, strict=True):
+                finite[i] = ok
+            if any(sharded):  # every rank must take the same skip decision
+                finite = self._agree(named, sharded, finite)
         if not all(finite) and self._skip_whole_step(named, finite):
             return
         if given:

@@ -28,19 +28,16 @@ BLOCK_NUMEL = 2**18
 def column_sum_of_squares(x: Tensor) -> Tensor:
     r""":math:`\sum_i x_{ij}^2` over the rows of ``x`` (``(..., m, n)``), kept as
     ``(..., 1, n)``."""
-    if x.device.type != "cpu" or x.dim() < 2 or x.numel() <= BLOCK_NUMEL:
+    if x.device.type != "cpu" or x.numel() <= BLOCK_NUMEL:
         # small (one block, where the slow kernel costs little) or not on the CPU: 2 ops
         return torch.linalg.vector_norm(x, dim=-2, keepdim=True).square_()
-    m = x.size(-2)
-    rows = max(1, BLOCK_NUMEL // max(1, math.prod(x.shape[:-2]) * x.size(-1)))
+    m = x.size(-2)  # >= 1 here: the tensor has more than BLOCK_NUMEL entries
+    rows = max(1, BLOCK_NUMEL // (math.prod(x.shape[:-2]) * x.size(-1)))
     ones = x.new_ones(1, min(rows, m))
-    total = None
-    for start in range(0, m, rows):
+    total = ones @ (x[..., :rows, :] * x[..., :rows, :])
+    for start in range(rows, m, rows):
         block = x[..., start : start + rows, :]
-        part = ones[:, : block.size(-2)] @ (block * block)
-        total = part if total is None else total.add_(part)
-    if total is None:  # no rows: the sums are zero
-        return x.new_zeros(*x.shape[:-2], 1, x.size(-1))
+        total.add_(ones[:, : block.size(-2)] @ (block * block))
     return total
 
 

@@ -474,6 +474,21 @@ def test_unchecked_nonfinite_gradient_reaches_the_weights(opt_spec):
     fresh[1].weight.grad.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="gradient basis"):
         opt.step()
+    # groups may differ: the checked group's offender still skips the whole step
+    model = _model()
+    cls, defaults = opt_spec
+    groups = [
+        {"params": list(model[1].named_parameters("1")), "nonfinite": "unchecked"},
+        {"params": list(model[3].named_parameters("3"))},
+    ]
+    opt = cls(groups, **{**defaults, "rank": 4})
+    _loss(model, 0).backward()
+    model[3].weight.grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="whole step"):
+        opt.step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
 def test_grad_scaler_skips_inf_steps(opt_spec):

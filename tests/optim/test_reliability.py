@@ -303,14 +303,21 @@ def test_unfactored_second_moment_on_non_contiguous_parameters(layout, distribut
     assert torch.allclose(p_odd, p_ref, rtol=1e-6, atol=atol)
 
 
-def test_subspace_preconditioner_on_a_non_contiguous_parameter():
-    """FloraAdamW's subspace step subtracts its direction from a contiguous parameter in
-    place and takes a full-size direction for a non-contiguous one: the same steps."""
+@pytest.mark.parametrize("layout", ["transposed", "channels_last"])
+def test_subspace_preconditioner_on_a_non_contiguous_parameter(layout):
+    """FloraAdamW's subspace step subtracts its direction from the parameter in place — a
+    transposed matrix through its own strides, a channels-last weight (no (m, n) view)
+    through a copy written back: the same steps as on a contiguous copy."""
     torch.manual_seed(0)
-    weight = torch.randn(24, 12)
-    p_odd = torch.nn.Parameter(weight.clone().t())  # a (12, 24) non-contiguous view
-    p_ref = torch.nn.Parameter(weight.t().contiguous())
-    target = torch.randn(12, 24)
+    if layout == "transposed":
+        weight = torch.randn(24, 12)
+        p_odd = torch.nn.Parameter(weight.clone().t())  # a (12, 24) non-contiguous view
+        p_ref = torch.nn.Parameter(weight.t().contiguous())
+    else:
+        weight = torch.randn(16, 8, 3, 3)
+        p_odd = torch.nn.Parameter(weight.to(memory_format=torch.channels_last))
+        p_ref = torch.nn.Parameter(weight.clone())
+    target = torch.randn(p_ref.shape)
     optimizers = [flora.FloraAdamW([("w", p)], rank=4, kappa=2, lr=0.01) for p in (p_odd, p_ref)]
     for _ in range(4):
         for p, opt in zip((p_odd, p_ref), optimizers, strict=True):

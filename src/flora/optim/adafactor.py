@@ -147,13 +147,12 @@ def flora_adafactor_update_(
             col_mean = column_sum_of_squares(grad).div_(grad.size(-2))
         col_var.lerp_(col_mean, one_minus_beta2_t)
         if overwrite_grad and shards is None:
-            _precondition_in_place_(grad, row_var, col_var, eps1)
+            _precondition_in_place_(grad, row_var, col_var, eps1, beta1)
             _apply_direction(
                 param, grad, state, alpha, d, beta1, projections, momentum_variant, None
             )
             return
-        # (..., m, n); the broadcast product is the same products as torch's (m, 1) @ (1, n)
-        var_estimate = row_var @ col_var if beta1 == 0 else row_var * col_var
+        var_estimate = _factored_product(row_var, col_var, beta1)  # (..., m, n)
         var_estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
     else:
         variance = state["variance"]
@@ -165,14 +164,23 @@ def flora_adafactor_update_(
     _apply_direction(param, update, state, alpha, d, beta1, projections, momentum_variant, None)
 
 
-def _precondition_in_place_(grad: Tensor, row_var: Tensor, col_var: Tensor, eps1: float) -> None:
+def _factored_product(row_var: Tensor, col_var: Tensor, beta1: float) -> Tensor:
+    """:math:`R C` of the factored second moment: torch's ``(m, 1) @ (1, n)`` where the step
+    is ``torch.optim.Adafactor``'s (``beta1 = 0``), otherwise the broadcast product (the same
+    products on the CPU, without a matrix-multiply call)."""
+    return row_var @ col_var if beta1 == 0 else row_var * col_var
+
+
+def _precondition_in_place_(
+    grad: Tensor, row_var: Tensor, col_var: Tensor, eps1: float, beta1: float
+) -> None:
     """``grad *= rsqrt(max(R C / max(mean(R), eps1), eps1^2))`` in place, in blocks of rows
     of at most :data:`VARIANCE_BLOCK` entries (each entry the same ops as the whole)."""
     mean = row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1)
     rows = max(1, VARIANCE_BLOCK // grad.size(-1))
     for start in range(0, grad.size(-2), rows):
-        block = (row_var[..., start : start + rows, :] @ col_var).div_(mean)
-        grad[..., start : start + rows, :].mul_(block.clamp_(min=eps1 * eps1).rsqrt_())
+        block = _factored_product(row_var[..., start : start + rows, :], col_var, beta1)
+        grad[..., start : start + rows, :].mul_(block.div_(mean).clamp_(min=eps1 * eps1).rsqrt_())
 
 
 def flora_adafactor_bucket_update_(

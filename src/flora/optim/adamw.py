@@ -210,14 +210,14 @@ def subspace_adam_update_(
             shards.sum_(whole)
             return whole[0]
 
-    target = param.view(g.shape) if param.is_contiguous() else None
-    direction = _subspace_adam_direction(
+    target = param.reshape(g.shape)  # a view, or a copy for a layout that has none
+    _subspace_adam_direction(
         g, exp_avg, exp_avg_sq, state.get("residual_norm"), proj, side, step,
         beta1=beta1, beta2=beta2, eps=eps, growth_limit=growth_limit, total=total,
         apply_to=target, lr=lr,
     )  # fmt: skip
-    if direction is not None:  # a non-contiguous parameter
-        param.add_(direction.view_as(param), alpha=-lr)
+    if target.data_ptr() != param.data_ptr():
+        param.copy_(target.view_as(param))
 
 
 def subspace_adam_bucket_update_(
@@ -246,7 +246,7 @@ def subspace_adam_bucket_update_(
         eps=eps, growth_limit=growth_limit,
         total=lambda per_channel: per_channel.sum(dim=(-2, -1)), overwrite=True,
     )  # fmt: skip
-    assert direction is not None
+    assert direction is not None  # overwrite=True: the direction, in the stack's memory
     add_scaled_(params, direction, lr)
 
 
@@ -264,8 +264,8 @@ def _subspace_adam_direction(
     eps: float,
     growth_limit: float | None,
     total: Callable[[Tensor], Tensor],  # per-channel values -> their sum per matrix
-    overwrite: bool = False,  # write the direction into ``g``
-    apply_to: Tensor | None = None,  # a matrix (m, n): subtract lr * direction from it
+    overwrite: bool = False,  # return the direction, written into ``g`` (a stack's copy)
+    apply_to: Tensor | None = None,  # or subtract lr * direction from this matrix (m, n)
     lr: float = 0.0,
 ) -> Tensor | None:
     r"""The update direction :math:`\sqrt c\,P^\top N_t + E_t` of the module docstring
@@ -308,9 +308,9 @@ def _subspace_adam_direction(
     if apply_to is not None:
         apply_to.addcmul_(g, scale, value=-lr).addmm_(a, b, alpha=-lr)
         return None
-    if overwrite:
-        return g.mul_(scale).baddbmm_(a, b) if g.dim() == 3 else g.mul_(scale).addmm_(a, b)
-    return (a @ b).addcmul_(g, scale)
+    if not overwrite:
+        raise ValueError("_subspace_adam_direction needs overwrite=True or apply_to")
+    return g.mul_(scale).baddbmm_(a, b) if g.dim() == 3 else g.mul_(scale).addmm_(a, b)
 
 
 class FloraAdamW(FloraOptimizerBase):

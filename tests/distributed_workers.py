@@ -296,11 +296,24 @@ def _fsdp_model():
     return model
 
 
-def _fsdp_train(model, opt, batches, steps: range, rank: int, world: int) -> None:
+def _fsdp_train(model, opt, batches, steps: range, rank: int, world: int) -> list[int]:
+    """Train; the number of ``all_reduce`` calls inside each ``opt.step()``."""
+    counts, real = [], dist.all_reduce
+
+    def counted(*args, **kwargs):
+        counts[-1] += 1
+        return real(*args, **kwargs)
+
     for step in steps:
         loss_of(model, global_batch(batches, step, rank, world)).backward()
-        opt.step()
+        counts.append(0)
+        dist.all_reduce = counted
+        try:
+            opt.step()
+        finally:
+            dist.all_reduce = real
         opt.zero_grad()
+    return counts
 
 
 def _full_state(opt) -> dict[str, dict[str, object]]:
@@ -323,7 +336,7 @@ def fsdp2_train(rank: int, world: int, tmpdir: str, steps: int) -> None:
         for kind in FSDP_OPTIMIZERS:
             model = _fsdp_model()
             opt = make_fsdp_optimizer(kind, model.named_parameters())
-            _fsdp_train(model, opt, batches, range(steps), rank, world)
+            reduces = _fsdp_train(model, opt, batches, range(steps), rank, world)
             full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
             local_shapes = {
                 n: {k: tuple(v._local_tensor.shape) for k, v in opt.state[p].items()
@@ -331,7 +344,12 @@ def fsdp2_train(rank: int, world: int, tmpdir: str, steps: int) -> None:
                 for n, p in model.named_parameters()
             }  # fmt: skip
             torch.save(
-                {"params": full, "state_bytes": opt.state_bytes(), "shapes": local_shapes},
+                {
+                    "params": full,
+                    "state_bytes": opt.state_bytes(),
+                    "shapes": local_shapes,
+                    "all_reduces": reduces,
+                },
                 Path(tmpdir) / f"fsdp_{kind}_rank{rank}.pt",
             )
         dist.barrier()

@@ -108,3 +108,34 @@ def test_bf16_weights_rounded_under_fsdp2_equal_one_device(tmp_path):
             assert p.dtype == torch.bfloat16
             assert not torch.equal(p, initial[name]), f"{kind} {name}: not trained"
             assert torch.equal(shards[name], p), f"{kind} {name}"
+
+
+#: sums over the shards each parameter's step needs, one after another (Flora: the column
+#: statistics, then the clipping norm; a factored or limited FloraAdamW: one)
+BODY_SUMS = {
+    "adamw": 0, "adamw_factored": 1, "flora": 2, "flora_linear": 2, "flora_subspace": 2,
+    "adamw_subspace": 0, "flora_gradient": 2, "flora_gradient_fp32": 2, "adamw_fira": 1,
+    "adamw_fira_gradient": 1, "sgd_gradient": 0, "lion_gradient": 0, "flora_bf16_moments": 2,
+    "adamw_fira_int8_moments": 1,
+}  # fmt: skip
+#: kinds whose basis is the gradient's (a range finder: 3 sums at a window's first step)
+GRADIENT_BASIS = {
+    "flora", "flora_linear", "flora_gradient", "flora_gradient_fp32", "adamw_fira_gradient",
+    "sgd_gradient", "lion_gradient", "flora_bf16_moments",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", FSDP_OPTIMIZERS)
+def test_fsdp2_step_takes_a_few_all_reduces_whatever_the_parameter_count(fsdp_runs, kind):
+    """The shards' step bodies run together: what all parameters need summed at one point
+    goes in one all-reduce, not one per parameter (the test model has 4 sharded matrices
+    and 5 other tensors: per-parameter sums took 15 all-reduces for Flora at a window's
+    first step). Per step: the finiteness verdict, then the body's rounds."""
+    first_steps = {0, 1, 3, 5}  # window 0 at step 1, then every kappa = 2 steps
+    expected = [
+        1 + BODY_SUMS[kind] + (3 if kind in GRADIENT_BASIS and step in first_steps else 0)
+        for step in range(STEPS)
+    ]
+    for r in (0, 1):
+        got = torch.load(fsdp_runs / f"fsdp_{kind}_rank{r}.pt", weights_only=True)["all_reduces"]
+        assert got == expected

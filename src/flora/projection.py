@@ -78,7 +78,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any, Literal
 
 import torch
@@ -448,6 +448,38 @@ def range_basis(
     is the state's: ``1`` (states written before v2) draws :math:`\Omega` as the Gaussian
     :func:`projection_matrix` of generator 1, as those states did.
     """
+    body = range_basis_steps(
+        x, rank, side, seed=seed, key=key, window=window, stream=stream,
+        power_iterations=power_iterations, shard=None if shard is None else shard[:2],
+        generator=generator,
+    )  # fmt: skip
+    try:
+        wanted = next(body)
+        while True:
+            assert shard is not None  # only a shard asks for sums
+            shard[2](wanted)
+            wanted = body.send(None)
+    except StopIteration as stop:
+        return stop.value
+
+
+def range_basis_steps(
+    x: Tensor,
+    rank: int,
+    side: Side,
+    *,
+    seed: int,
+    key: int,
+    window: int,
+    stream: str = "momentum",
+    power_iterations: int = 1,
+    shard: tuple[int, int] | None = None,
+    generator: int = GENERATOR,
+) -> Generator[Tensor, None, Tensor]:
+    """:func:`range_basis` as a generator: with ``shard=(offset, rows)`` it yields each
+    product that is a sum over the rows (``2 + power_iterations`` of them), to be summed in
+    place over the processes before it resumes; its return value is the basis. Lets an
+    optimizer sum the range finders of all its matrices together (one all-reduce a round)."""
     _check_side(side)
     if x.dim() != 2:
         raise ValueError(f"x must be a matrix, got shape {tuple(x.shape)}")
@@ -461,7 +493,7 @@ def range_basis(
         raise ValueError("shard: a row-sharded matrix's basis is found on the right side only")
     a = x if side == "left" else x.T  # basis of a's column space
     dim, other = a.shape
-    offset, total, sum_ = shard if shard is not None else (0, other, _no_reduce)
+    offset, total = shard if shard is not None else (0, other)
     _validate(rank, dim, seed, key, window)
     if rank > dim:
         raise ValueError(f"a gradient basis needs rank <= dim, got {rank} > {dim}")
@@ -478,15 +510,18 @@ def range_basis(
         )  # fmt: skip
     sketch = sketch[:, offset : offset + other]
     y = a @ sketch.T  # (dim, k)
-    sum_(y)
+    if shard is not None:
+        yield y
     q = torch.linalg.qr(y).Q
     for _ in range(power_iterations):
         y = a @ (a.T @ q)
-        sum_(y)
+        if shard is not None:
+            yield y
         q = torch.linalg.qr(y).Q
     b = q.T @ a  # (k, other)
     gram = b @ b.T
-    sum_(gram)
+    if shard is not None:
+        yield gram
     u_b = torch.linalg.eigh(gram).eigenvectors.flip(-1)[:, :rank]  # descending eigenvalues
     return (q @ u_b).T.mul_(math.sqrt(dim / rank)).contiguous()
 
@@ -542,10 +577,6 @@ def sketch_reconstruct(y: Tensor, w: Tensor, psi: Tensor) -> Tensor:
     u, t = torch.linalg.qr(psi @ q)  # (l, k), (k, k)
     x = torch.linalg.solve_triangular(t, u.mT @ w, upper=True)  # (k, d)
     return q @ x
-
-
-def _no_reduce(t: Tensor) -> None:
-    return None
 
 
 def _check_side(side: str) -> None:

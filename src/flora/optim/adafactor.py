@@ -69,15 +69,22 @@ from flora.momentum import compressed_ema_
 from flora.optim.base import (
     FloraOptimizerBase,
     ShardReduce,
+    ShardSums,
     factored_zeros,
     group_defaults,
+    run_sums,
 )
 from flora.optim.buckets import Bucket
 from flora.options import check_bool, check_real
 from flora.policy import Decision
 from flora.reductions import column_sum_of_squares
 
-__all__ = ["Flora", "flora_adafactor_bucket_update_", "flora_adafactor_update_"]
+__all__ = [
+    "Flora",
+    "flora_adafactor_bucket_update_",
+    "flora_adafactor_shard_step",
+    "flora_adafactor_update_",
+]
 
 #: entries of the factored second moment formed at a time when the update is formed in the
 #: gradient's memory (``overwrite_grad``): 1 MiB of float32
@@ -117,16 +124,18 @@ def flora_adafactor_update_(
     ``shards.shape``; the parameter's RMS, a matrix's column means of :math:`G^2` and mean of
     :math:`R`, and the update's RMS are global, made of local sums and two all-reduces.
     """
-    state["step"] += 1
-    step = float(state["step"])
-    one_minus_beta2_t = step**beta2_decay
-    rho_t = min(lr, 1 / (step**0.5)) if relative_step else lr
     if shards is not None:
-        _sharded_adafactor_step(
-            param, grad, state, one_minus_beta2_t, rho_t, lr, eps1, eps2, d, weight_decay,
-            projections, momentum_variant, beta1, shards, scale_parameter,
+        run_sums(
+            flora_adafactor_shard_step(
+                param, grad, state, lr=lr, beta1=beta1, beta2_decay=beta2_decay, eps1=eps1,
+                eps2=eps2, d=d, weight_decay=weight_decay, projections=projections,
+                momentum_variant=momentum_variant, shards=shards,
+                scale_parameter=scale_parameter, relative_step=relative_step,
+            ),
+            shards.sum_,
         )  # fmt: skip
         return
+    one_minus_beta2_t, rho_t = _advance_schedule(state, lr, beta2_decay, relative_step)
     if param.numel() == 0:  # nothing to update (and no RMS to take)
         return
     if scale_parameter:
@@ -146,11 +155,9 @@ def flora_adafactor_update_(
         else:  # the column reduction as blocked products (flora.reductions)
             col_mean = column_sum_of_squares(grad).div_(grad.size(-2))
         col_var.lerp_(col_mean, one_minus_beta2_t)
-        if overwrite_grad and shards is None:
+        if overwrite_grad:
             _precondition_in_place_(grad, row_var, col_var, eps1, beta1)
-            _apply_direction(
-                param, grad, state, alpha, d, beta1, projections, momentum_variant, None
-            )
+            _apply_direction(param, grad, state, alpha, d, beta1, projections, momentum_variant)
             return
         var_estimate = _factored_product(row_var, col_var, beta1)  # (..., m, n)
         var_estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
@@ -161,7 +168,82 @@ def flora_adafactor_update_(
 
     update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_()
     update.mul_(grad)
-    _apply_direction(param, update, state, alpha, d, beta1, projections, momentum_variant, None)
+    _apply_direction(param, update, state, alpha, d, beta1, projections, momentum_variant)
+
+
+def _advance_schedule(
+    state: dict[str, Any], lr: float, beta2_decay: float, relative_step: bool
+) -> tuple[float, float]:
+    r"""Count the step; return :math:`1 - \hat\beta_{2,t} = t^{\text{beta2\_decay}}` and
+    :math:`\rho_t` (``min(lr, 1/sqrt(t))``, or ``lr`` without ``relative_step``)."""
+    state["step"] += 1
+    step = float(state["step"])
+    return step**beta2_decay, min(lr, 1 / (step**0.5)) if relative_step else lr
+
+
+def flora_adafactor_shard_step(
+    param: Tensor,  # this rank's rows of the parameter; float32/float64
+    grad: Tensor,
+    state: dict[str, Any],  # this rank's rows of the state (the column factor whole)
+    *,
+    lr: float,
+    beta1: float,
+    beta2_decay: float,
+    eps1: float,
+    eps2: float,
+    d: float,
+    weight_decay: float,
+    projections: tuple[Tensor, Tensor | None, str] | None,
+    momentum_variant: str,
+    shards: ShardReduce,
+    scale_parameter: bool = True,
+    relative_step: bool = True,
+) -> ShardSums:
+    r""":func:`flora_adafactor_update_` on an FSDP2 row shard, as a
+    :data:`flora.optim.base.ShardSums` body with two requests: the local sums of
+    :math:`\lVert\theta\rVert^2`, a matrix's column sums of :math:`G^2` and the sum of
+    :math:`R` (one tensor), then :math:`\lVert D_t\rVert^2` for the clipping. Only a
+    matrix's factors span the sharded dimension (rows): for >2-d tensors the factors are per
+    leading index and stay local."""
+    one_minus_beta2_t, rho_t = _advance_schedule(state, lr, beta2_decay, relative_step)
+    numel = math.prod(shards.shape)
+    factored = "row_var" in state
+    matrix = factored and grad.dim() == 2
+    if factored:
+        row_var, col_var = state["row_var"], state["col_var"]
+        row_var.lerp_(grad.square().mean(dim=-1, keepdim=True), one_minus_beta2_t)
+    # first request: ||theta||^2 and, for a matrix, the column sums of G^2 and the sum of R
+    parts = [param.square().sum().reshape(1)]
+    if matrix:
+        parts += [grad.square().sum(dim=0), row_var.sum().reshape(1)]
+    sums = torch.cat(parts)
+    yield sums
+    alpha = max(eps2, sums[0].sqrt().item() / numel**0.5) * rho_t if scale_parameter else rho_t
+
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+
+    if matrix:
+        rows = shards.shape[0]
+        col_var.lerp_(sums[1:-1].div(rows).view_as(col_var), one_minus_beta2_t)
+        var_estimate = row_var @ col_var
+        var_estimate.div_(sums[-1:].div(rows).clamp_(min=eps1))
+    elif factored:
+        col_var.lerp_(grad.square().mean(dim=-2, keepdim=True), one_minus_beta2_t)
+        var_estimate = row_var @ col_var
+        var_estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+    else:
+        variance = state["variance"]
+        variance.lerp_(grad * grad, one_minus_beta2_t)
+        var_estimate = variance.clone()
+
+    update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_()
+    update.mul_(grad)
+    direction = _momentum_direction(param, update, state, beta1, projections, momentum_variant)
+    sq = direction.square().sum().reshape(1)  # second request: ||D||^2 of the whole parameter
+    yield sq
+    denom = max(1.0, sq.sqrt().item() / ((numel**0.5) * d))
+    param.add_(direction, alpha=-alpha / denom)
 
 
 def _factored_product(row_var: Tensor, col_var: Tensor, beta1: float) -> Tensor:
@@ -260,89 +342,39 @@ def _apply_direction(
     beta1: float,
     projections: tuple[Tensor, Tensor | None, str] | None,
     momentum_variant: str,
-    shards: ShardReduce | None,
 ) -> None:
     """theta -= alpha * D_t / max(1, RMS(D_t) / d), D_t the (compressed) momentum of U_t."""
-    if beta1 == 0:
-        direction = update  # exactly torch.optim.Adafactor
-    elif projections is None:
-        exp_avg = state["exp_avg"]
-        exp_avg.lerp_(update, 1 - beta1)
-        direction = exp_avg
-    else:  # ``update`` is overwritten with D_t: no temporary of the parameter's size
-        proj, proj_next, side = projections
-        direction = compressed_ema_(
-            update.reshape(param.shape[0], math.prod(param.shape[1:])),
-            state["exp_avg"],
-            beta=beta1,
-            proj=proj,
-            proj_next=proj_next,
-            side=side,
-            variant=momentum_variant,
-            overwrite=True,
-        ).view_as(param)
-    if shards is None:
-        denom = max(1.0, direction.norm(2).item() / ((direction.numel() ** 0.5) * d))
-    else:  # second all-reduce: ||D||^2 of the whole parameter for the clipping
-        sq = direction.square().sum().reshape(1)
-        shards.sum_(sq)
-        denom = max(1.0, sq.sqrt().item() / ((math.prod(shards.shape) ** 0.5) * d))
+    direction = _momentum_direction(param, update, state, beta1, projections, momentum_variant)
+    denom = max(1.0, direction.norm(2).item() / ((direction.numel() ** 0.5) * d))
     param.add_(direction, alpha=-alpha / denom)
 
 
-def _sharded_adafactor_step(
+def _momentum_direction(
     param: Tensor,
-    grad: Tensor,
+    update: Tensor,
     state: dict[str, Any],
-    one_minus_beta2_t: float,
-    rho_t: float,
-    lr: float,
-    eps1: float,
-    eps2: float,
-    d: float,
-    weight_decay: float,
+    beta1: float,
     projections: tuple[Tensor, Tensor | None, str] | None,
     momentum_variant: str,
-    beta1: float,
-    shards: ShardReduce,
-    scale_parameter: bool = True,
-) -> None:
-    """The same step on a row shard. Only a matrix's factors span the sharded dimension
-    (rows): for >2-d tensors the factors are per leading index and stay local."""
-    numel = math.prod(shards.shape)
-    factored = "row_var" in state
-    matrix = factored and grad.dim() == 2
-    if factored:
-        row_var, col_var = state["row_var"], state["col_var"]
-        row_var.lerp_(grad.square().mean(dim=-1, keepdim=True), one_minus_beta2_t)
-    # one all-reduce: ||theta||^2 and, for a matrix, the column sums of G^2 and the sum of R
-    parts = [param.square().sum().reshape(1)]
-    if matrix:
-        parts += [grad.square().sum(dim=0), row_var.sum().reshape(1)]
-    sums = torch.cat(parts)
-    shards.sum_(sums)
-    alpha = max(eps2, sums[0].sqrt().item() / numel**0.5) * rho_t if scale_parameter else rho_t
-
-    if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)
-
-    if matrix:
-        rows = shards.shape[0]
-        col_var.lerp_(sums[1:-1].div(rows).view_as(col_var), one_minus_beta2_t)
-        var_estimate = row_var @ col_var
-        var_estimate.div_(sums[-1:].div(rows).clamp_(min=eps1))
-    elif factored:
-        col_var.lerp_(grad.square().mean(dim=-2, keepdim=True), one_minus_beta2_t)
-        var_estimate = row_var @ col_var
-        var_estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
-    else:
-        variance = state["variance"]
-        variance.lerp_(grad * grad, one_minus_beta2_t)
-        var_estimate = variance.clone()
-
-    update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_()
-    update.mul_(grad)
-    _apply_direction(param, update, state, alpha, d, beta1, projections, momentum_variant, shards)
+) -> Tensor:
+    """D_t: U_t itself (``beta1 = 0``), its EMA, or its compressed EMA (decompressed)."""
+    if beta1 == 0:
+        return update  # exactly torch.optim.Adafactor
+    if projections is None:
+        exp_avg = state["exp_avg"]
+        exp_avg.lerp_(update, 1 - beta1)
+        return exp_avg
+    proj, proj_next, side = projections  # ``update`` is overwritten with D_t: no temporary
+    return compressed_ema_(
+        update.reshape(param.shape[0], math.prod(param.shape[1:])),
+        state["exp_avg"],
+        beta=beta1,
+        proj=proj,
+        proj_next=proj_next,
+        side=side,
+        variant=momentum_variant,
+        overwrite=True,
+    ).view_as(param)
 
 
 class Flora(FloraOptimizerBase):
@@ -554,7 +586,7 @@ class Flora(FloraOptimizerBase):
         state: dict[str, Any],
         *,
         scratch: bool = False,
-    ) -> None:
+    ) -> ShardSums:
         if "step" not in state:
             state["step"] = 0
             if grad.dim() > 1 and group["factor_second_moment"]:
@@ -562,12 +594,9 @@ class Flora(FloraOptimizerBase):
             else:
                 state["variance"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
         beta1 = float(group["beta1"])
-        projections = self._momentum_inputs(p, group, name, state, beta1, grad)
+        projections = yield from self._momentum_inputs(p, group, name, state, beta1, grad)
         eps1, eps2 = group["eps"]
-        flora_adafactor_update_(
-            p,
-            grad,
-            state,
+        common = dict(
             lr=float(group["lr"]),
             beta1=beta1,
             beta2_decay=float(group["beta2_decay"]),
@@ -577,8 +606,10 @@ class Flora(FloraOptimizerBase):
             weight_decay=float(group["weight_decay"]),
             projections=projections,
             momentum_variant=group["momentum_variant"],
-            shards=self._shards,
             scale_parameter=bool(group["scale_parameter"]),
             relative_step=bool(group["relative_step"]),
-            overwrite_grad=scratch,
         )
+        if self._shards is not None:  # FSDP2: sums over the shards, with the other matrices'
+            yield from flora_adafactor_shard_step(p, grad, state, shards=self._shards, **common)  # type: ignore[arg-type]
+        else:
+            flora_adafactor_update_(p, grad, state, overwrite_grad=scratch, **common)  # type: ignore[arg-type]

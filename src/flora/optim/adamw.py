@@ -70,8 +70,10 @@ from flora.momentum import compressed_ema_
 from flora.optim.base import (
     FloraOptimizerBase,
     ShardReduce,
+    ShardSums,
     factored_zeros,
     group_defaults,
+    run_sums,
 )
 from flora.optim.buckets import Bucket, add_scaled_
 from flora.options import check_bool, check_choice, check_real
@@ -112,6 +114,30 @@ def flora_adamw_update_(
     ``shards.shape``; only the factored second moment of a matrix needs global statistics
     (column means of :math:`g^2`, mean of :math:`R`): one all-reduce.
     """
+    body = _adamw_step(
+        param, grad, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        projections=projections, momentum_variant=momentum_variant, shards=shards,
+    )  # fmt: skip
+    run_sums(body, None if shards is None else shards.sum_)
+
+
+def _adamw_step(
+    param: Tensor,  # updated in place; float32/float64 (callers upcast fp16/bf16)
+    grad: Tensor,  # same shape and dtype as param
+    state: dict[str, Any],  # step:int, exp_avg?, exp_avg_sq or row_var/col_var
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    projections: tuple[Tensor, Tensor | None, str] | None,  # (P, P_next, side) if compressed
+    momentum_variant: str,
+    shards: ShardReduce | None = None,  # FSDP2: param/grad/state are this rank's rows
+) -> ShardSums:
+    """:func:`flora_adamw_update_` as a :data:`flora.optim.base.ShardSums` body: on a row
+    shard a factored matrix asks for one sum (its column sums of :math:`g^2` and the sum of
+    :math:`R`, one tensor); otherwise it asks for nothing."""
     state["step"] += 1
     step = float(state["step"])
 
@@ -148,7 +174,7 @@ def flora_adamw_update_(
         row_var.lerp_(row_mean, 1 - beta2)
         if shards is not None and grad.dim() == 2:  # rows split across ranks
             sums = torch.cat([grad.square().sum(dim=0), row_var.sum().reshape(1)])
-            shards.sum_(sums)
+            yield sums
             rows = shards.shape[0]
             col_var.lerp_(sums[:-1].div(rows).view_as(col_var), 1 - beta2)
             row_var_mean = sums[-1:].div(rows)
@@ -186,6 +212,29 @@ def subspace_adam_update_(
 
     Under FSDP2 everything is row-local except the remainder's norm for the limiter (one
     all-reduce of one number)."""
+    body = _subspace_adam_step(
+        param, grad, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        projections=projections, growth_limit=growth_limit, sharded=shards is not None,
+    )  # fmt: skip
+    run_sums(body, None if shards is None else shards.sum_)
+
+
+def _subspace_adam_step(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Any],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    projections: tuple[Tensor, Tensor | None, str],
+    growth_limit: float | None,
+    sharded: bool,
+) -> ShardSums:
+    r""":func:`subspace_adam_update_` as a :data:`flora.optim.base.ShardSums` body: on a row
+    shard the limiter asks for one sum (the local part of :math:`\lVert E_t\rVert^2`)."""
     state["step"] += 1
     step = float(state["step"])
     proj, proj_next, side = projections
@@ -201,20 +250,19 @@ def subspace_adam_update_(
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
     g = grad.reshape(param.shape[0], math.prod(param.shape[1:]))
-    if shards is None:
-        total = Tensor.sum
-    else:
-
-        def total(local: Tensor) -> Tensor:
-            whole = local.sum().reshape(1)
-            shards.sum_(whole)
-            return whole[0]
-
     target = param.reshape(g.shape)  # a view, or a copy for a layout that has none
-    _subspace_adam_direction(
-        g, exp_avg, exp_avg_sq, state.get("residual_norm"), proj, side, step,
-        beta1=beta1, beta2=beta2, eps=eps, growth_limit=growth_limit, total=total,
-        apply_to=target, lr=lr,
+    parts = _subspace_moments(
+        g, exp_avg, exp_avg_sq, proj, side, step, beta1=beta1, beta2=beta2, eps=eps,
+        limited=growth_limit is not None,
+    )  # fmt: skip
+    energy = None if parts[3] is None else parts[3].sum()
+    if energy is not None and sharded:  # the sum over every rank's rows
+        energy = energy.reshape(1)
+        yield energy
+        energy = energy[0]
+    _subspace_finish(
+        g, parts, state.get("residual_norm"), energy, proj, side, growth_limit=growth_limit,
+        overwrite=False, apply_to=target, lr=lr,
     )  # fmt: skip
     if target.data_ptr() != param.data_ptr():
         param.copy_(target.view_as(param))
@@ -280,11 +328,38 @@ def _subspace_adam_direction(
     (exactly :math:`I` for an orthonormal basis; a bf16 basis is only nearly one), is formed
     from per-channel sums without :math:`E_t` itself. With ``apply_to`` the two terms are
     subtracted from that matrix in place, scaled by ``lr``, and nothing is returned: no
-    temporary of the parameter's size at all."""
+    temporary of the parameter's size at all. (A row shard's step runs the two halves,
+    :func:`_subspace_moments` and :func:`_subspace_finish`, with its sum over the shards
+    between them.)"""
+    parts = _subspace_moments(
+        g, exp_avg, exp_avg_sq, proj, side, step, beta1=beta1, beta2=beta2, eps=eps,
+        limited=growth_limit is not None,
+    )  # fmt: skip
+    energy = None if growth_limit is None else total(parts[3])
+    return _subspace_finish(
+        g, parts, previous, energy, proj, side, growth_limit=growth_limit, overwrite=overwrite,
+        apply_to=apply_to, lr=lr,
+    )  # fmt: skip
+
+
+def _subspace_moments(
+    g: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    proj: Tensor,
+    side: str,
+    step: float | Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    limited: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """First half of :func:`_subspace_adam_direction`: the moments advanced; ``(R, N, phi,
+    per-channel parts of ||E||^2 / f^2`` (with ``limited``, else None)``)``."""
     c = proj.shape[-2] / proj.shape[-1]
-    root = math.sqrt(c)
     left = side == "left"
-    low = down(g, proj, side).mul_(root)  # R
+    low = down(g, proj, side).mul_(math.sqrt(c))  # R
     exp_avg.lerp_(low, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
     denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
@@ -292,19 +367,40 @@ def _subspace_adam_direction(
     reduce = -2 if left else -1  # over the subspace coordinates: one value per channel
     low_norm = torch.linalg.vector_norm(low, dim=reduce, keepdim=True)
     scale = torch.linalg.vector_norm(normed, dim=reduce, keepdim=True).div_(low_norm + eps)  # phi
+    if not limited:
+        return low, normed, scale, None
+    gram = (proj @ proj.mT).mul_(c)  # K (r, r)
+    projected = (gram @ low if left else low @ gram).mul_(low).sum(dim=reduce, keepdim=True)
+    remainder = sum_of_squares(g, reduce)
+    remainder.sub_(low_norm.square_(), alpha=2).add_(projected).clamp_(min=0)
+    return low, normed, scale, remainder.mul_(scale).mul_(scale)
+
+
+def _subspace_finish(
+    g: Tensor,
+    parts: tuple[Tensor, Tensor, Tensor, Tensor | None],
+    previous: Tensor | None,
+    energy: Tensor | None,  # ||E||^2 before the limiter: the per-channel parts' sum
+    proj: Tensor,
+    side: str,
+    *,
+    growth_limit: float | None,
+    overwrite: bool,
+    apply_to: Tensor | None,
+    lr: float,
+) -> Tensor | None:
+    """Second half of :func:`_subspace_adam_direction`: the limiter, then the direction."""
+    low, normed, scale, _ = parts
+    root = math.sqrt(proj.shape[-2] / proj.shape[-1])
     if growth_limit is not None:
-        assert previous is not None
-        gram = (proj @ proj.mT).mul_(c)  # K (r, r)
-        projected = (gram @ low if left else low @ gram).mul_(low).sum(dim=reduce, keepdim=True)
-        remainder = sum_of_squares(g, reduce)
-        remainder.sub_(low_norm.square_(), alpha=2).add_(projected).clamp_(min=0)
-        e = total(remainder.mul_(scale).mul_(scale)).sqrt_()  # ||E||
+        assert previous is not None and energy is not None
+        e = energy.sqrt_()  # ||E||
         ratio = e / previous.clamp(min=torch.finfo(e.dtype).tiny)
         factor = torch.where(previous > 0, ratio.clamp(min=growth_limit) / growth_limit, 1.0)
         scale.div_(factor.view(*factor.shape, 1, 1))  # s = phi / f
         previous.copy_(e / factor)
     inside = normed.sub_(low.mul_(scale)).mul_(root)  # sqrt(c) (N - R diag(s))
-    a, b = (proj.mT, inside) if left else (inside, proj)
+    a, b = (proj.mT, inside) if side == "left" else (inside, proj)
     if apply_to is not None:
         apply_to.addcmul_(g, scale, value=-lr).addmm_(a, b, alpha=-lr)
         return None
@@ -473,35 +569,38 @@ class FloraAdamW(FloraOptimizerBase):
         state: dict[str, Any],
         *,
         scratch: bool = False,  # whether grad may be overwritten (used by Flora only)
-    ) -> None:
+    ) -> ShardSums:
         beta1, beta2 = (float(b) for b in group["betas"])
         first = "step" not in state
         if first:
             state["step"] = 0
-        projections = self._momentum_inputs(p, group, name, state, beta1, grad)
+        projections = yield from self._momentum_inputs(p, group, name, state, beta1, grad)
         common = dict(
             lr=float(group["lr"]),
             beta1=beta1,
             beta2=beta2,
             eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]),
-            shards=self._shards,
         )
         if projections is not None and group["preconditioner"] == "subspace":
             if first:
                 state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 state["residual_norm"] = torch.zeros((), dtype=p.dtype, device=p.device)
-            subspace_adam_update_(
+            body = _subspace_adam_step(
                 p, grad, state, projections=projections, growth_limit=group["growth_limit"],
+                sharded=self._shards is not None, **common,  # type: ignore[arg-type]
+            )  # fmt: skip
+        else:
+            if first:
+                if group["factor_second_moment"] and grad.dim() > 1:
+                    state["row_var"], state["col_var"] = factored_zeros(grad)
+                else:
+                    state["exp_avg_sq"] = torch.zeros_like(
+                        grad, memory_format=torch.preserve_format
+                    )
+            body = _adamw_step(
+                p, grad, state, projections=projections,
+                momentum_variant=group["momentum_variant"], shards=self._shards,
                 **common,  # type: ignore[arg-type]
             )  # fmt: skip
-            return
-        if first:
-            if group["factor_second_moment"] and grad.dim() > 1:
-                state["row_var"], state["col_var"] = factored_zeros(grad)
-            else:
-                state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-        flora_adamw_update_(
-            p, grad, state, projections=projections, momentum_variant=group["momentum_variant"],
-            **common,  # type: ignore[arg-type]
-        )  # fmt: skip
+        yield from body  # asks for sums only on an FSDP2 shard

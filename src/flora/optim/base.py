@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,7 +103,7 @@ from flora.projection import (
     parameter_key,
     projection_matrices,
     projection_matrix,
-    range_basis,
+    range_basis_steps,
 )
 from flora.quantization import absmax_shape, dequantize_int8, quantize_int8_
 from flora.replicas import check_same_settings
@@ -206,6 +206,28 @@ class ShardReduce:
 
     shape: torch.Size
     sum_: Callable[[Tensor], Any]
+
+
+ShardSums = Generator[Tensor, None, Any]
+"""A step body on an FSDP2 row shard, written as a generator: every tensor it yields must be
+summed in place over the ranks that hold the parameter's shards before the body resumes (a
+global statistic made of local sums); the body's return value is its result. One body per
+parameter lets :meth:`FloraOptimizerBase.step` sum what all parameters need at the same
+point with one all-reduce (``_run_shard_bodies``) instead of one per parameter."""
+
+
+def run_sums(body: ShardSums, sum_: Callable[[Tensor], Any] | None) -> Any:
+    """Drive ``body`` to its end on its own, summing each tensor it yields with ``sum_`` (a
+    blocking all-reduce; ``None`` for a body that must not ask for one); its result."""
+    try:
+        wanted = next(body)
+        while True:
+            if sum_ is None:
+                raise RuntimeError("an unsharded step asked for a sum over shards")
+            sum_(wanted)
+            wanted = body.send(None)
+    except StopIteration as stop:
+        return stop.value
 
 
 def _row_sharded_keys(p: Tensor) -> Callable[[str], bool]:
@@ -618,7 +640,7 @@ class FloraOptimizerBase(Optimizer):
 
     def _momentum_projections(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], step: int, grad: Tensor
-    ) -> tuple[Tensor, Tensor | None, str]:
+    ) -> Generator[Tensor, None, tuple[Tensor, Tensor | None, str]]:
         """(P of the stored momentum, P of the new window or None, side); advances the window.
 
         A new window starts when ``step - window_start >= kappa``: with a constant kappa at
@@ -626,31 +648,34 @@ class FloraOptimizerBase(Optimizer):
         is the second entry a matrix, and the momentum is transferred to it. With
         ``distribution="gradient"`` a window's basis is :func:`flora.projection.range_basis`
         of ``grad`` at its first step (step 1 for window 0), kept as ``state["projection"]``.
+        A :data:`ShardSums` body (the gradient basis of a shard asks for sums).
         """
         side = _SIDE_NAMES[state["side"]]
         if group["distribution"] == GRADIENT and "projection" not in state:
-            state["projection"] = self._gradient_basis(p, group, state, grad, side)
+            state["projection"] = yield from self._gradient_basis(p, group, state, grad, side)
         proj = self._projection(p, group, state, state["window"])
         if not _window_starts(group, state, step):
             return proj, None, side
         state["window"] += 1
         state["window_start"] = step
         if group["distribution"] == GRADIENT:
-            state["projection"] = self._gradient_basis(p, group, state, grad, side)
+            state["projection"] = yield from self._gradient_basis(p, group, state, grad, side)
         return proj, self._projection(p, group, state, state["window"]), side
 
     def _gradient_basis(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor, side: str
-    ) -> Tensor:
+    ) -> Generator[Tensor, None, Tensor]:
+        """This window's basis from ``grad`` (:func:`flora.projection.range_basis_steps`; on
+        an FSDP2 shard a :data:`ShardSums` body: its products are sums over the rows)."""
         momentum = state["exp_avg"]
         rank = momentum.shape[0] if side == "left" else momentum.shape[1]
         matrix = grad.reshape(p.shape[0], math.prod(p.shape[1:]))
         shard = None
         if self._shards is not None:  # FSDP2: this rank's rows of the global matrix
             offset = _global_row_offset(self._current_param)
-            shard = (offset, int(self._shards.shape[0]), self._shards.sum_)
+            shard = (offset, int(self._shards.shape[0]))
         try:
-            basis = range_basis(
+            basis = yield from range_basis_steps(
                 matrix.to(state_dtype(p)), rank, side,  # type: ignore[arg-type]
                 seed=group["seed"], key=state["key"], window=state["window"],
                 stream=self.projection_stream, shard=shard, generator=state.get("generator", 1),
@@ -984,9 +1009,11 @@ class FloraOptimizerBase(Optimizer):
         state: dict[str, Any],
         *,
         scratch: bool = False,
-    ) -> None:
-        """Subclass hook: one update of ``p`` (already in the state dtype, as is ``grad``);
-        with ``scratch`` the update may overwrite ``grad`` (a copy nobody else reads)."""
+    ) -> ShardSums:
+        """Subclass hook: one update of ``p`` (already in the state dtype, as is ``grad``)
+        as a :data:`ShardSums` body, which asks for sums only on an FSDP2 shard
+        (``self._shards`` set); with ``scratch`` the update may overwrite ``grad`` (a copy
+        nobody else reads)."""
         raise NotImplementedError
 
     def _momentum_inputs(
@@ -997,12 +1024,13 @@ class FloraOptimizerBase(Optimizer):
         state: dict[str, Any],
         beta1: float,
         grad: Tensor,
-    ) -> tuple[Tensor, Tensor | None, str] | None:
-        """Create the momentum lazily; return this step's projections if it is compressed."""
+    ) -> Generator[Tensor, None, tuple[Tensor, Tensor | None, str] | None]:
+        """Create the momentum lazily; return this step's projections if it is compressed.
+        A :data:`ShardSums` body (``projections = yield from self._momentum_inputs(...)``)."""
         if beta1 > 0 and "exp_avg" not in state:
             self._init_momentum(p, group, name, state)
         if beta1 > 0 and "side" in state:
-            return self._momentum_projections(p, group, state, state["step"] + 1, grad)
+            return (yield from self._momentum_projections(p, group, state, state["step"] + 1, grad))
         return None
 
     @torch.no_grad()
@@ -1094,11 +1122,17 @@ class FloraOptimizerBase(Optimizer):
             buckets, rest = [], {id(p) for _, _, p in named}
         else:
             buckets, rest = self._buckets([e for e, ok in zip(named, finite, strict=True) if ok])
+        bodies = []
         for (group, name, p), ok, is_sharded, (local, local_grad) in zip(
             named, finite, sharded, locals_, strict=True
         ):
-            if not ok or id(p) in rest:
-                self._step_one(group, name, p, ok, is_sharded, local, local_grad, consume)
+            if is_sharded:
+                body = self._step_body(group, name, p, ok, True, local, local_grad, consume)
+                bodies.append((body, p))
+            elif not ok or id(p) in rest:
+                self._step_one(group, name, p, ok, local, local_grad, consume)
+        if bodies:
+            self._run_shard_bodies(bodies)
         for kind, members in buckets:  # stacked one bucket at a time: a bounded workspace
             self._step_bucket(kind, members, torch.stack([p.grad for _, _, p in members]))
 
@@ -1246,14 +1280,33 @@ class FloraOptimizerBase(Optimizer):
         name: str,
         p: Tensor,
         ok: bool,
-        is_sharded: bool,
         local: Tensor,
         local_grad: Tensor,
         consume: bool = False,
     ) -> None:
-        """The per-parameter step (``foreach=False``, and what the engine does not take).
-        The update may overwrite its gradient when that is a copy made here (a sign or dtype
-        change) or ``consume`` hands it over."""
+        """The per-parameter step of an unsharded parameter (``foreach=False``, and what the
+        engine does not take): :meth:`_step_body` run to its end."""
+        self._current_param, self._shards = p, None
+        try:
+            run_sums(self._step_body(group, name, p, ok, False, local, local_grad, consume), None)
+        finally:
+            self._current_param = None
+
+    def _step_body(
+        self,
+        group: dict[str, Any],
+        name: str,
+        p: Tensor,
+        ok: bool,
+        is_sharded: bool,
+        local: Tensor,
+        local_grad: Tensor,
+        consume: bool = False,
+    ) -> ShardSums:
+        """One parameter's step as a :data:`ShardSums` body (it yields only for an FSDP2
+        shard, what ``_update`` needs summed over the shards). The update may overwrite its
+        gradient when that is a copy made here (a sign or dtype change) or ``consume``
+        hands it over. Whoever drives it sets ``_current_param`` and ``_shards`` first."""
         state = self.state[p]
         if not ok:  # nonfinite="skip_parameter"
             state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
@@ -1263,24 +1316,52 @@ class FloraOptimizerBase(Optimizer):
         work = local if local.dtype == dtype else local.to(dtype)
         # under FSDP2 the update sees the local shards of its DTensor state
         view = {k: _local(v) for k, v in state.items()} if is_sharded else state
-        self._current_param = p
-        self._shards = self._shard_reduce(p) if is_sharded else None
-        try:
-            moments = group["moment_dtype"] not in (None, dtype)  # stored narrower
-            math_view = _widened(view, dtype) if moments else view
-            scratch = consume or grad is not local_grad or grad.dtype != dtype
-            self._update(
-                work, grad if grad.dtype == dtype else grad.to(dtype), group, name, math_view,
-                scratch=scratch,
-            )  # fmt: skip
-            if moments:
-                self._store_moments(group, name, view, math_view, is_sharded)
-            if work is not local:
-                self._write_back(local, work, group, name, view)
-        finally:
-            self._current_param, self._shards = None, None
+        moments = group["moment_dtype"] not in (None, dtype)  # stored narrower
+        math_view = _widened(view, dtype) if moments else view
+        scratch = consume or grad is not local_grad or grad.dtype != dtype
+        yield from self._update(
+            work, grad if grad.dtype == dtype else grad.to(dtype), group, name, math_view,
+            scratch=scratch,
+        )  # fmt: skip
+        if moments:
+            self._store_moments(group, name, view, math_view, is_sharded)
+        if work is not local:
+            self._write_back(local, work, group, name, view)
         if is_sharded:
             self._store_sharded_state(p, state, view)
+
+    def _run_shard_bodies(self, bodies: list[tuple[ShardSums, Tensor]]) -> None:
+        """Run the step bodies of FSDP2-sharded parameters together, in rounds: every
+        unfinished body runs to its next request, then the round's tensors are concatenated
+        in parameter order and summed with one all-reduce per (process group, dtype, device)
+        and the bodies resume. Every rank runs the same bodies in the same order, so all issue
+        the same collectives; a step then needs as many all-reduces as its longest body has
+        requests (Flora: 2, FloraAdamW: 1) whatever the number of parameters, instead of
+        that many per parameter. ``_current_param`` and ``_shards`` are set around each run
+        of a body (a blocking all-reduce inside one, the gradient basis's at a window start,
+        stays in order too)."""
+
+        def advance(body: ShardSums, p: Tensor, first: bool) -> Tensor | None:
+            self._current_param, self._shards = p, self._shard_reduce(p)
+            try:
+                return next(body) if first else body.send(None)
+            except StopIteration:
+                return None
+            finally:
+                self._current_param, self._shards = None, None
+
+        waiting = [(b, p, t) for b, p in bodies if (t := advance(b, p, True)) is not None]
+        while waiting:
+            rounds: dict[tuple[Any, torch.dtype, torch.device], list[Tensor]] = {}
+            for _, p, wanted in waiting:
+                key = (p.device_mesh.get_group(), wanted.dtype, wanted.device)
+                rounds.setdefault(key, []).append(wanted)
+            for (pg, _, _), tensors in rounds.items():
+                flat = torch.cat([t.reshape(-1) for t in tensors])
+                torch.distributed.all_reduce(flat, group=pg)
+                for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+                    t.copy_(part.view_as(t))
+            waiting = [(b, p, t) for b, p, _ in waiting if (t := advance(b, p, False)) is not None]
 
     def _store_moments(
         self,

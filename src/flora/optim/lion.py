@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from flora.momentum import subspace_direction, subspace_transfer_
-from flora.optim.base import FloraOptimizerBase, group_defaults
+from flora.optim.base import FloraOptimizerBase, ShardSums, group_defaults
 from flora.optim.buckets import Bucket, add_scaled_
 from flora.options import check_real
 from flora.policy import Decision
@@ -225,11 +225,11 @@ class FloraLion(FloraOptimizerBase):
         state: dict[str, Any],
         *,
         scratch: bool = False,  # whether grad may be overwritten (used by Flora only)
-    ) -> None:
+    ) -> ShardSums:
         if "step" not in state:
             state["step"] = 0
         beta1, beta2 = (float(b) for b in group["betas"])
-        projections = self._momentum_inputs(p, group, name, state, beta1, grad)
+        projections = yield from self._momentum_inputs(p, group, name, state, beta1, grad)
         flora_lion_update_(
             p,
             grad,

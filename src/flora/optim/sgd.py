@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from flora.momentum import subspace_direction, subspace_transfer_
-from flora.optim.base import FloraOptimizerBase, group_defaults
+from flora.optim.base import FloraOptimizerBase, ShardSums, group_defaults
 from flora.optim.buckets import Bucket, add_scaled_
 from flora.options import check_bool, check_real
 from flora.policy import Decision
@@ -252,11 +252,11 @@ class FloraSGD(FloraOptimizerBase):
         state: dict[str, Any],
         *,
         scratch: bool = False,  # whether grad may be overwritten (used by Flora only)
-    ) -> None:
+    ) -> ShardSums:
         if "step" not in state:
             state["step"] = 0
         momentum = float(group["momentum"])
-        projections = self._momentum_inputs(p, group, name, state, momentum, grad)
+        projections = yield from self._momentum_inputs(p, group, name, state, momentum, grad)
         flora_sgd_update_(
             p,
             grad,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from flora.reductions import column_sum_of_squares, sum_of_squares
+from flora.reductions import column_sum_of_squares, run_sums, sum_of_squares
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (3, 7, 5), (1, 9), (9, 1), (2, 0, 4), (0, 3)])
@@ -23,3 +23,17 @@ def test_sum_of_squares_over_rows_or_columns():
     torch.testing.assert_close(sum_of_squares(x, -2), x.square().sum(-2, keepdim=True))
     with pytest.raises(ValueError, match="dim"):
         sum_of_squares(x, 0)
+
+
+def test_run_sums_drives_a_body_and_refuses_a_request_without_a_reducer():
+    """A :data:`ShardSums` body's requests are summed in place by the reducer it is run
+    with; one without a reducer (an unsharded step) must never ask."""
+
+    def body():
+        t = torch.ones(2)
+        yield t
+        return float(t.sum())
+
+    assert run_sums(body(), lambda t: t.mul_(3)) == 6.0
+    with pytest.raises(RuntimeError, match="unsharded"):
+        run_sums(body(), None)

@@ -85,6 +85,7 @@ import torch
 from torch import Tensor
 
 from flora.philox import philox4x32, philox4x32_streams, random_words, stream_words
+from flora.reductions import run_sums
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -453,14 +454,7 @@ def range_basis(
         power_iterations=power_iterations, shard=None if shard is None else shard[:2],
         generator=generator,
     )  # fmt: skip
-    try:
-        wanted = next(body)
-        while True:
-            assert shard is not None  # only a shard asks for sums
-            shard[2](wanted)
-            wanted = body.send(None)
-    except StopIteration as stop:
-        return stop.value
+    return run_sums(body, None if shard is None else shard[2])
 
 
 def range_basis_steps(

@@ -9,16 +9,22 @@ column sums as products instead, ``1^T (X \odot X)``, over blocks of rows of at 
 :data:`BLOCK_NUMEL` entries, so that the squared temporary stays small; other devices take
 the reduction itself, and so does a tensor of at most one block. The sums are the same up
 to rounding (a different order of additions), not bit for bit.
+
+:data:`ShardSums` and :func:`run_sums` are how a step written for an FSDP2 row shard asks
+for sums over the shards (an optimizer gathers them from all its parameters into one
+all-reduce).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Generator
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK_NUMEL", "column_sum_of_squares", "sum_of_squares"]
+__all__ = ["BLOCK_NUMEL", "ShardSums", "column_sum_of_squares", "run_sums", "sum_of_squares"]
 
 #: entries of the squared block :func:`column_sum_of_squares` forms at a time (1 MiB of
 #: float32)
@@ -48,3 +54,25 @@ def sum_of_squares(x: Tensor, dim: int) -> Tensor:
     if dim != -1:
         raise ValueError(f"dim must be -1 or -2, got {dim}")
     return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_()
+
+
+ShardSums = Generator[Tensor, None, Any]
+"""A step body on an FSDP2 row shard, written as a generator: every tensor it yields must be
+summed in place over the ranks that hold the parameter's shards before the body resumes (a
+global statistic made of local sums); the body's return value is its result. One body per
+parameter lets an optimizer's ``step()`` sum what all parameters need at the same point with
+one all-reduce (``FloraOptimizerBase._run_shard_bodies``) instead of one per parameter."""
+
+
+def run_sums(body: ShardSums, sum_: Callable[[Tensor], Any] | None) -> Any:
+    """Drive ``body`` to its end on its own, summing each tensor it yields with ``sum_`` (a
+    blocking all-reduce; ``None`` for a body that must not ask for one); its result."""
+    try:
+        wanted = next(body)
+        while True:
+            if sum_ is None:
+                raise RuntimeError("an unsharded step asked for a sum over shards")
+            sum_(wanted)
+            wanted = body.send(None)
+    except StopIteration as stop:
+        return stop.value

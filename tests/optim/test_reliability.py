@@ -353,18 +353,3 @@ def test_transfer_happens_only_when_the_caller_says_so():
     compressed_ema_(update, m1, beta=0.9, proj=proj, side="left")
     compressed_ema_(update, m2, beta=0.9, proj=proj, proj_next=copy_of_proj, side="left")
     assert not torch.allclose(m1, m2)  # an explicit window change transfers (P P^T != I)
-
-
-def test_run_sums_drives_a_body_and_refuses_a_request_without_a_reducer():
-    """A :data:`ShardSums` body's requests are summed in place by the reducer it is run
-    with; one without a reducer (an unsharded step) must never ask."""
-    from flora.optim.base import run_sums
-
-    def body():
-        t = torch.ones(2)
-        yield t
-        return float(t.sum())
-
-    assert run_sums(body(), lambda t: t.mul_(3)) == 6.0
-    with pytest.raises(RuntimeError, match="unsharded"):
-        run_sums(body(), None)

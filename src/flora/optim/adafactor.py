@@ -69,15 +69,13 @@ from flora.momentum import compressed_ema_
 from flora.optim.base import (
     FloraOptimizerBase,
     ShardReduce,
-    ShardSums,
     factored_zeros,
     group_defaults,
-    run_sums,
 )
 from flora.optim.buckets import Bucket
 from flora.options import check_bool, check_real
 from flora.policy import Decision
-from flora.reductions import column_sum_of_squares
+from flora.reductions import ShardSums, column_sum_of_squares, run_sums
 
 __all__ = [
     "Flora",
@@ -200,7 +198,7 @@ def flora_adafactor_shard_step(
     relative_step: bool = True,
 ) -> ShardSums:
     r""":func:`flora_adafactor_update_` on an FSDP2 row shard, as a
-    :data:`flora.optim.base.ShardSums` body with two requests: the local sums of
+    :data:`flora.reductions.ShardSums` body with two requests: the local sums of
     :math:`\lVert\theta\rVert^2`, a matrix's column sums of :math:`G^2` and the sum of
     :math:`R` (one tensor), then :math:`\lVert D_t\rVert^2` for the clipping. Only a
     matrix's factors span the sharded dimension (rows): for >2-d tensors the factors are per

@@ -70,16 +70,14 @@ from flora.momentum import compressed_ema_
 from flora.optim.base import (
     FloraOptimizerBase,
     ShardReduce,
-    ShardSums,
     factored_zeros,
     group_defaults,
-    run_sums,
 )
 from flora.optim.buckets import Bucket, add_scaled_
 from flora.options import check_bool, check_choice, check_real
 from flora.policy import Decision
 from flora.projection import ORTHONORMAL, down
-from flora.reductions import sum_of_squares
+from flora.reductions import ShardSums, run_sums, sum_of_squares
 
 __all__ = [
     "PRECONDITIONERS",
@@ -135,7 +133,7 @@ def _adamw_step(
     momentum_variant: str,
     shards: ShardReduce | None = None,  # FSDP2: param/grad/state are this rank's rows
 ) -> ShardSums:
-    """:func:`flora_adamw_update_` as a :data:`flora.optim.base.ShardSums` body: on a row
+    """:func:`flora_adamw_update_` as a :data:`flora.reductions.ShardSums` body: on a row
     shard a factored matrix asks for one sum (its column sums of :math:`g^2` and the sum of
     :math:`R`, one tensor); otherwise it asks for nothing."""
     state["step"] += 1
@@ -233,7 +231,7 @@ def _subspace_adam_step(
     growth_limit: float | None,
     sharded: bool,
 ) -> ShardSums:
-    r""":func:`subspace_adam_update_` as a :data:`flora.optim.base.ShardSums` body: on a row
+    r""":func:`subspace_adam_update_` as a :data:`flora.reductions.ShardSums` body: on a row
     shard the limiter asks for one sum (the local part of :math:`\lVert E_t\rVert^2`)."""
     state["step"] += 1
     step = float(state["step"])

@@ -106,6 +106,7 @@ from flora.projection import (
     range_basis_steps,
 )
 from flora.quantization import absmax_shape, dequantize_int8, quantize_int8_
+from flora.reductions import ShardSums, run_sums
 from flora.replicas import check_same_settings
 from flora.rounding import ROUNDINGS, compensated_round_, stochastic_round_stream_
 from flora.state_plan import Plan, PlanRow
@@ -206,28 +207,6 @@ class ShardReduce:
 
     shape: torch.Size
     sum_: Callable[[Tensor], Any]
-
-
-ShardSums = Generator[Tensor, None, Any]
-"""A step body on an FSDP2 row shard, written as a generator: every tensor it yields must be
-summed in place over the ranks that hold the parameter's shards before the body resumes (a
-global statistic made of local sums); the body's return value is its result. One body per
-parameter lets :meth:`FloraOptimizerBase.step` sum what all parameters need at the same
-point with one all-reduce (``_run_shard_bodies``) instead of one per parameter."""
-
-
-def run_sums(body: ShardSums, sum_: Callable[[Tensor], Any] | None) -> Any:
-    """Drive ``body`` to its end on its own, summing each tensor it yields with ``sum_`` (a
-    blocking all-reduce; ``None`` for a body that must not ask for one); its result."""
-    try:
-        wanted = next(body)
-        while True:
-            if sum_ is None:
-                raise RuntimeError("an unsharded step asked for a sum over shards")
-            sum_(wanted)
-            wanted = body.send(None)
-    except StopIteration as stop:
-        return stop.value
 
 
 def _row_sharded_keys(p: Tensor) -> Callable[[str], bool]:
@@ -1341,19 +1320,20 @@ class FloraOptimizerBase(Optimizer):
         of a body (a blocking all-reduce inside one, the gradient basis's at a window start,
         stays in order too)."""
 
-        def advance(body: ShardSums, p: Tensor, first: bool) -> Tensor | None:
-            self._current_param, self._shards = p, self._shard_reduce(p)
+        def advance(body: ShardSums, p: Tensor, shards: ShardReduce) -> Tensor | None:
+            self._current_param, self._shards = p, shards
             try:
-                return next(body) if first else body.send(None)
+                return body.send(None)  # the first send(None) starts the body
             except StopIteration:
                 return None
             finally:
                 self._current_param, self._shards = None, None
 
-        waiting = [(b, p, t) for b, p in bodies if (t := advance(b, p, True)) is not None]
+        started = [(b, p, self._shard_reduce(p)) for b, p in bodies]
+        waiting = [(b, p, s, t) for b, p, s in started if (t := advance(b, p, s)) is not None]
         while waiting:
             rounds: dict[tuple[Any, torch.dtype, torch.device], list[Tensor]] = {}
-            for _, p, wanted in waiting:
+            for _, p, _, wanted in waiting:
                 key = (p.device_mesh.get_group(), wanted.dtype, wanted.device)
                 rounds.setdefault(key, []).append(wanted)
             for (pg, _, _), tensors in rounds.items():
@@ -1361,7 +1341,9 @@ class FloraOptimizerBase(Optimizer):
                 torch.distributed.all_reduce(flat, group=pg)
                 for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
                     t.copy_(part.view_as(t))
-            waiting = [(b, p, t) for b, p, _ in waiting if (t := advance(b, p, False)) is not None]
+            waiting = [
+                (b, p, s, t) for b, p, s, _ in waiting if (t := advance(b, p, s)) is not None
+            ]
 
     def _store_moments(
         self,

@@ -44,11 +44,12 @@ import torch
 from torch import Tensor
 
 from flora.momentum import subspace_direction, subspace_transfer_
-from flora.optim.base import FloraOptimizerBase, ShardSums, group_defaults
+from flora.optim.base import FloraOptimizerBase, group_defaults
 from flora.optim.buckets import Bucket, add_scaled_
 from flora.options import check_real
 from flora.policy import Decision
 from flora.projection import down
+from flora.reductions import ShardSums
 
 __all__ = ["FloraLion", "flora_lion_bucket_update_", "flora_lion_update_"]
 
